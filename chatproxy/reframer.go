@@ -1,0 +1,135 @@
+package chatproxy
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Sizes of the units the chat server sends, in the order it sends them
+// (protocol.md §9.2, §9.3).
+const (
+	// ServerHelloSize is the server-hello: SCK(16) ‖ box[TSK.public ‖ CCK] (64).
+	ServerHelloSize = 80
+	// LoginAckSize is the login-ack: box[16 zero bytes].
+	LoginAckSize = 32
+	// FrameLengthSize is the u16-le length prefix of every frame after login.
+	FrameLengthSize = 2
+	// MaxFrameBoxSize is the largest box a frame may carry (CSP "Size
+	// Limitations"; Android MAX_PKT_LEN, iOS kMaxPktLen). A larger length
+	// means the stream is corrupt or not CSP at all.
+	MaxFrameBoxSize = 8192
+	// MaxUnitSize is the largest unit Next can return: a full frame with its
+	// length prefix.
+	MaxUnitSize = FrameLengthSize + MaxFrameBoxSize
+)
+
+// DefaultReadBufferSize is the bufio size behind a Reframer when none is
+// given. Units larger than the buffer are read straight into their own
+// slice, so a small buffer costs syscalls only for big frames, while every
+// idle device connection keeps this much memory (design-anchors §2.5 counts
+// memory per connection).
+const DefaultReadBufferSize = 4096
+
+// Sentinel errors. Errors returned by this package wrap exactly one of them,
+// plus the underlying cause where there is one.
+var (
+	// ErrDial means the chat server could not be reached (close code 4001).
+	ErrDial = errors.New("chatproxy: cannot connect to chat server")
+	// ErrClosed means the chat-server connection ended: EOF or reset from
+	// the server, or Close on our side (close code 4000).
+	ErrClosed = errors.New("chatproxy: chat server connection closed")
+	// ErrFrameTooLarge means the server announced a frame longer than
+	// MaxFrameBoxSize; the stream cannot be cut any further (close code 4009).
+	ErrFrameTooLarge = errors.New("chatproxy: CSP frame too large")
+	// ErrWriteTimeout means the chat server did not take the device's bytes
+	// within the write timeout (close code 4009).
+	ErrWriteTimeout = errors.New("chatproxy: write to chat server timed out")
+)
+
+type reframerPhase uint8
+
+const (
+	phaseServerHello reframerPhase = iota
+	phaseLoginAck
+	phaseFrames
+)
+
+// Reframer cuts the chat server's byte stream into CSP units: the 80-byte
+// server-hello, the 32-byte login-ack, then frames returned with their u16-le
+// length prefix kept (protocol.md §9.2). It never coalesces or splits units,
+// whatever the chunking of the underlying reader.
+//
+// A Reframer is not safe for concurrent use. After Next returns an error it
+// returns the same error forever: once a unit is cut wrong, every later cut
+// would be wrong too.
+type Reframer struct {
+	r     *bufio.Reader
+	phase reframerPhase
+	err   error
+}
+
+// NewReframer returns a Reframer reading from r through a buffer of bufSize
+// bytes (DefaultReadBufferSize if bufSize <= 0).
+func NewReframer(r io.Reader, bufSize int) *Reframer {
+	if bufSize <= 0 {
+		bufSize = DefaultReadBufferSize
+	}
+	return &Reframer{r: bufio.NewReaderSize(r, bufSize)}
+}
+
+// Next returns the next CSP unit in a freshly allocated slice that the caller
+// owns (one allocation per unit, since the caller hands it to another
+// goroutine).
+//
+// Errors: a frame length above MaxFrameBoxSize wraps ErrFrameTooLarge. The
+// end of the stream wraps ErrClosed and the reader's error: io.EOF at a unit
+// boundary, io.ErrUnexpectedEOF when a partial unit was left over (those
+// bytes are discarded: the client could not use half a unit anyway). Every
+// complete unit that arrived before the end is returned first.
+func (f *Reframer) Next() ([]byte, error) {
+	if f.err != nil {
+		return nil, f.err
+	}
+	var n int
+	switch f.phase {
+	case phaseServerHello:
+		n = ServerHelloSize
+	case phaseLoginAck:
+		n = LoginAckSize
+	default:
+		// Peek does not allocate and leaves the prefix in place, so the
+		// unit is read below with a single ReadFull into one slice.
+		hdr, err := f.r.Peek(FrameLengthSize)
+		if err != nil {
+			return nil, f.fail(err)
+		}
+		length := int(binary.LittleEndian.Uint16(hdr))
+		if length > MaxFrameBoxSize {
+			f.err = fmt.Errorf("%w: length %d, limit %d", ErrFrameTooLarge, length, MaxFrameBoxSize)
+			return nil, f.err
+		}
+		n = FrameLengthSize + length
+	}
+	unit := make([]byte, n)
+	if _, err := io.ReadFull(f.r, unit); err != nil {
+		return nil, f.fail(err)
+	}
+	if f.phase < phaseFrames {
+		f.phase++
+	}
+	return unit, nil
+}
+
+// fail records a read error as the Reframer's final error.
+func (f *Reframer) fail(err error) error {
+	// Peek reports a bare io.EOF even when some bytes of the prefix were
+	// buffered; make a partial unit look the same as ReadFull reports it.
+	if errors.Is(err, io.EOF) && f.r.Buffered() > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	f.err = fmt.Errorf("%w: %w", ErrClosed, err)
+	return f.err
+}

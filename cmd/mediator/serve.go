@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"d2m-mediator/chatproxy/chatstub"
+	"d2m-mediator/mediator"
+	"d2m-mediator/reflection"
+)
+
+type serveFlags struct {
+	listen, tlsCert, tlsKey, data, chatServer, adminListen string
+	adminTokenFile                                         string
+	logFormat, logLevel                                    string
+	cfg                                                    mediator.Config
+	maxQueueLength                                         int
+	maxQueueBytes                                          int64
+}
+
+func parseServeFlags(args []string) (*serveFlags, error) {
+	f := &serveFlags{}
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: mediator serve [flags]\n\nRuns the mediator. With no flags it keeps its database in ./data, accepts\ndevices on ws://127.0.0.1:8765/ and starts an in-process stand-in chat\nserver as the upstream. Every flag can be set as MEDIATOR_<FLAG>.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&f.listen, "listen", "127.0.0.1:8765", "device WebSocket `address`")
+	fs.StringVar(&f.tlsCert, "tls-cert", "", "serve wss:// with this certificate `file` (with --tls-key); plain ws:// without")
+	fs.StringVar(&f.tlsKey, "tls-key", "", "private key `file` for --tls-cert")
+	fs.StringVar(&f.data, "data", "./data", "`directory` of the database (created 0700)")
+	fs.StringVar(&f.chatServer, "chat-server", "", "upstream chat server `host:port`; {group} is replaced by the device's server group. Empty: start the local stand-in chat server in-process")
+	fs.StringVar(&f.adminListen, "admin-listen", "127.0.0.1:8766", "admin HTTP `address` (health, metrics, admin API)")
+	fs.StringVar(&f.adminTokenFile, "admin-token-file", "", "bearer token `file` for the admin API (default <data>/admin.token, generated if absent)")
+	fs.IntVar(&f.cfg.MaxDeviceSlots, "max-device-slots", 5, "device slots per group, the device itself included")
+	fs.IntVar(&f.maxQueueLength, "max-queue-length", 25000, "reflection queue entries per slot before the slot is dropped (4114)")
+	fs.Int64Var(&f.maxQueueBytes, "max-queue-bytes", 64<<20, "reflection queue bytes per slot before the slot is dropped (4114)")
+	fs.DurationVar(&f.cfg.MaxTransactionTTL, "max-transaction-ttl", 600*time.Second, "longest transaction lock; also the TTL for clients that send 0")
+	fs.DurationVar(&f.cfg.VolatileSlotGrace, "volatile-slot-grace", 5*time.Minute, "VOLATILE slots are removed this long after disconnecting")
+	fs.DurationVar(&f.cfg.PersistentSlotExpiry, "persistent-slot-expiry", 4320*time.Hour, "PERSISTENT slots are removed after this long without a connection")
+	fs.DurationVar(&f.cfg.HandshakeTimeout, "handshake-timeout", 20*time.Second, "time from upgrade to a verified ClientHello")
+	fs.DurationVar(&f.cfg.IdleTimeout, "idle-timeout", 90*time.Second, "close a device (4013) after this long without an inbound frame")
+	fs.StringVar(&f.logFormat, "log-format", "console", "log format: json or console")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("serve: unexpected argument %q", fs.Arg(0))
+	}
+	if err := applyEnv(fs); err != nil {
+		return nil, err
+	}
+	if (f.tlsCert == "") != (f.tlsKey == "") {
+		return nil, errors.New("--tls-cert and --tls-key go together")
+	}
+	if f.logFormat != "json" && f.logFormat != "console" {
+		return nil, fmt.Errorf("--log-format must be json or console, not %q", f.logFormat)
+	}
+	if f.maxQueueLength < 1 || f.maxQueueBytes < 1 {
+		return nil, errors.New("--max-queue-length and --max-queue-bytes must be positive")
+	}
+	if f.chatServer != "" {
+		if _, _, err := net.SplitHostPort(strings.ReplaceAll(f.chatServer, "{group}", "x")); err != nil {
+			return nil, fmt.Errorf("--chat-server must be host:port: %w", err)
+		}
+	}
+	if err := f.cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if f.adminTokenFile == "" {
+		f.adminTokenFile = filepath.Join(f.data, "admin.token")
+	}
+	return f, nil
+}
+
+func newLogger(format, level string) (zerolog.Logger, error) {
+	lvl, err := zerolog.ParseLevel(level)
+	if err != nil || level == "" {
+		return zerolog.Logger{}, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	var log zerolog.Logger
+	if format == "json" {
+		log = zerolog.New(os.Stderr)
+	} else {
+		log = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339})
+	}
+	return log.Level(lvl).With().Timestamp().Logger(), nil
+}
+
+func serve(ctx context.Context, args []string) error {
+	f, err := parseServeFlags(args)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(f.logFormat, f.logLevel)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(f.data, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+
+	// The committer reports to the server's metrics, which exist only once
+	// the server does: the hook reads it through this variable.
+	var srv *mediator.Server
+	store, err := reflection.Open(filepath.Join(f.data, "mediator.db"), reflection.Options{
+		MaxQueueLength: f.maxQueueLength,
+		MaxQueueBytes:  f.maxQueueBytes,
+		Logger:         log,
+		OnCommit:       func(n int, took time.Duration, err error) { srv.ObserveCommit(n, took, err) },
+	})
+	if err != nil {
+		return fmt.Errorf("open database in %s: %w", f.data, err)
+	}
+	defer store.Close()
+
+	if f.chatServer == "" {
+		stub, addr, err := startChatStub(f.data, log)
+		if err != nil {
+			return err
+		}
+		defer stub.Close()
+		f.cfg.ChatServer = addr
+		pub := stub.PublicKey()
+		log.Info().Str("address", addr).Hex("public_key", pub[:]).
+			Msg("no --chat-server given: started the local stand-in chat server (development and tests only)")
+	}
+
+	srv, err = mediator.New(f.cfg, store, log)
+	if err != nil {
+		return err
+	}
+	token, err := mediator.LoadOrCreateToken(f.adminTokenFile)
+	if err != nil {
+		return err
+	}
+	if err := mediator.CheckAdminExposure(f.adminListen, token); err != nil {
+		return err
+	}
+
+	deviceLn, err := net.Listen("tcp", f.listen)
+	if err != nil {
+		return fmt.Errorf("device listener: %w", err)
+	}
+	adminLn, err := net.Listen("tcp", f.adminListen)
+	if err != nil {
+		deviceLn.Close()
+		return fmt.Errorf("admin listener: %w", err)
+	}
+	scheme := "ws"
+	if f.tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(f.tlsCert, f.tlsKey)
+		if err != nil {
+			deviceLn.Close()
+			adminLn.Close()
+			return fmt.Errorf("tls: %w", err)
+		}
+		deviceLn = tls.NewListener(deviceLn, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+		scheme = "wss"
+	}
+	deviceHTTP := &http.Server{
+		Handler: srv.Handler(),
+		// Without these, stuck TLS handshakes and slow request headers
+		// pile up goroutines; the WebSocket itself has its own deadlines.
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          nil,
+	}
+	adminHTTP := &http.Server{Handler: srv.AdminHandler(token), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 2)
+	go func() { errc <- deviceHTTP.Serve(deviceLn) }()
+	go func() { errc <- adminHTTP.Serve(adminLn) }()
+	srv.SetReady(true)
+	log.Info().
+		Str("devices", fmt.Sprintf("%s://%s/", scheme, deviceLn.Addr())).
+		Str("admin", fmt.Sprintf("http://%s/", adminLn.Addr())).
+		Str("data", f.data).
+		Str("chat_server", f.cfg.ChatServer).
+		Msg("mediator listening")
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		log.Info().Msg("shutting down: closing devices with 1001")
+	case serveErr = <-errc:
+	}
+	srv.SetReady(false)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	deviceHTTP.Shutdown(shutdownCtx)
+	srv.Shutdown(shutdownCtx)
+	adminHTTP.Shutdown(shutdownCtx)
+	if err := store.Close(); err != nil {
+		log.Error().Err(err).Msg("closing database")
+	}
+	log.Info().Msg("stopped")
+	if serveErr != nil && !errors.Is(serveErr, http.ErrServerClosed) {
+		return serveErr
+	}
+	return nil
+}
+
+func startChatStub(dataDir string, log zerolog.Logger) (*chatstub.Server, string, error) {
+	key, err := chatstub.LoadOrCreateKey(filepath.Join(dataDir, "chatstub.key"))
+	if err != nil {
+		return nil, "", fmt.Errorf("stand-in chat server key: %w", err)
+	}
+	stub, err := chatstub.New(chatstub.Config{SecretKey: key, Logger: log.With().Str("component", "chatstub").Logger()})
+	if err != nil {
+		return nil, "", err
+	}
+	addr, err := stub.Start("127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	return stub, addr.String(), nil
+}

@@ -1,0 +1,458 @@
+package mediator
+
+import (
+	"context"
+	"crypto/ecdh"
+	"errors"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/rs/zerolog"
+
+	"d2m-mediator/chatproxy"
+	"d2m-mediator/d2m"
+	"d2m-mediator/reflection"
+)
+
+// deviceConn is the server's view of one device WebSocket.
+type deviceConn struct {
+	// Static after construction.
+	srv    *Server
+	ws     *websocket.Conn
+	seq    uint64 // connection number, for logs and tie-breaks
+	info   d2m.ClientURLInfo
+	remote string
+	ctx    context.Context // ends when the connection ends
+	cancel context.CancelFunc
+
+	// Set during the handshake, read-only afterwards.
+	group          *group
+	groupID        reflection.GroupID
+	deviceID       reflection.DeviceID
+	connectedSince int64 // unix ms; guarded by group.mu after registration
+	log            zerolog.Logger
+
+	// Outbound: everybody enqueues, only sendLoop writes the socket.
+	ctrl       chan outFrame // control replies and ReflectAcks, FIFO
+	wakeCh     chan struct{} // coalescing "your queue grew"
+	proxyIn    chan proxyUnit
+	reflectSem chan struct{} // Reflects stored but not yet acked on the wire
+
+	ephMu     sync.Mutex
+	ephemeral []ephemeralItem // online-only reflections awaiting their turn
+
+	// In-flight Reflected: written by sendLoop, acked via the read loop.
+	inflightMu sync.Mutex
+	inflight   map[uint32]uint64 // Reflected id → queue seq
+	recentEph  [64]uint32        // ids of recently sent ephemeral Reflected
+	recentN    int
+
+	// Owned by the read loop.
+	early    [][]byte // Proxy bytes received before authentication
+	earlyLen int
+	upstream *chatproxy.Upstream
+	lastRead atomic.Int64 // unix nanos of the last inbound frame
+
+	// Cross-goroutine flags.
+	dry             atomic.Bool // ReflectionQueueDry written
+	proxied         atomic.Bool // sent Proxy bytes (started CSP)
+	promoted        bool        // guarded by group.mu
+	sendLoopStarted atomic.Bool
+	closeCode       atomic.Uint32 // first close code decided; 0 while open
+	closeMu         sync.Mutex
+	closeCause      error
+	closing         chan struct{} // closed by closeWith
+	sendDone        chan struct{}
+	wsClosed        chan struct{} // closed when closeWith's own close handshake returned
+}
+
+type outFrame struct {
+	b          []byte
+	reflectAck bool // frees a reflectSem slot once written
+}
+
+type proxyUnit struct {
+	b    []byte
+	code d2m.CloseCode // non-zero: the upstream ended; close with this code
+	err  error
+}
+
+type ephemeralItem struct {
+	seq       uint64
+	flags     uint16
+	timestamp uint64
+	envelope  []byte
+}
+
+// maxEphemeralBacklog bounds online-only reflections waiting for a slow
+// device; beyond it they are dropped and counted, as they carry no
+// durability promise (§18 row 4).
+const maxEphemeralBacklog = 64
+
+var (
+	errBeginWhileHolding = errors.New("BeginTransaction while holding the lock")
+	errCommitWithoutLock = errors.New("CommitTransaction without holding the lock")
+	errSlowConsumer      = errors.New("outbound queue full")
+	errTextFrame         = errors.New("text frame")
+)
+
+// closeWith decides how the connection ends. The first call wins; the code
+// is sent by sendLoop after the frames queued before it (so DropDeviceAck
+// precedes a self-drop's 4113), or directly while no sendLoop runs. It
+// never blocks: the committer and other devices call it.
+func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
+	c.closeMu.Lock()
+	if c.closeCode.Load() != 0 {
+		c.closeMu.Unlock()
+		return
+	}
+	c.closeCause = cause
+	c.closeCode.Store(uint32(code))
+	close(c.closing)
+	c.closeMu.Unlock()
+	if !c.sendLoopStarted.Load() {
+		go func() {
+			c.ws.Close(websocket.StatusCode(code), code.String())
+			close(c.wsClosed)
+		}()
+	}
+}
+
+func (c *deviceConn) isClosing() bool { return c.closeCode.Load() != 0 }
+
+// enqueue queues a control frame without blocking; a device whose queue is
+// full does not read and is closed.
+func (c *deviceConn) enqueue(b []byte) {
+	select {
+	case c.ctrl <- outFrame{b: b}:
+	default:
+		c.srv.metrics.slowConsumers.Inc()
+		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
+	}
+}
+
+func (c *deviceConn) enqueueReflectAck(b []byte) {
+	select {
+	case c.ctrl <- outFrame{b: b, reflectAck: true}:
+	default:
+		c.releaseReflect()
+		c.srv.metrics.slowConsumers.Inc()
+		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
+	}
+}
+
+func (c *deviceConn) releaseReflect() {
+	select {
+	case <-c.reflectSem:
+	default:
+	}
+}
+
+func (c *deviceConn) wake() {
+	select {
+	case c.wakeCh <- struct{}{}:
+	default:
+	}
+}
+
+func (c *deviceConn) pushEphemeral(it ephemeralItem) {
+	c.ephMu.Lock()
+	if len(c.ephemeral) >= maxEphemeralBacklog {
+		c.ephMu.Unlock()
+		c.srv.metrics.ephemeralDrops.WithLabelValues("backlog").Inc()
+		return
+	}
+	c.ephemeral = append(c.ephemeral, it)
+	c.ephMu.Unlock()
+	c.wake()
+}
+
+// noteEphemeralSent remembers the id so that the ReflectedAck every client
+// sends anyway is accepted silently (§10).
+func (c *deviceConn) noteEphemeralSent(id uint32) {
+	c.inflightMu.Lock()
+	c.recentEph[c.recentN%len(c.recentEph)] = id
+	c.recentN++
+	c.inflightMu.Unlock()
+}
+
+// ackReflected resolves a ReflectedAck: the queue seq for a durable entry,
+// ok=false with ephemeral=true for a recent ephemeral id.
+func (c *deviceConn) ackReflected(id uint32) (seq uint64, ok, ephemeral bool) {
+	c.inflightMu.Lock()
+	defer c.inflightMu.Unlock()
+	if seq, ok := c.inflight[id]; ok {
+		delete(c.inflight, id)
+		return seq, true, false
+	}
+	n := min(c.recentN, len(c.recentEph))
+	for i := 0; i < n; i++ {
+		if c.recentEph[i] == id {
+			return 0, false, true
+		}
+	}
+	return 0, false, false
+}
+
+func (c *deviceConn) inflightCount() int {
+	c.inflightMu.Lock()
+	defer c.inflightMu.Unlock()
+	return len(c.inflight)
+}
+
+// write sends one frame with its own deadline; a device that does not take
+// a frame within WriteTimeout is a slow consumer and loses its connection
+// (its durable data stays queued).
+func (c *deviceConn) write(b []byte) error {
+	ctx, cancel := context.WithTimeout(c.ctx, c.srv.cfg.WriteTimeout)
+	defer cancel()
+	err := c.ws.Write(ctx, websocket.MessageBinary, b)
+	if err == nil {
+		c.srv.metrics.framesOut.Inc()
+	}
+	return err
+}
+
+// sendLoop is the only writer of the socket after the handshake. It writes
+// control frames first (ReflectAcks are latency-critical), then Proxy units,
+// then reflection deliveries within the window, and blocks when idle.
+func (c *deviceConn) sendLoop(hwm uint64) {
+	defer close(c.sendDone)
+	d := delivery{c: c, hwm: hwm, more: true}
+	for {
+		select {
+		case <-c.closing:
+			c.finishClose()
+			return
+		case <-c.ctx.Done():
+			return
+		default:
+		}
+		progressed, err := c.drainOnce(&d)
+		if err != nil {
+			c.ws.CloseNow()
+			return
+		}
+		if progressed {
+			continue
+		}
+		select {
+		case f := <-c.ctrl:
+			if err := c.writeOut(f); err != nil {
+				c.ws.CloseNow()
+				return
+			}
+		case u := <-c.proxyIn:
+			if err := c.writeProxy(u); err != nil {
+				c.ws.CloseNow()
+				return
+			}
+		case <-c.wakeCh:
+			d.more = true
+		case <-c.closing:
+			c.finishClose()
+			return
+		case <-c.ctx.Done():
+			return
+		}
+	}
+}
+
+func (c *deviceConn) writeOut(f outFrame) error {
+	err := c.write(f.b)
+	if f.reflectAck {
+		c.releaseReflect()
+	}
+	return err
+}
+
+func (c *deviceConn) writeProxy(u proxyUnit) error {
+	if u.code != 0 {
+		c.closeWith(u.code, u.err)
+		return nil
+	}
+	c.srv.metrics.upstreamBytes.WithLabelValues("to_device").Add(float64(len(u.b)))
+	return c.write(d2m.EncodeRaw(d2m.TypeProxy, u.b))
+}
+
+// drainOnce does one round of non-blocking work and reports whether it did
+// anything.
+func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
+	progressed := false
+	for i := 0; i < 64; i++ {
+		select {
+		case f := <-c.ctrl:
+			if err := c.writeOut(f); err != nil {
+				return false, err
+			}
+			progressed = true
+			continue
+		default:
+		}
+		break
+	}
+	select {
+	case u := <-c.proxyIn:
+		if err := c.writeProxy(u); err != nil {
+			return false, err
+		}
+		progressed = true
+	default:
+	}
+	sent, err := d.step()
+	if err != nil {
+		return false, err
+	}
+	return progressed || sent, nil
+}
+
+// finishClose flushes the control frames queued before the close was
+// decided, then performs the close handshake with the decided code.
+func (c *deviceConn) finishClose() {
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case f := <-c.ctrl:
+			if c.writeOut(f) != nil {
+				c.ws.CloseNow()
+				return
+			}
+			continue
+		default:
+		}
+		break
+	}
+	code := d2m.CloseCode(c.closeCode.Load())
+	c.ws.Close(websocket.StatusCode(code), code.String())
+}
+
+// delivery is the reflection-queue cursor of one connection, owned by
+// sendLoop. Only a window of entries is in memory: a device with a 25,000
+// entry backlog costs DeliveryWindow entries, and a slow device blocks
+// nobody but itself.
+type delivery struct {
+	c       *deviceConn
+	cursor  uint64 // every durable entry with seq ≤ cursor has been read
+	pending []reflection.Entry
+	hwm     uint64 // queue's next seq at login: the backlog is seq < hwm
+	more    bool   // the queue may hold entries beyond cursor
+	dryDone bool
+}
+
+// step sends what the window allows: queued entries and ephemeral items in
+// seq order. It reports whether it sent anything.
+func (d *delivery) step() (bool, error) {
+	c := d.c
+	window := c.srv.cfg.DeliveryWindow
+	sentAny := false
+	for {
+		if len(d.pending) == 0 && d.more && c.inflightCount() < window {
+			if err := d.refill(window); err != nil {
+				return sentAny, err
+			}
+		}
+		eph, haveEph, needRead := d.nextEphemeral()
+		if needRead && len(d.pending) == 0 && c.inflightCount() < window {
+			// An ephemeral item is ahead of what was read: every durable
+			// entry before it is committed by now, so one more read
+			// reaches it.
+			if err := d.refill(window); err != nil {
+				return sentAny, err
+			}
+			eph, haveEph, _ = d.nextEphemeral()
+		}
+		switch {
+		case haveEph && (len(d.pending) == 0 || eph.seq < d.pending[0].Seq):
+			c.popEphemeral()
+			if err := c.write(d2m.EncodeReflected(eph.flags, uint32(eph.seq), eph.timestamp, eph.envelope)); err != nil {
+				return sentAny, err
+			}
+			c.noteEphemeralSent(uint32(eph.seq))
+			c.srv.metrics.reflectedSent.Inc()
+			sentAny = true
+			continue
+		case len(d.pending) > 0 && c.inflightCount() < window:
+			e := d.pending[0]
+			d.pending = d.pending[1:]
+			id := uint32(e.Seq)
+			c.inflightMu.Lock()
+			c.inflight[id] = e.Seq
+			c.inflightMu.Unlock()
+			if err := c.write(d2m.EncodeReflected(0, id, e.Timestamp, e.Envelope)); err != nil {
+				return sentAny, err
+			}
+			c.srv.metrics.reflectedSent.Inc()
+			sentAny = true
+			continue
+		}
+		break
+	}
+	backlogSent := len(d.pending) == 0 || d.pending[0].Seq >= d.hwm
+	if !d.dryDone && backlogSent && d.cursor+1 >= d.hwm {
+		d.dryDone = true
+		if err := c.write(encodedReflectionQueueDry); err != nil {
+			return sentAny, err
+		}
+		c.group.queueDry(c)
+		sentAny = true
+	}
+	return sentAny, nil
+}
+
+// refill reads the next batch from disk in a short read transaction.
+func (d *delivery) refill(window int) error {
+	c := d.c
+	stats, ok := c.srv.store.QueueStats(c.groupID, c.deviceID)
+	if !ok {
+		// The slot is gone (dropped); the connection is being closed.
+		d.more = false
+		d.cursor = max(d.cursor, d.hwm)
+		return nil
+	}
+	batch := window - c.inflightCount()
+	entries, err := c.srv.store.ReadQueue(c.groupID, c.deviceID, d.cursor, batch)
+	if err != nil {
+		return err
+	}
+	d.pending = entries
+	if n := len(entries); n > 0 {
+		d.cursor = entries[n-1].Seq
+	}
+	if len(entries) < batch {
+		// Everything committed before the stats were read has been seen.
+		if stats.NextSeq > 0 {
+			d.cursor = max(d.cursor, stats.NextSeq-1)
+		}
+		d.more = false
+	}
+	return nil
+}
+
+// nextEphemeral returns the lowest-seq ephemeral item once every durable
+// entry before it has been read, so it keeps its place in queue order.
+func (d *delivery) nextEphemeral() (it ephemeralItem, ok, needRead bool) {
+	c := d.c
+	c.ephMu.Lock()
+	defer c.ephMu.Unlock()
+	if len(c.ephemeral) == 0 {
+		return ephemeralItem{}, false, false
+	}
+	sort.Slice(c.ephemeral, func(i, j int) bool { return c.ephemeral[i].seq < c.ephemeral[j].seq })
+	it = c.ephemeral[0]
+	if it.seq > d.cursor+1 {
+		d.more = true
+		return ephemeralItem{}, false, true
+	}
+	return it, true, false
+}
+
+func (c *deviceConn) popEphemeral() {
+	c.ephMu.Lock()
+	c.ephemeral = c.ephemeral[1:]
+	c.ephMu.Unlock()
+}
+
+var _ = ecdh.X25519

@@ -1,0 +1,476 @@
+package mediator
+
+import (
+	"sync"
+	"time"
+
+	"d2m-mediator/d2m"
+	"d2m-mediator/proto/d2mpb"
+	"d2m-mediator/reflection"
+)
+
+// group is the in-memory coordination state of one device group. The slot
+// table mirrors what the store holds; every change to it is submitted to the
+// store under mu, so the store applies changes in the same order.
+type group struct {
+	id  reflection.GroupID
+	srv *Server
+
+	mu         sync.Mutex // guards everything below; no I/O while held
+	loaded     bool
+	slots      map[reflection.DeviceID]*reflection.Slot
+	tombstones map[reflection.DeviceID]reflection.Tombstone
+	sharedData []byte
+	conns      map[reflection.DeviceID]*deviceConn // the registered connection of each device
+	leader     *deviceConn
+	txn        *transaction
+}
+
+// transaction is the group's lock (§11). ending is set once the holder
+// committed or went away: the lock is still held until its held
+// reflections are in the other queues, then TransactionEnded goes out.
+type transaction struct {
+	holder  *deviceConn
+	scope   []byte
+	started time.Time
+	timer   *time.Timer
+	ending  bool
+}
+
+func newGroup(s *Server, id reflection.GroupID) *group {
+	return &group{
+		id: id, srv: s,
+		slots:      make(map[reflection.DeviceID]*reflection.Slot),
+		tombstones: make(map[reflection.DeviceID]reflection.Tombstone),
+		conns:      make(map[reflection.DeviceID]*deviceConn),
+	}
+}
+
+// loadLocked reads the group's persistent state once. It is the only disk
+// read under mu, and happens once per group per process.
+func (g *group) loadLocked() error {
+	if g.loaded {
+		return nil
+	}
+	st, err := g.srv.store.Group(g.id)
+	if err != nil {
+		return err
+	}
+	for i := range st.Slots {
+		s := st.Slots[i]
+		g.slots[s.DeviceID] = &s
+	}
+	for _, t := range st.Tombstones {
+		g.tombstones[t.DeviceID] = t
+	}
+	g.sharedData = st.SharedDeviceData
+	g.loaded = true
+	return nil
+}
+
+func nowMillis() int64 { return time.Now().UnixMilli() }
+
+// register runs the slot checks of a verified ClientHello in the order of
+// §18 row 11 (tombstone / expected state, slots full, duplicate) and
+// registers c. It returns the slot state for ServerInfo and a channel that
+// yields the result of persisting the slot.
+func (g *group) register(c *deviceConn, hello *d2mpb.ClientHello) (d2mpb.DeviceSlotState, <-chan error, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := g.loadLocked(); err != nil {
+		return 0, nil, d2m.Close(d2m.CloseInternalError, err)
+	}
+	dev := c.deviceID
+	now := nowMillis()
+	old, exists := g.slots[dev]
+	actual := d2mpb.DeviceSlotState_NEW
+	if exists {
+		actual = d2mpb.DeviceSlotState_EXISTING
+	}
+	expected := hello.ExpectedDeviceSlotState
+	if !exists && expected != nil && *expected == d2mpb.DeviceSlotState_EXISTING {
+		// A device that was dropped while offline learns why (§18 row 7).
+		if t, ok := g.tombstones[dev]; ok && now-t.At < g.srv.cfg.TombstoneTTL.Milliseconds() {
+			return 0, nil, d2m.Close(tombstoneCode(t.Reason), nil)
+		}
+	}
+	if expected != nil && *expected != actual {
+		return 0, nil, d2m.Close(d2m.CloseSlotStateMismatch, nil)
+	}
+	if !exists && len(g.slots) >= g.srv.cfg.MaxDeviceSlots {
+		if hello.DeviceSlotsExhaustedPolicy != d2mpb.ClientHello_DROP_LEAST_RECENT {
+			return 0, nil, d2m.Close(d2m.CloseDeviceLimit, nil)
+		}
+		g.dropSlotLocked(g.leastRecentLocked(dev), reflection.Dropped, nil)
+	}
+	if dup := g.conns[dev]; dup != nil {
+		dup.closeWith(d2m.CloseDuplicate, nil)
+	}
+	slot := reflection.Slot{
+		DeviceID:       dev,
+		DeviceInfo:     hello.EncryptedDeviceInfo,
+		Policy:         reflection.ExpirationPolicy(hello.DeviceSlotExpirationPolicy),
+		CreatedAt:      now,
+		ConnectedSince: now,
+	}
+	if exists {
+		slot.CreatedAt = old.CreatedAt
+		slot.LastDisconnectAt = old.LastDisconnectAt
+	}
+	delete(g.tombstones, dev)
+	g.slots[dev] = &slot
+	g.conns[dev] = c
+	c.connectedSince = now
+	done := make(chan error, 1)
+	g.srv.store.PutSlot(g.id, slot, func(err error) { done <- err })
+	return actual, done, nil
+}
+
+func tombstoneCode(r reflection.TombstoneReason) d2m.CloseCode {
+	if r == reflection.QueueLimit {
+		return d2m.CloseQueueLimit
+	}
+	return d2m.CloseDropped
+}
+
+// leastRecentLocked picks the DROP_LEAST_RECENT victim (§18 row 8): the
+// offline slot with the oldest last_disconnect_at, else the connected slot
+// with the oldest connected_since; never the requesting device.
+func (g *group) leastRecentLocked(requester reflection.DeviceID) reflection.DeviceID {
+	var victim reflection.DeviceID
+	found, victimOnline := false, true
+	var victimAt int64
+	for id, s := range g.slots {
+		if id == requester {
+			continue
+		}
+		online := g.conns[id] != nil
+		at := s.LastDisconnectAt
+		if online {
+			at = s.ConnectedSince
+		}
+		better := !found ||
+			(victimOnline && !online) ||
+			(victimOnline == online && (at < victimAt || at == victimAt && id < victim))
+		if better {
+			victim, victimAt, victimOnline, found = id, at, online, true
+		}
+	}
+	return victim
+}
+
+// dropSlotLocked removes a slot: its connection is closed with 4113 (or
+// 4114), a lock it holds ends, and the store deletes slot and queue, writing
+// a tombstone. done, if not nil, runs once the deletion is durable.
+func (g *group) dropSlotLocked(dev reflection.DeviceID, reason reflection.TombstoneReason, done func(error)) {
+	if _, ok := g.slots[dev]; !ok {
+		if done != nil {
+			done(nil)
+		}
+		return
+	}
+	delete(g.slots, dev)
+	t := reflection.Tombstone{DeviceID: dev, Reason: reason, At: nowMillis()}
+	g.tombstones[dev] = t
+	if c := g.conns[dev]; c != nil {
+		if g.txn != nil && g.txn.holder == c && !g.txn.ending {
+			g.endTransactionLocked(false)
+		}
+		c.closeWith(tombstoneCode(reason), nil)
+	}
+	g.srv.store.DeleteSlot(g.id, dev, &t, func(err error) {
+		if err != nil {
+			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Uint64("device", uint64(dev)).Msg("deleting slot failed")
+		}
+		if done != nil {
+			done(err)
+		}
+	})
+}
+
+// unregister is the counterpart of register: it runs on every exit path of
+// a registered connection.
+func (g *group) unregister(c *deviceConn) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.conns[c.deviceID] == c {
+		delete(g.conns, c.deviceID)
+		if s, ok := g.slots[c.deviceID]; ok {
+			s.ConnectedSince = 0
+			s.LastDisconnectAt = nowMillis()
+			g.srv.store.PutSlot(g.id, *s, g.srv.logStoreErr("persisting disconnect"))
+		}
+	}
+	if g.txn != nil && g.txn.holder == c && !g.txn.ending {
+		g.endTransactionLocked(false)
+	}
+	if g.leader == c {
+		g.leader = nil
+		g.electLeaderLocked()
+	}
+}
+
+// electLeaderLocked promotes a connection if the group has no leader (§18
+// row 1): among connections that have received their ReflectionQueueDry,
+// those that proxy chat-server traffic first, then the earliest connected.
+func (g *group) electLeaderLocked() {
+	if g.leader != nil {
+		return
+	}
+	var best *deviceConn
+	for _, c := range g.conns {
+		if !c.dry.Load() || c.isClosing() {
+			continue
+		}
+		if best == nil || betterLeader(c, best) {
+			best = c
+		}
+	}
+	if best == nil {
+		return
+	}
+	g.leader = best
+	best.promoted = true
+	best.enqueue(encodedRolePromoted)
+	g.srv.metrics.leaderPromotions.Inc()
+}
+
+func betterLeader(a, b *deviceConn) bool {
+	ap, bp := a.proxied.Load(), b.proxied.Load()
+	if ap != bp {
+		return ap
+	}
+	if a.connectedSince != b.connectedSince {
+		return a.connectedSince < b.connectedSince
+	}
+	return a.seq < b.seq
+}
+
+// queueDry is called by c's send loop once ReflectionQueueDry is written.
+func (g *group) queueDry(c *deviceConn) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	c.dry.Store(true)
+	if g.conns[c.deviceID] == c {
+		g.electLeaderLocked()
+	}
+}
+
+// devicesInfo lists every slot, the requester included (§18 row 12).
+func (g *group) devicesInfo() *d2mpb.DevicesInfo {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	info := &d2mpb.DevicesInfo{AugmentedDeviceInfo: make(map[uint64]*d2mpb.DevicesInfo_AugmentedDeviceInfo, len(g.slots))}
+	for id, s := range g.slots {
+		a := &d2mpb.DevicesInfo_AugmentedDeviceInfo{
+			EncryptedDeviceInfo:        s.DeviceInfo,
+			DeviceSlotExpirationPolicy: d2mpb.DeviceSlotExpirationPolicy(s.Policy),
+		}
+		if c := g.conns[id]; c != nil {
+			a.ConnectionState = &d2mpb.DevicesInfo_AugmentedDeviceInfo_ConnectedSince{ConnectedSince: uint64(c.connectedSince)}
+		} else {
+			a.ConnectionState = &d2mpb.DevicesInfo_AugmentedDeviceInfo_LastDisconnectAt{LastDisconnectAt: uint64(s.LastDisconnectAt)}
+		}
+		info.AugmentedDeviceInfo[uint64(id)] = a
+	}
+	return info
+}
+
+// beginTransaction takes the lock for c or answers TransactionRejected.
+func (g *group) beginTransaction(c *deviceConn, scope []byte, ttlSeconds uint32) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if t := g.txn; t != nil {
+		if t.holder == c && !t.ending {
+			return d2m.Close(d2m.CloseProtocolError, errBeginWhileHolding)
+		}
+		c.enqueue(d2m.MustEncodeMessage(d2m.TypeTransactionRejected, &d2mpb.TransactionRejected{
+			DeviceId: uint64(t.holder.deviceID), EncryptedScope: t.scope,
+		}))
+		return nil
+	}
+	ttl := g.srv.cfg.MaxTransactionTTL
+	if ttlSeconds != 0 && time.Duration(ttlSeconds)*time.Second < ttl {
+		ttl = time.Duration(ttlSeconds) * time.Second
+	}
+	g.txn = &transaction{
+		holder: c, scope: scope, started: time.Now(),
+		timer: time.AfterFunc(ttl, func() { c.closeWith(d2m.CloseTransactionTTL, nil) }),
+	}
+	c.enqueue(encodedBeginTransactionAck)
+	return nil
+}
+
+// commitTransaction ends c's transaction with a commit.
+func (g *group) commitTransaction(c *deviceConn) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.txn == nil || g.txn.holder != c || g.txn.ending {
+		return d2m.Close(d2m.CloseProtocolError, errCommitWithoutLock)
+	}
+	g.endTransactionLocked(true)
+	return nil
+}
+
+// endTransactionLocked releases the holder's held reflections into the
+// other queues and, once that is durable, frees the lock, acks a commit
+// and sends TransactionEnded to every other connection (§18 row 3).
+func (g *group) endTransactionLocked(committed bool) {
+	t := g.txn
+	t.ending = true
+	t.timer.Stop()
+	g.srv.metrics.lockHold.Observe(time.Since(t.started).Seconds())
+	g.srv.store.ReleaseHeld(g.id, t.holder.deviceID, func(res reflection.AppendResult, err error) {
+		if err != nil {
+			// The held entries stay on disk and are released at the next
+			// start; the lock must not stay taken meanwhile.
+			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Msg("releasing held reflections failed")
+			t.holder.closeWith(d2m.CloseInternalError, err)
+		}
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		if g.txn == t {
+			g.txn = nil
+		}
+		g.deliveredLocked(res)
+		if committed && err == nil {
+			t.holder.enqueue(encodedCommitTransactionAck)
+		}
+		ended := d2m.MustEncodeMessage(d2m.TypeTransactionEnded, &d2mpb.TransactionEnded{
+			DeviceId: uint64(t.holder.deviceID), EncryptedScope: t.scope,
+		})
+		for _, c := range g.conns {
+			if c != t.holder {
+				c.enqueue(ended)
+			}
+		}
+	})
+}
+
+// holdsLock reports whether c's reflections are held for a transaction.
+func (g *group) holdsLockLocked(c *deviceConn) bool {
+	return g.txn != nil && g.txn.holder == c && !g.txn.ending
+}
+
+// deliveredLocked wakes the connected recipients of stored copies and drops
+// slots whose queue overflowed (4114).
+func (g *group) deliveredLocked(res reflection.AppendResult) {
+	for _, d := range res.Delivered {
+		if c := g.conns[d.DeviceID]; c != nil {
+			c.wake()
+		}
+	}
+	for _, dev := range res.Dropped {
+		g.queueLimitDropLocked(dev)
+	}
+}
+
+// queueLimitDropLocked mirrors a drop the store already made durably.
+func (g *group) queueLimitDropLocked(dev reflection.DeviceID) {
+	delete(g.slots, dev)
+	g.tombstones[dev] = reflection.Tombstone{DeviceID: dev, Reason: reflection.QueueLimit, At: nowMillis()}
+	if c := g.conns[dev]; c != nil {
+		if g.holdsLockLocked(c) {
+			g.endTransactionLocked(false)
+		}
+		c.closeWith(d2m.CloseQueueLimit, nil)
+	}
+	g.srv.metrics.queueLimitDrops.Inc()
+}
+
+// submitReflect hands a Reflect to the store. It is submitted under mu so
+// that "held for a transaction" is decided in the same order in which the
+// transaction's end is submitted.
+func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
+	g.mu.Lock()
+	req := reflection.AppendRequest{
+		Group: g.id, Sender: c.deviceID, Envelope: r.Envelope,
+		Ephemeral: r.Ephemeral(),
+	}
+	req.Hold = !req.Ephemeral && g.holdsLockLocked(c)
+	id := r.ID
+	if req.Ephemeral {
+		env, flags := r.Envelope, r.Flags
+		g.srv.store.Append(req, func(res reflection.AppendResult, err error) {
+			c.releaseReflect()
+			if err != nil {
+				c.closeWith(d2m.CloseInternalError, err)
+				return
+			}
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			for _, d := range res.Delivered {
+				if rc := g.conns[d.DeviceID]; rc != nil {
+					rc.pushEphemeral(ephemeralItem{seq: d.Seq, flags: flags, timestamp: res.Timestamp, envelope: env})
+				} else {
+					g.srv.metrics.ephemeralDrops.WithLabelValues("offline").Inc()
+				}
+			}
+		})
+	} else {
+		g.srv.store.Append(req, func(res reflection.AppendResult, err error) {
+			if err != nil {
+				c.releaseReflect()
+				g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Msg("storing reflection failed")
+				c.closeWith(d2m.CloseInternalError, err)
+				return
+			}
+			c.enqueueReflectAck(d2m.EncodeReflectAck(id, res.Timestamp))
+			if len(res.Delivered) > 0 || len(res.Dropped) > 0 {
+				g.mu.Lock()
+				g.deliveredLocked(res)
+				g.mu.Unlock()
+			}
+		})
+	}
+	g.mu.Unlock()
+}
+
+// dropDevice handles DropDevice from c (§12): the target's connection gets
+// 4113, slot and queue are deleted, then DropDeviceAck (for an unknown id
+// too). For the requester itself the ack goes out before the 4113 close.
+func (g *group) dropDevice(c *deviceConn, target reflection.DeviceID) error {
+	done := make(chan error, 1)
+	g.mu.Lock()
+	self := target == c.deviceID
+	if self {
+		// Take the device out of the group before its close so that
+		// nothing more is queued for it besides the ack.
+		if g.holdsLockLocked(c) {
+			g.endTransactionLocked(false)
+		}
+		if _, ok := g.slots[target]; ok {
+			delete(g.slots, target)
+			t := reflection.Tombstone{DeviceID: target, Reason: reflection.Dropped, At: nowMillis()}
+			g.tombstones[target] = t
+			g.srv.store.DeleteSlot(g.id, target, &t, func(err error) { done <- err })
+		} else {
+			done <- nil
+		}
+	} else {
+		g.dropSlotLocked(target, reflection.Dropped, func(err error) { done <- err })
+	}
+	g.mu.Unlock()
+	if err := <-done; err != nil {
+		return d2m.Close(d2m.CloseInternalError, err)
+	}
+	c.enqueue(d2m.MustEncodeMessage(d2m.TypeDropDeviceAck, &d2mpb.DropDeviceAck{DeviceId: uint64(target)}))
+	if self {
+		c.closeWith(d2m.CloseDropped, nil)
+	}
+	return nil
+}
+
+// setSharedDeviceData stores the opaque bytes for every later ServerInfo.
+func (g *group) setSharedDeviceData(data []byte) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.sharedData = data
+	g.srv.store.SetSharedDeviceData(g.id, data, g.srv.logStoreErr("storing shared device data"))
+}
+
+func (g *group) sharedDeviceData() []byte {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.sharedData
+}

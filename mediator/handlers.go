@@ -1,0 +1,241 @@
+package mediator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"d2m-mediator/chatproxy"
+	"d2m-mediator/d2m"
+	"d2m-mediator/reflection"
+)
+
+// readLoop reads frames until the connection ends and dispatches each to
+// its handler. A handler error carrying a *d2m.CloseError ends the
+// connection with that code.
+func (c *deviceConn) readLoop() error {
+	for {
+		typ, payload, err := c.readFrame()
+		if err != nil {
+			return err
+		}
+		if c.isClosing() {
+			// The close is decided (dropped, replaced, …): nothing more is
+			// acted upon, but reading goes on until the close handshake
+			// completes.
+			continue
+		}
+		if err := c.handle(typ, payload); err != nil {
+			return err
+		}
+	}
+}
+
+func (c *deviceConn) handle(typ d2m.PayloadType, payload []byte) error {
+	switch typ {
+	case d2m.TypeProxy:
+		return c.handleProxy(payload)
+	case d2m.TypeReflect:
+		return c.handleReflect(payload)
+	case d2m.TypeReflectedAck:
+		return c.handleReflectedAck(payload)
+	case d2m.TypeGetDevicesInfo:
+		return c.handleGetDevicesInfo(payload)
+	case d2m.TypeDropDevice:
+		return c.handleDropDevice(payload)
+	case d2m.TypeSetSharedDeviceData:
+		return c.handleSetSharedDeviceData(payload)
+	case d2m.TypeBeginTransaction:
+		return c.handleBeginTransaction(payload)
+	case d2m.TypeCommitTransaction:
+		return c.handleCommitTransaction(payload)
+	}
+	// ClientHello twice, server-to-client types and unknown types.
+	return d2m.Close(d2m.CloseProtocolError, fmt.Errorf("unexpected %v", typ))
+}
+
+func protocolError(err error) error { return d2m.Close(d2m.CloseProtocolError, err) }
+
+func (c *deviceConn) handleReflect(payload []byte) error {
+	r, err := d2m.DecodeReflect(payload)
+	if err != nil {
+		return protocolError(err)
+	}
+	// The window bounds Reflects awaiting storage per device: a flooding
+	// device blocks here, stops reading, and TCP pushes back on it alone.
+	select {
+	case c.reflectSem <- struct{}{}:
+	case <-c.closing:
+		return nil
+	case <-c.ctx.Done():
+		return c.ctx.Err()
+	}
+	c.srv.metrics.reflects.WithLabelValues(reflectKind(r)).Inc()
+	c.group.submitReflect(c, r)
+	return nil
+}
+
+func reflectKind(r d2m.Reflect) string {
+	if r.Ephemeral() {
+		return "ephemeral"
+	}
+	return "durable"
+}
+
+func (c *deviceConn) handleReflectedAck(payload []byte) error {
+	id, err := d2m.DecodeReflectedAck(payload)
+	if err != nil {
+		return protocolError(err)
+	}
+	seq, ok, ephemeral := c.ackReflected(id)
+	if ephemeral {
+		return nil // every client acks ephemeral Reflected anyway (§10)
+	}
+	if !ok {
+		return d2m.Close(d2m.CloseUnknownAck, fmt.Errorf("reflected id %d not in flight", id))
+	}
+	c.srv.metrics.reflectedAcked.Inc()
+	c.srv.store.Ack(c.groupID, c.deviceID, seq, c.srv.logStoreErr("removing acked reflection"))
+	c.wake() // the window has room again
+	return nil
+}
+
+func (c *deviceConn) handleGetDevicesInfo(payload []byte) error {
+	if err := d2m.DecodeEmpty(d2m.TypeGetDevicesInfo, payload); err != nil {
+		return protocolError(err)
+	}
+	return c.reply(d2m.MustEncodeMessage(d2m.TypeDevicesInfo, c.group.devicesInfo()))
+}
+
+func (c *deviceConn) handleDropDevice(payload []byte) error {
+	m, err := d2m.DecodeDropDevice(payload)
+	if err != nil {
+		return protocolError(err)
+	}
+	return c.group.dropDevice(c, reflection.DeviceID(m.DeviceId))
+}
+
+func (c *deviceConn) handleSetSharedDeviceData(payload []byte) error {
+	m, err := d2m.DecodeSetSharedDeviceData(payload)
+	if err != nil {
+		return protocolError(err)
+	}
+	c.group.setSharedDeviceData(m.EncryptedSharedDeviceData)
+	return nil
+}
+
+func (c *deviceConn) handleBeginTransaction(payload []byte) error {
+	m, err := d2m.DecodeBeginTransaction(payload)
+	if err != nil {
+		return protocolError(err)
+	}
+	return c.group.beginTransaction(c, m.EncryptedScope, m.Ttl)
+}
+
+func (c *deviceConn) handleCommitTransaction(payload []byte) error {
+	if err := d2m.DecodeEmpty(d2m.TypeCommitTransaction, payload); err != nil {
+		return protocolError(err)
+	}
+	return c.group.commitTransaction(c)
+}
+
+// reply queues an answer to the device's own request. Unlike messages
+// other parties queue, it may block: a device that floods requests without
+// reading answers stalls only its own read loop.
+func (c *deviceConn) reply(b []byte) error {
+	select {
+	case c.ctrl <- outFrame{b: b}:
+		return nil
+	case <-c.closing:
+		return nil
+	case <-c.ctx.Done():
+		return c.ctx.Err()
+	}
+}
+
+// handleProxy forwards CSP bytes to the device's own upstream, opening it
+// with the early bytes on first use (§18 row 2).
+func (c *deviceConn) handleProxy(payload []byte) error {
+	c.proxied.Store(true)
+	if c.upstream == nil {
+		c.early = append(c.early, payload)
+		return c.openUpstream()
+	}
+	return c.writeUpstream(payload)
+}
+
+var errNoChatServer = errors.New("no chat server configured")
+
+func (c *deviceConn) openUpstream() error {
+	s := c.srv
+	if s.cfg.ChatServer == "" {
+		return d2m.Close(d2m.CloseUpstreamUnreachable, errNoChatServer)
+	}
+	addr := chatproxy.Address(s.cfg.ChatServer, c.info.ServerGroup)
+	ctx, cancel := context.WithCancel(c.ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-c.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	up, err := chatproxy.Dial(ctx, addr, chatproxy.Options{})
+	if err != nil {
+		s.metrics.upstreams.WithLabelValues("dial_failed").Inc()
+		return d2m.Close(d2m.CloseUpstreamUnreachable, err)
+	}
+	s.metrics.upstreams.WithLabelValues("opened").Inc()
+	c.upstream = up
+	go c.upstreamLoop(up)
+	early := c.early
+	c.early, c.earlyLen = nil, 0
+	for _, b := range early {
+		if err := c.writeUpstream(b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *deviceConn) writeUpstream(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	if err := c.upstream.Write(b); err != nil {
+		if errors.Is(err, chatproxy.ErrWriteTimeout) {
+			// The chat server stopped reading: a relay-side failure.
+			return d2m.Close(d2m.CloseUpstreamError, err)
+		}
+		return d2m.Close(d2m.CloseUpstreamClosed, err)
+	}
+	c.srv.metrics.upstreamBytes.WithLabelValues("to_chat_server").Add(float64(len(b)))
+	return nil
+}
+
+// upstreamLoop cuts the chat server's stream into CSP units and hands them
+// to sendLoop with a blocking send: a slow device backs up only its own
+// TCP upstream. When the upstream ends, every complete unit goes out
+// before the close (4000, or 4009 for a frame the re-framer cannot take).
+func (c *deviceConn) upstreamLoop(up *chatproxy.Upstream) {
+	for {
+		unit, err := up.ReadUnit()
+		if err != nil {
+			code := d2m.CloseUpstreamClosed
+			if errors.Is(err, chatproxy.ErrFrameTooLarge) {
+				code = d2m.CloseUpstreamError
+			}
+			select {
+			case c.proxyIn <- proxyUnit{code: code, err: err}:
+			case <-c.ctx.Done():
+			}
+			return
+		}
+		select {
+		case c.proxyIn <- proxyUnit{b: unit}:
+		case <-c.ctx.Done():
+			return
+		}
+	}
+}

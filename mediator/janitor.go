@@ -1,0 +1,86 @@
+package mediator
+
+import (
+	"time"
+
+	"d2m-mediator/reflection"
+)
+
+// janitor removes expired slots (VOLATILE after the grace period,
+// PERSISTENT after long inactivity), prunes old tombstones and samples
+// queue depths for the metrics. Its period follows the shortest expiry so
+// that a short grace in tests is honoured.
+func (s *Server) janitor() {
+	defer close(s.janitorDone)
+	period := min(s.cfg.VolatileSlotGrace, s.cfg.PersistentSlotExpiry, time.Minute) / 4
+	period = max(period, 50*time.Millisecond)
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.janitorStop:
+			return
+		case <-t.C:
+			s.sweep(time.Now())
+		}
+	}
+}
+
+func (s *Server) sweep(now time.Time) {
+	type expired struct {
+		g reflection.GroupID
+		d reflection.DeviceID
+	}
+	var victims []expired
+	nowMs := now.UnixMilli()
+	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
+		for _, slot := range st.Slots {
+			if st, ok := s.store.QueueStats(g, slot.DeviceID); ok {
+				s.metrics.queueDepth.Observe(float64(st.Length))
+			}
+			if slot.ConnectedSince != 0 {
+				continue
+			}
+			limit := s.cfg.PersistentSlotExpiry
+			if slot.Policy == reflection.Volatile {
+				limit = s.cfg.VolatileSlotGrace
+			}
+			if nowMs-slot.LastDisconnectAt >= limit.Milliseconds() {
+				victims = append(victims, expired{g, slot.DeviceID})
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		s.log.Error().Err(err).Msg("janitor: scanning groups failed")
+		return
+	}
+	for _, v := range victims {
+		s.groupFor(v.g).expireSlot(v.d, now)
+	}
+	s.store.PruneTombstones(now.Add(-s.cfg.TombstoneTTL).UnixMilli(), s.logStoreErr("pruning tombstones"))
+}
+
+// expireSlot removes an offline slot whose time ran out; it rechecks under
+// the group lock because the device may have reconnected since the scan.
+func (g *group) expireSlot(dev reflection.DeviceID, now time.Time) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := g.loadLocked(); err != nil {
+		return
+	}
+	s, ok := g.slots[dev]
+	if !ok || g.conns[dev] != nil {
+		return
+	}
+	limit := g.srv.cfg.PersistentSlotExpiry
+	if s.Policy == reflection.Volatile {
+		limit = g.srv.cfg.VolatileSlotGrace
+	}
+	if now.UnixMilli()-s.LastDisconnectAt < limit.Milliseconds() {
+		return
+	}
+	delete(g.slots, dev)
+	g.srv.log.Info().Str("group", shortID(g.id)).Uint64("device", uint64(dev)).Msg("slot expired")
+	g.srv.store.DeleteSlot(g.id, dev, nil, g.srv.logStoreErr("expiring slot"))
+}

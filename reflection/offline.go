@@ -1,0 +1,253 @@
+package reflection
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"go.etcd.io/bbolt"
+)
+
+// Check and Compact work on a file no server has open (bbolt's lock makes
+// them fail with ErrLocked otherwise); the admin CLI runs them offline.
+
+// maxCheckErrors bounds the report: past that, more detail does not help.
+const maxCheckErrors = 50
+
+// Check runs bbolt's page-level consistency check and then a schema check:
+// record sizes, every slot has queue meta and a queue bucket, the meta's
+// length/bytes/counter match the bucket's contents, and every queue bucket
+// belongs to a slot or to the trash. All problems found (up to 50) are
+// returned joined; nil means the file is sound.
+func Check(path string) error {
+	if _, err := os.Stat(path); err != nil {
+		return fmt.Errorf("reflection: check: %w", err)
+	}
+	b, err := openOffline(path)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	var errs []error
+	report := func(err error) bool {
+		errs = append(errs, err)
+		return len(errs) < maxCheckErrors
+	}
+	err = b.View(func(tx *bbolt.Tx) error {
+		for err := range tx.Check() {
+			if !report(fmt.Errorf("reflection: check: bbolt: %w", err)) {
+				return nil
+			}
+		}
+		checkSchema(tx, report)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("reflection: check: %w", err)
+	}
+	return errors.Join(errs...)
+}
+
+func checkSchema(tx *bbolt.Tx, report func(error) bool) {
+	bad := func(format string, a ...any) bool {
+		return report(fmt.Errorf("reflection: check: "+format, a...))
+	}
+	meta := tx.Bucket(bucketMeta)
+	if meta == nil {
+		bad("bucket meta missing")
+		return
+	}
+	if v := meta.Get(keySchema); len(v) != 4 || beUint32(v) != schemaVersion {
+		if !bad("schema version %x, want %d", v, schemaVersion) {
+			return
+		}
+	}
+	groups, queues, trash := tx.Bucket(bucketGroups), tx.Bucket(bucketQueues), tx.Bucket(bucketTrash)
+	if groups == nil || queues == nil || trash == nil {
+		bad("root bucket missing")
+		return
+	}
+	owned := make(map[string]bool) // queue bucket names referenced by a slot or the trash
+	c := groups.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if v != nil || len(k) != 32 {
+			if !bad("unexpected key %x in groups", k) {
+				return
+			}
+			continue
+		}
+		if !checkGroup(GroupID(k), groups.Bucket(k), queues, owned, bad) {
+			return
+		}
+	}
+	tc := trash.Cursor()
+	for k, _ := tc.First(); k != nil; k, _ = tc.Next() {
+		if len(k) != queueNameLen {
+			if !bad("trash entry %x has the wrong length", k) {
+				return
+			}
+		}
+		owned[string(k)] = true
+	}
+	qc := queues.Cursor()
+	for k, v := qc.First(); k != nil; k, v = qc.Next() {
+		if v != nil || len(k) != queueNameLen {
+			if !bad("unexpected key %x in queues", k) {
+				return
+			}
+			continue
+		}
+		if !owned[string(k)] {
+			if !bad("orphan queue bucket %x (no slot, not in trash)", k) {
+				return
+			}
+		}
+	}
+}
+
+func checkGroup(g GroupID, gb, queues *bbolt.Bucket, owned map[string]bool, bad func(string, ...any) bool) bool {
+	slots := map[DeviceID]bool{}
+	if sb := gb.Bucket(bucketSlots); sb != nil {
+		c := sb.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			s, err := decodeSlot(k, v)
+			if err != nil {
+				if !bad("group %s: %v", g, err) {
+					return false
+				}
+				continue
+			}
+			slots[s.DeviceID] = true
+		}
+	}
+	if tb := gb.Bucket(bucketTombs); tb != nil {
+		c := tb.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if _, err := decodeTombstone(k, v); err != nil {
+				if !bad("group %s: %v", g, err) {
+					return false
+				}
+			}
+		}
+	}
+	if hb := gb.Bucket(bucketHeld); hb != nil {
+		c := hb.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if len(k) != 16 || len(v) < entryHeaderLen {
+				if !bad("group %s: corrupt held reflection %x", g, k) {
+					return false
+				}
+			}
+		}
+	}
+	withMeta := map[DeviceID]bool{}
+	if qm := gb.Bucket(bucketQMeta); qm != nil {
+		c := qm.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			m, err := decodeQueueMeta(v)
+			if err != nil || len(k) != 8 {
+				if !bad("group %s: queue meta %x: %v", g, k, err) {
+					return false
+				}
+				continue
+			}
+			d := DeviceID(beUint64(k))
+			withMeta[d] = true
+			if !slots[d] {
+				if !bad("group %s: queue meta for missing slot %d", g, d) {
+					return false
+				}
+			}
+			name := queueName(g, d, m.incarnation)
+			owned[string(name)] = true
+			if !checkQueue(g, d, m, queues.Bucket(name), bad) {
+				return false
+			}
+		}
+	}
+	for d := range slots {
+		if !withMeta[d] {
+			if !bad("group %s: slot %d has no queue meta", g, d) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func checkQueue(g GroupID, d DeviceID, m queueMeta, qb *bbolt.Bucket, bad func(string, ...any) bool) bool {
+	if qb == nil {
+		return bad("group %s: slot %d: queue bucket %d missing", g, d, m.incarnation)
+	}
+	var n, size, last uint64
+	c := qb.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if len(k) != 8 || len(v) < entryHeaderLen {
+			if !bad("group %s: slot %d: corrupt entry %x", g, d, k) {
+				return false
+			}
+			continue
+		}
+		n++
+		size += uint64(len(v) - entryHeaderLen)
+		last = beUint64(k)
+	}
+	if n != m.length || size != m.bytes || last > m.lastSeq {
+		return bad("group %s: slot %d: meta says %d entries, %d bytes, last seq %d; bucket has %d, %d, last %d",
+			g, d, m.length, m.bytes, m.lastSeq, n, size, last)
+	}
+	return true
+}
+
+// Compact rewrites the file without free pages (bbolt never shrinks a file
+// by itself) and replaces the original atomically. It needs as much free
+// disk space as the live data.
+func Compact(path string) (before, after int64, err error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, 0, fmt.Errorf("reflection: compact: %w", err)
+	}
+	before = fi.Size()
+	src, err := openOffline(path)
+	if err != nil {
+		return before, 0, err
+	}
+	tmp := path + ".compact"
+	_ = os.Remove(tmp) // left over from an interrupted run
+	dst, err := bbolt.Open(tmp, 0o600, boltOptions(Options{}, false))
+	if err != nil {
+		_ = src.Close()
+		return before, 0, fmt.Errorf("reflection: compact: create %s: %w", tmp, err)
+	}
+	// 64 MiB per transaction bounds memory on large files.
+	err = bbolt.Compact(dst, src, 64<<20)
+	err = errors.Join(err, dst.Close(), src.Close())
+	if err != nil {
+		_ = os.Remove(tmp)
+		return before, 0, fmt.Errorf("reflection: compact: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return before, 0, fmt.Errorf("reflection: compact: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		_ = d.Sync() // make the rename durable
+		_ = d.Close()
+	}
+	fi, err = os.Stat(path)
+	if err != nil {
+		return before, 0, fmt.Errorf("reflection: compact: %w", err)
+	}
+	return before, fi.Size(), nil
+}
+
+func openOffline(path string) (*bbolt.DB, error) {
+	b, err := bbolt.Open(path, 0o600, boltOptions(Options{}, true))
+	if err != nil {
+		if errors.Is(err, bbolt.ErrTimeout) {
+			return nil, fmt.Errorf("%w: %s", ErrLocked, path)
+		}
+		return nil, fmt.Errorf("reflection: open %s: %w", path, err)
+	}
+	return b, nil
+}

@@ -1,0 +1,136 @@
+package reflection
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"go.etcd.io/bbolt"
+)
+
+func TestBackupWhileWriting(t *testing.T) {
+	db := openAt(t, dbPath(t), Options{})
+	g := gid(60)
+	putSlots(t, db, g, 1, 2)
+	fillQueue(t, db, g, 1, 2000, []byte("payload"))
+	mustDo(t, func(done func(error)) { db.SetSharedDeviceData(g, []byte("shared"), done) })
+
+	// Keep writing while the backup streams.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				appendSync(t, db, AppendRequest{Group: g, Sender: 2, Envelope: []byte("live")})
+			}
+		}
+	}()
+	var buf bytes.Buffer
+	n, err := db.Backup(&buf)
+	close(stop)
+	wg.Wait()
+	if err != nil || n != int64(buf.Len()) {
+		t.Fatalf("Backup: %d bytes, %v", n, err)
+	}
+	backup := filepath.Join(t.TempDir(), "backup.db")
+	if err := os.WriteFile(backup, buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(backup); err != nil {
+		t.Fatalf("Check(backup): %v", err)
+	}
+	bdb := openAt(t, backup, Options{})
+	wantStats(t, bdb, g, 2, QueueStats{Length: 2000, Bytes: 2000 * 7, NextSeq: 2001})
+	if st, _ := bdb.Group(g); string(st.SharedDeviceData) != "shared" || len(st.Slots) != 2 {
+		t.Fatalf("backup group: %+v", st)
+	}
+}
+
+func TestCompactShrinksAndKeepsCounters(t *testing.T) {
+	path := dbPath(t)
+	db := openAt(t, path, Options{})
+	g := gid(61)
+	putSlots(t, db, g, 1, 2)
+	fillQueue(t, db, g, 1, 5000, make([]byte, 500))
+	for seq := uint64(1); seq <= 5000; seq++ {
+		db.Ack(g, 2, seq, nil)
+	}
+	ack(t, db, g, 2, 5000)
+	mustDo(t, func(done func(error)) { db.DeleteSlot(g, 1, nil, done) }) // its queue is empty
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	before, after, err := Compact(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Compact: %d → %d bytes", before, after)
+	if after >= before {
+		t.Fatalf("Compact did not shrink: %d → %d", before, after)
+	}
+	if err := Check(path); err != nil {
+		t.Fatal(err)
+	}
+	db = openAt(t, path, Options{})
+	wantStats(t, db, g, 2, QueueStats{NextSeq: 5001})
+	// New slots get fresh queue buckets: the incarnation sequence survived.
+	putSlots(t, db, g, 1, 3)
+	res := appendSync(t, db, AppendRequest{Group: g, Sender: 2, Envelope: []byte("z")})
+	if len(res.Delivered) != 2 || res.Delivered[0] != (Delivery{1, 1}) || res.Delivered[1] != (Delivery{3, 1}) {
+		t.Fatalf("delivered %v", res.Delivered)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCheckFindsSchemaProblems(t *testing.T) {
+	path := dbPath(t)
+	db := openAt(t, path, Options{})
+	g := gid(62)
+	putSlots(t, db, g, 1, 2)
+	appendSync(t, db, AppendRequest{Group: g, Sender: 1, Envelope: []byte("a")})
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(path); err != nil {
+		t.Fatalf("clean file: %v", err)
+	}
+	b, err := bbolt.Open(path, 0o600, boltOptions(Options{}, false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = b.Update(func(tx *bbolt.Tx) error {
+		if _, err := tx.Bucket(bucketQueues).CreateBucket(queueName(gid(63), 1, 999)); err != nil {
+			return err
+		}
+		qm := tx.Bucket(bucketGroups).Bucket(g[:]).Bucket(bucketQMeta)
+		m, _ := decodeQueueMeta(qm.Get(deviceKey(2)))
+		m.length = 7
+		return qm.Put(deviceKey(2), m.encode())
+	})
+	if cerr := b.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = Check(path)
+	if err == nil || !strings.Contains(err.Error(), "orphan queue bucket") || !strings.Contains(err.Error(), "meta says 7 entries") {
+		t.Fatalf("Check: %v", err)
+	}
+	if err := Check(filepath.Join(t.TempDir(), "missing.db")); err == nil {
+		t.Fatal("Check of a missing file succeeded")
+	}
+}

@@ -1,0 +1,207 @@
+package reflection
+
+import (
+	"encoding/hex"
+	"errors"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// GroupID identifies a device group (the 32-byte device_group_id of the
+// ClientUrlInfo, protocol.md §4.1).
+type GroupID [32]byte
+
+// String returns the id in lowercase hex, for logs.
+func (g GroupID) String() string { return hex.EncodeToString(g[:]) }
+
+// DeviceID is the random 64-bit D2M device id that names a device slot
+// within its group (protocol.md §12).
+type DeviceID uint64
+
+// ExpirationPolicy is the slot's expiration policy. The values equal the
+// protocol enum so the server can convert without a table.
+type ExpirationPolicy uint8
+
+const (
+	Volatile   ExpirationPolicy = 0
+	Persistent ExpirationPolicy = 1
+)
+
+// Slot is one device slot as stored. The store writes it as given; which
+// fields to set when is the server's business.
+type Slot struct {
+	DeviceID         DeviceID
+	DeviceInfo       []byte // encrypted, opaque
+	Policy           ExpirationPolicy
+	CreatedAt        int64 // unix ms
+	ConnectedSince   int64 // unix ms; non-zero iff the device is connected
+	LastDisconnectAt int64 // unix ms; set when it disconnects
+}
+
+// TombstoneReason says why a slot was removed, so a device that comes back
+// expecting EXISTING gets the matching close code (protocol.md §18 row 7).
+type TombstoneReason uint8
+
+const (
+	Dropped    TombstoneReason = 1 // by a device (DropDevice) or an admin
+	QueueLimit TombstoneReason = 2 // the reflection queue exceeded its limit
+)
+
+// Tombstone remembers a removed slot for a while (§18 row 7: 30 days).
+type Tombstone struct {
+	DeviceID DeviceID
+	Reason   TombstoneReason
+	At       int64 // unix ms
+}
+
+// GroupState is everything stored about a group except queue contents.
+type GroupState struct {
+	Slots            []Slot // sorted by DeviceID
+	Tombstones       []Tombstone
+	SharedDeviceData []byte
+}
+
+// QueueStats describes one slot's reflection queue.
+type QueueStats struct {
+	Length  int    // entries stored (ephemeral reflections are never stored)
+	Bytes   int64  // sum of the stored envelopes' lengths
+	NextSeq uint64 // the Seq the next reflection for this slot will get
+}
+
+// Entry is one stored reflection. Seq is the slot's counter value; the
+// Reflected ID on the wire is uint32(Seq) and may wrap (protocol.md §5.4).
+type Entry struct {
+	Seq       uint64
+	Timestamp uint64 // unix ms, the storage time sent in the ReflectAck
+	Envelope  []byte // copied out of the read transaction
+}
+
+// Delivery names one copy of a reflection: the recipient slot and the Seq
+// it got from that slot's counter.
+type Delivery struct {
+	DeviceID DeviceID
+	Seq      uint64
+}
+
+// AppendRequest is one Reflect to fan out.
+type AppendRequest struct {
+	Group    GroupID
+	Sender   DeviceID
+	Envelope []byte // owned by the store until done is called: do not modify
+	// Ephemeral: nothing is written except the recipients' advanced counters;
+	// every recipient still gets a Seq so the server can deliver the
+	// reflection in queue order to the devices that are online (§18 row 4).
+	Ephemeral bool
+	// Hold: the sender holds the group's transaction lock. The envelope is
+	// stored durably in the group's held area and reaches no queue until
+	// ReleaseHeld (§10 "During a transaction", §18 row 3).
+	Hold bool
+}
+
+// AppendResult reports what an Append or ReleaseHeld did.
+type AppendResult struct {
+	Timestamp uint64     // unix ms at apply time
+	Delivered []Delivery // one per stored (or, if ephemeral, numbered) copy
+	Dropped   []DeviceID // slots dropped because their queue hit a limit
+}
+
+// Store is what the server uses. *DB (bbolt) implements it; tests and a
+// future engine may add others.
+//
+// Writes are queued to one committer and applied in submission order. done
+// (may be nil) is called on the committer goroutine, in submission order,
+// after the transaction holding the write is durable (err == nil) or failed;
+// it must not block. After Close, done is called with ErrClosed on a new
+// goroutine, so a caller that holds a lock done also takes cannot deadlock.
+type Store interface {
+	// Group returns the stored state; an unknown group yields an empty
+	// state and a nil error.
+	Group(g GroupID) (GroupState, error)
+	// QueueStats answers from the in-memory index in O(1); ok is false if
+	// the slot does not exist (as of the last successful commit).
+	QueueStats(g GroupID, d DeviceID) (QueueStats, bool)
+	// ReadQueue returns up to max entries with Seq > afterSeq, in order.
+	// An unknown slot yields no entries and a nil error.
+	ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entry, error)
+	// ForEachGroup calls fn for every stored group, in id order. Each group
+	// is read consistently; the walk as a whole is not a snapshot.
+	ForEachGroup(fn func(g GroupID, st GroupState) error) error
+
+	PutSlot(g GroupID, s Slot, done func(error))
+	DeleteSlot(g GroupID, d DeviceID, t *Tombstone, done func(error))
+	SetSharedDeviceData(g GroupID, data []byte, done func(error))
+	Append(r AppendRequest, done func(AppendResult, error))
+	ReleaseHeld(g GroupID, sender DeviceID, done func(AppendResult, error))
+	Ack(g GroupID, d DeviceID, seq uint64, done func(error))
+	PurgeQueue(g GroupID, d DeviceID, done func(error))
+	PruneTombstones(olderThan int64, done func(error))
+	Close() error
+}
+
+// Options configures Open. Zero values select the defaults.
+type Options struct {
+	MaxQueueLength int   // default 25000 (protocol.md §18 row 9)
+	MaxQueueBytes  int64 // default 64 MiB (§18 row 9)
+	DeleteChunk    int   // keys deleted per commit when purging dropped queues; default 1000
+	// OnCommit is a metrics hook called on the committer goroutine after
+	// every bbolt write transaction: batch is the number of requests in it
+	// (0 for background work such as deleting dropped queues).
+	OnCommit func(batch int, took time.Duration, err error)
+	Logger   zerolog.Logger
+	Now      func() time.Time // for tests; default time.Now
+	// InitialMmapSize is passed to bbolt. A long read transaction (Backup)
+	// blocks the writer whenever bbolt has to grow its memory map, so a
+	// production server should set this above the expected file size.
+	InitialMmapSize int
+}
+
+const (
+	DefaultMaxQueueLength = 25000
+	DefaultMaxQueueBytes  = 64 << 20
+	DefaultDeleteChunk    = 1000
+)
+
+func (o Options) withDefaults() Options {
+	if o.MaxQueueLength <= 0 {
+		o.MaxQueueLength = DefaultMaxQueueLength
+	}
+	if o.MaxQueueBytes <= 0 {
+		o.MaxQueueBytes = DefaultMaxQueueBytes
+	}
+	if o.DeleteChunk <= 0 {
+		o.DeleteChunk = DefaultDeleteChunk
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return o
+}
+
+var (
+	// ErrClosed is passed to done for writes submitted after Close.
+	ErrClosed = errors.New("reflection: store is closed")
+	// ErrLocked wraps the error of Open when another process has the file.
+	ErrLocked = errors.New("reflection: database is locked by another process")
+)
+
+// Sync submits one write and waits for its done. Example:
+//
+//	err := reflection.Sync(func(done func(error)) { st.Ack(g, d, seq, done) })
+func Sync(fn func(done func(error))) error {
+	ch := make(chan error, 1)
+	fn(func(err error) { ch <- err })
+	return <-ch
+}
+
+// SyncAppend is Sync for Append and ReleaseHeld.
+func SyncAppend(fn func(done func(AppendResult, error))) (AppendResult, error) {
+	type out struct {
+		res AppendResult
+		err error
+	}
+	ch := make(chan out, 1)
+	fn(func(res AppendResult, err error) { ch <- out{res, err} })
+	o := <-ch
+	return o.res, o.err
+}
