@@ -7,6 +7,8 @@ import (
 	"io"
 	"strconv"
 	"testing"
+
+	"d2m-mediator/chatproxy/csp"
 )
 
 // testUnits builds a valid server→client unit sequence: server-hello,
@@ -283,6 +285,22 @@ func TestAddress(t *testing.T) {
 	} {
 		if got := Address(c.tmpl, c.group); got != c.want {
 			t.Errorf("Address(%q, %q) = %q, want %q", c.tmpl, c.group, got, c.want)
+		}
+	}
+}
+
+// The re-framer counts bytes with its own constants so that the mediator's
+// hot path does not link the CSP crypto; they must agree with package csp.
+func TestSizesMatchCSP(t *testing.T) {
+	for name, c := range map[string][2]int{
+		"server-hello": {ServerHelloSize, csp.ServerHelloSize},
+		"login-ack":    {LoginAckSize, csp.LoginAckSize},
+		"length":       {FrameLengthSize, csp.FrameLengthSize},
+		"max box":      {MaxFrameBoxSize, csp.MaxBoxSize},
+		"max unit":     {MaxUnitSize, csp.MaxFrameSize},
+	} {
+		if c[0] != c[1] {
+			t.Errorf("%s: chatproxy %d, csp %d", name, c[0], c[1])
 		}
 	}
 }

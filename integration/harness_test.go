@@ -224,7 +224,7 @@ func connect(t testing.TB, s *server, cfg d2mclient.Config) *d2mclient.Client {
 	return c
 }
 
-// connectReady authenticates and consumes the backlog up to
+// connectReady authenticates and consumes (and acks) the backlog up to
 // ReflectionQueueDry, returning the Reflected messages seen before it.
 func connectReady(t testing.TB, s *server, cfg d2mclient.Config) (*d2mclient.Client, []d2m.Reflected) {
 	t.Helper()
@@ -239,6 +239,11 @@ func connectReady(t testing.TB, s *server, cfg d2mclient.Config) (*d2mclient.Cli
 				t.Fatal(err)
 			}
 			backlog = append(backlog, r)
+			// Ack as real clients do: the server keeps only a window of
+			// unacked entries in flight.
+			if err := c.AckReflected(ctxT(t, time.Second), r.ID); err != nil {
+				t.Fatal(err)
+			}
 		case d2m.TypeReflectionQueueDry:
 			return c, backlog
 		default:
@@ -264,7 +269,19 @@ func expectRejected(t testing.TB, cfg d2mclient.Config, code d2m.CloseCode) {
 	}
 }
 
+// recv returns the next message, skipping RolePromotedToLeader, which any
+// first device of a group receives; leader tests use recvAny.
 func recv(t testing.TB, c *d2mclient.Conn) d2mclient.Message {
+	t.Helper()
+	for {
+		m := recvAny(t, c)
+		if m.Type != d2m.TypeRolePromotedToLeader {
+			return m
+		}
+	}
+}
+
+func recvAny(t testing.TB, c *d2mclient.Conn) d2mclient.Message {
 	t.Helper()
 	m, err := c.Recv(ctxT(t, 10*time.Second))
 	if err != nil {
@@ -296,7 +313,13 @@ func expectSilence(t testing.TB, c *d2mclient.Conn, d time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
-	if m, err := c.Recv(ctx); err == nil {
-		t.Fatalf("unexpected %v", m.Type)
+	for {
+		m, err := c.Recv(ctx)
+		if err != nil {
+			return
+		}
+		if m.Type != d2m.TypeRolePromotedToLeader {
+			t.Fatalf("unexpected %v", m.Type)
+		}
 	}
 }

@@ -72,6 +72,10 @@ type deviceConn struct {
 type outFrame struct {
 	b          []byte
 	reflectAck bool // frees a reflectSem slot once written
+	// afterSeq holds the frame back until the Reflected with this queue seq
+	// has been written: TransactionEnded must reach a device after the
+	// reflections the transaction released into its queue (§10).
+	afterSeq uint64
 }
 
 type proxyUnit struct {
@@ -128,6 +132,17 @@ func (c *deviceConn) isClosing() bool { return c.closeCode.Load() != 0 }
 func (c *deviceConn) enqueue(b []byte) {
 	select {
 	case c.ctrl <- outFrame{b: b}:
+	default:
+		c.srv.metrics.slowConsumers.Inc()
+		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
+	}
+}
+
+// enqueueAfter queues a control frame that sendLoop writes only once the
+// queue entry seq has been delivered.
+func (c *deviceConn) enqueueAfter(b []byte, seq uint64) {
+	select {
+	case c.ctrl <- outFrame{b: b, afterSeq: seq}:
 	default:
 		c.srv.metrics.slowConsumers.Inc()
 		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
@@ -241,7 +256,7 @@ func (c *deviceConn) sendLoop(hwm uint64) {
 		}
 		select {
 		case f := <-c.ctrl:
-			if err := c.writeOut(f); err != nil {
+			if err := d.out(f); err != nil {
 				c.ws.CloseNow()
 				return
 			}
@@ -285,7 +300,7 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 	for i := 0; i < 64; i++ {
 		select {
 		case f := <-c.ctrl:
-			if err := c.writeOut(f); err != nil {
+			if err := d.out(f); err != nil {
 				return false, err
 			}
 			progressed = true
@@ -329,6 +344,31 @@ func (c *deviceConn) finishClose() {
 	c.ws.Close(websocket.StatusCode(code), code.String())
 }
 
+// out writes a control frame, or parks it behind its delivery barrier.
+// Parked frames keep their order among themselves; other control frames
+// (ReflectAcks above all) pass them.
+func (d *delivery) out(f outFrame) error {
+	if f.afterSeq > d.sentSeq || (f.afterSeq != 0 && len(d.parked) > 0) {
+		d.parked = append(d.parked, f)
+		return nil
+	}
+	return d.c.writeOut(f)
+}
+
+// releaseParked writes the parked frames whose barrier has passed.
+func (d *delivery) releaseParked() (bool, error) {
+	wrote := false
+	for len(d.parked) > 0 && d.parked[0].afterSeq <= d.sentSeq {
+		f := d.parked[0]
+		d.parked = d.parked[1:]
+		if err := d.c.writeOut(f); err != nil {
+			return wrote, err
+		}
+		wrote = true
+	}
+	return wrote, nil
+}
+
 // delivery is the reflection-queue cursor of one connection, owned by
 // sendLoop. Only a window of entries is in memory: a device with a 25,000
 // entry backlog costs DeliveryWindow entries, and a slow device blocks
@@ -340,6 +380,8 @@ type delivery struct {
 	hwm     uint64 // queue's next seq at login: the backlog is seq < hwm
 	more    bool   // the queue may hold entries beyond cursor
 	dryDone bool
+	sentSeq uint64     // highest durable seq written
+	parked  []outFrame // control frames waiting for their barrier
 }
 
 // step sends what the window allows: queued entries and ephemeral items in
@@ -384,11 +426,15 @@ func (d *delivery) step() (bool, error) {
 			if err := c.write(d2m.EncodeReflected(0, id, e.Timestamp, e.Envelope)); err != nil {
 				return sentAny, err
 			}
+			d.sentSeq = max(d.sentSeq, e.Seq)
 			c.srv.metrics.reflectedSent.Inc()
 			sentAny = true
 			continue
 		}
 		break
+	}
+	if wrote, err := d.releaseParked(); err != nil || wrote {
+		return sentAny || wrote, err
 	}
 	backlogSent := len(d.pending) == 0 || d.pending[0].Seq >= d.hwm
 	if !d.dryDone && backlogSent && d.cursor+1 >= d.hwm {

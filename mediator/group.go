@@ -339,9 +339,13 @@ func (g *group) endTransactionLocked(committed bool) {
 		ended := d2m.MustEncodeMessage(d2m.TypeTransactionEnded, &d2mpb.TransactionEnded{
 			DeviceId: uint64(t.holder.deviceID), EncryptedScope: t.scope,
 		})
-		for _, c := range g.conns {
+		barrier := make(map[reflection.DeviceID]uint64, len(res.Delivered))
+		for _, d := range res.Delivered {
+			barrier[d.DeviceID] = max(barrier[d.DeviceID], d.Seq)
+		}
+		for id, c := range g.conns {
 			if c != t.holder {
-				c.enqueue(ended)
+				c.enqueueAfter(ended, barrier[id])
 			}
 		}
 	})

@@ -1,12 +1,9 @@
 package reflection
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
 
 	"go.etcd.io/bbolt"
-	bberrors "go.etcd.io/bbolt/errors"
 )
 
 // batchTx applies requests inside one bbolt write transaction. It keeps the
@@ -65,8 +62,6 @@ func (bt *batchTx) apply(r *request) error {
 	}
 	return fmt.Errorf("reflection: unknown request kind %d", r.op)
 }
-
-// --- bucket helpers ---
 
 func (bt *batchTx) group(g GroupID, create bool) (*bbolt.Bucket, error) {
 	root := bt.tx.Bucket(bucketGroups)
@@ -134,351 +129,15 @@ func recipients(gb *bbolt.Bucket, sender DeviceID) []DeviceID {
 	return out
 }
 
-// --- slots, tombstones, shared data ---
-
-func (bt *batchTx) putSlot(g GroupID, s Slot) error {
-	gb, err := bt.group(g, true)
-	if err != nil {
-		return err
-	}
-	slots, err := sub(gb, bucketSlots, true)
-	if err != nil {
-		return err
-	}
-	key := deviceKey(s.DeviceID)
-	if err := slots.Put(key, encodeSlot(s)); err != nil {
-		return fmt.Errorf("reflection: put slot %d: %w", s.DeviceID, err)
-	}
-	if tombs := gb.Bucket(bucketTombs); tombs != nil && tombs.Get(key) != nil {
-		if err := tombs.Delete(key); err != nil {
-			return fmt.Errorf("reflection: clear tombstone %d: %w", s.DeviceID, err)
-		}
-		bt.tombTouched[g] = true
-	}
-	if q := bt.queue(g, s.DeviceID); !q.present {
-		return bt.newQueue(g, s.DeviceID, q, 0)
-	}
-	return nil
-}
-
-// newQueue gives q a fresh, empty bucket; lastSeq carries the counter over
-// (PurgeQueue) or starts it at 0 (a new slot).
-func (bt *batchTx) newQueue(g GroupID, d DeviceID, q *batchQueue, lastSeq uint64) error {
-	root := bt.tx.Bucket(bucketQueues)
-	inc, err := root.NextSequence()
-	if err != nil {
-		return fmt.Errorf("reflection: queue incarnation: %w", err)
-	}
-	if _, err := root.CreateBucket(queueName(g, d, inc)); err != nil {
-		return fmt.Errorf("reflection: create queue %s/%d/%d: %w", g, d, inc, err)
-	}
-	q.meta = queueMeta{incarnation: inc, lastSeq: lastSeq}
-	q.present, q.dirty = true, true
-	return nil
-}
-
-// discardQueue detaches a queue bucket: an empty one is deleted at once,
-// anything else goes to trash/ for chunked deletion by the committer.
-func (bt *batchTx) discardQueue(g GroupID, d DeviceID, m queueMeta) error {
-	name := queueName(g, d, m.incarnation)
-	if m.length == 0 {
-		err := bt.tx.Bucket(bucketQueues).DeleteBucket(name)
-		if err != nil && !errors.Is(err, bberrors.ErrBucketNotFound) {
-			return fmt.Errorf("reflection: delete empty queue %s/%d: %w", g, d, err)
-		}
-		return nil
-	}
-	if err := bt.tx.Bucket(bucketTrash).Put(name, []byte{}); err != nil {
-		return fmt.Errorf("reflection: trash queue %s/%d: %w", g, d, err)
-	}
-	bt.trashed++
-	return nil
-}
-
-// removeSlot deletes the slot record and its queue (meta now, keys later).
-func (bt *batchTx) removeSlot(gb *bbolt.Bucket, g GroupID, d DeviceID) error {
-	key := deviceKey(d)
-	if slots := gb.Bucket(bucketSlots); slots != nil {
-		if err := slots.Delete(key); err != nil {
-			return fmt.Errorf("reflection: delete slot %d: %w", d, err)
-		}
-	}
-	if qm := gb.Bucket(bucketQMeta); qm != nil {
-		if err := qm.Delete(key); err != nil {
-			return fmt.Errorf("reflection: delete queue meta %d: %w", d, err)
-		}
-	}
-	q := bt.queue(g, d)
-	if q.present {
-		if err := bt.discardQueue(g, d, q.meta); err != nil {
-			return err
-		}
-		q.present, q.dirty = false, true
-	}
-	bt.groupsTouched[g] = true
-	return nil
-}
-
-func (bt *batchTx) putTombstone(gb *bbolt.Bucket, g GroupID, t Tombstone) error {
-	tombs, err := sub(gb, bucketTombs, true)
-	if err != nil {
-		return err
-	}
-	if err := tombs.Put(deviceKey(t.DeviceID), encodeTombstone(t)); err != nil {
-		return fmt.Errorf("reflection: put tombstone %d: %w", t.DeviceID, err)
-	}
-	bt.tombTouched[g] = true
-	return nil
-}
-
-func (bt *batchTx) deleteSlot(g GroupID, d DeviceID, t *Tombstone) error {
-	gb, err := bt.group(g, t != nil)
-	if err != nil || gb == nil {
-		return err
-	}
-	if err := bt.removeSlot(gb, g, d); err != nil {
-		return err
-	}
-	if t != nil {
-		return bt.putTombstone(gb, g, *t)
-	}
-	return nil
-}
-
-func (bt *batchTx) setShared(g GroupID, data []byte) error {
-	gb, err := bt.group(g, len(data) > 0)
-	if err != nil || gb == nil {
-		return err
-	}
-	if len(data) == 0 {
-		bt.groupsTouched[g] = true
-		if err := gb.Delete(keyShared); err != nil {
-			return fmt.Errorf("reflection: clear shared device data: %w", err)
-		}
-		return nil
-	}
-	if err := gb.Put(keyShared, data); err != nil {
-		return fmt.Errorf("reflection: put shared device data: %w", err)
-	}
-	return nil
-}
-
-func (bt *batchTx) pruneTombstones(olderThan int64) error {
-	// Candidates: groups whose oldest tombstone (as of the last commit) is
-	// old enough, plus groups this batch changed (not yet in db.tombMin).
-	var candidates []GroupID
-	for g, minAt := range bt.db.tombMin {
-		if minAt < olderThan && !bt.tombTouched[g] {
-			candidates = append(candidates, g)
-		}
-	}
-	for g := range bt.tombTouched {
-		candidates = append(candidates, g)
-	}
-	for _, g := range candidates {
-		gb, _ := bt.group(g, false)
-		tombs, _ := sub(gb, bucketTombs, false)
-		if tombs == nil {
-			continue
-		}
-		var old [][]byte
-		c := tombs.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			t, err := decodeTombstone(k, v)
-			if err != nil {
-				return fmt.Errorf("reflection: group %s: %w", g, err)
-			}
-			if t.At < olderThan {
-				old = append(old, append([]byte(nil), k...))
-			}
-		}
-		for _, k := range old {
-			if err := tombs.Delete(k); err != nil {
-				return fmt.Errorf("reflection: prune tombstone: %w", err)
-			}
-		}
-		if len(old) > 0 {
-			bt.tombTouched[g] = true
-			bt.groupsTouched[g] = true
-		}
-	}
-	return nil
-}
-
-// --- reflections ---
-
-func (bt *batchTx) append(r *request) error {
-	a := &r.app
-	r.result.Timestamp = uint64(bt.now)
-	if a.Hold {
-		gb, err := bt.group(a.Group, true)
-		if err != nil {
-			return err
-		}
-		held, err := sub(gb, bucketHeld, true)
-		if err != nil {
-			return err
-		}
-		n, err := held.NextSequence()
-		if err != nil {
-			return fmt.Errorf("reflection: held sequence: %w", err)
-		}
-		if err := held.Put(heldKey(a.Sender, n), encodeEntry(uint64(bt.now), a.Envelope)); err != nil {
-			return fmt.Errorf("reflection: put held reflection: %w", err)
-		}
-		return nil
-	}
-	gb, _ := bt.group(a.Group, false)
-	if gb == nil {
-		return nil
-	}
-	to := recipients(gb, a.Sender)
-	if a.Ephemeral {
-		// Only the counters move: the Seq keeps the ephemeral reflection's
-		// place in each online recipient's delivery order (§18 row 4).
-		for _, d := range to {
-			q := bt.queue(a.Group, d)
-			if !q.present {
-				return fmt.Errorf("reflection: group %s: slot %d has no queue", a.Group, d)
-			}
-			q.meta.lastSeq++
-			q.dirty = true
-			r.result.Delivered = append(r.result.Delivered, Delivery{DeviceID: d, Seq: q.meta.lastSeq})
-		}
-		return nil
-	}
-	return bt.fanOut(gb, a.Group, to, encodeEntry(uint64(bt.now), a.Envelope), &r.result)
-}
-
-// fanOut writes value (timestamp ‖ envelope) into the queue of every slot
-// in to. A queue that is full, or would exceed its byte limit, costs its
-// slot: dropped in this transaction with a QueueLimit tombstone (§10 "Queue
-// length limit", §18 rows 7 and 9).
-func (bt *batchTx) fanOut(gb *bbolt.Bucket, g GroupID, to []DeviceID, value []byte, res *AppendResult) error {
-	envLen := uint64(len(value) - entryHeaderLen)
-	maxLen := uint64(bt.db.opts.MaxQueueLength)
-	maxBytes := uint64(bt.db.opts.MaxQueueBytes)
-	for _, d := range to {
-		q := bt.queue(g, d)
-		if !q.present {
-			continue // dropped earlier in this fan-out (ReleaseHeld) or inconsistent
-		}
-		if q.meta.length >= maxLen || q.meta.bytes+envLen > maxBytes {
-			if err := bt.removeSlot(gb, g, d); err != nil {
-				return err
-			}
-			if err := bt.putTombstone(gb, g, Tombstone{DeviceID: d, Reason: QueueLimit, At: bt.now}); err != nil {
-				return err
-			}
-			res.Dropped = append(res.Dropped, d)
-			continue
-		}
-		qb, err := bt.queueBucket(g, d, q.meta)
-		if err != nil {
-			return err
-		}
-		seq := q.meta.lastSeq + 1
-		if err := qb.Put(u64key(seq), value); err != nil {
-			return fmt.Errorf("reflection: put reflection %s/%d/%d: %w", g, d, seq, err)
-		}
-		q.meta.lastSeq = seq
-		q.meta.length++
-		q.meta.bytes += envLen
-		q.dirty = true
-		res.Delivered = append(res.Delivered, Delivery{DeviceID: d, Seq: seq})
-	}
-	return nil
-}
-
-func (bt *batchTx) releaseHeld(r *request) error {
-	g, sender := r.g, r.d
-	r.result.Timestamp = uint64(bt.now)
-	gb, _ := bt.group(g, false)
-	held, _ := sub(gb, bucketHeld, false)
-	if held == nil {
-		return nil
-	}
-	prefix := deviceKey(sender)
-	type heldEntry struct{ k, v []byte }
-	var entries []heldEntry
-	c := held.Cursor()
-	for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
-		if len(k) != 16 || len(v) < entryHeaderLen {
-			return fmt.Errorf("reflection: group %s: corrupt held reflection", g)
-		}
-		// Copied: the value is reused as the queue value and must stay
-		// valid after the held key is deleted.
-		entries = append(entries, heldEntry{append([]byte(nil), k...), append([]byte(nil), v...)})
-	}
-	for _, e := range entries {
-		// The held value already is timestamp ‖ envelope, with the
-		// timestamp the sender's ReflectAck carried.
-		if err := bt.fanOut(gb, g, recipients(gb, sender), e.v, &r.result); err != nil {
-			return err
-		}
-		if err := held.Delete(e.k); err != nil {
-			return fmt.Errorf("reflection: delete held reflection: %w", err)
-		}
-	}
-	if len(entries) > 0 {
-		bt.groupsTouched[g] = true
-	}
-	return nil
-}
-
-func (bt *batchTx) ack(g GroupID, d DeviceID, seq uint64) error {
-	q := bt.queue(g, d)
-	if !q.present || q.meta.length == 0 {
-		return nil
-	}
-	qb, err := bt.queueBucket(g, d, q.meta)
-	if err != nil {
-		return err
-	}
-	key := u64key(seq)
-	v := qb.Get(key)
-	if v == nil {
-		return nil
-	}
-	envLen := uint64(len(v) - entryHeaderLen)
-	if err := qb.Delete(key); err != nil {
-		return fmt.Errorf("reflection: ack %s/%d/%d: %w", g, d, seq, err)
-	}
-	q.meta.length--
-	q.meta.bytes -= envLen
-	q.dirty = true
-	return nil
-}
-
-func (bt *batchTx) purgeQueue(g GroupID, d DeviceID) error {
-	q := bt.queue(g, d)
-	if !q.present || q.meta.length == 0 {
-		return nil
-	}
-	if err := bt.discardQueue(g, d, q.meta); err != nil {
-		return err
-	}
-	return bt.newQueue(g, d, q, q.meta.lastSeq)
-}
-
-// --- end of batch ---
-
 // flush writes what the batch kept in memory: dirty queue meta (once per
 // queue per batch), and removes groups left with nothing in them.
 func (bt *batchTx) flush() error {
+	qm := bt.tx.Bucket(bucketQMeta)
 	for k, q := range bt.queues {
 		if !q.dirty || !q.present {
 			continue // removed queues had their meta deleted in removeSlot
 		}
-		gb, err := bt.group(k.g, true)
-		if err != nil {
-			return err
-		}
-		qm, err := sub(gb, bucketQMeta, true)
-		if err != nil {
-			return err
-		}
-		if err := qm.Put(deviceKey(k.d), q.meta.encode()); err != nil {
+		if err := qm.Put(qmetaKey(k.g, k.d), q.meta.encode()); err != nil {
 			return fmt.Errorf("reflection: put queue meta %s/%d: %w", k.g, k.d, err)
 		}
 	}
@@ -549,7 +208,7 @@ func oldestTombstone(gb *bbolt.Bucket) (int64, error) {
 // groupEmpty: no slots, tombstones, held reflections or shared data. Such a
 // group is indistinguishable from an unknown one, so its bucket goes.
 func groupEmpty(gb *bbolt.Bucket) bool {
-	for _, name := range [][]byte{bucketSlots, bucketTombs, bucketHeld, bucketQMeta} {
+	for _, name := range [][]byte{bucketSlots, bucketTombs, bucketHeld} {
 		if b := gb.Bucket(name); b != nil {
 			if k, _ := b.Cursor().First(); k != nil {
 				return false

@@ -11,6 +11,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"go.etcd.io/bbolt"
+	bberrors "go.etcd.io/bbolt/errors"
 )
 
 // DB is the bbolt implementation of Store.
@@ -21,8 +22,8 @@ type DB struct {
 
 	index *queueIndex
 	// tombMin maps each group with tombstones to its oldest tombstone's At,
-	// so PruneTombstones visits only those groups. Committer-owned (and
-	// Open's, before the committer starts): no lock.
+	// so PruneTombstones visits only those groups. Guarded by commitMu
+	// (in practice only the committer touches it).
 	tombMin      map[GroupID]int64
 	trashPending atomic.Bool // trash/ may hold queues to delete
 
@@ -63,7 +64,7 @@ func Open(path string, opts Options) (*DB, error) {
 	}
 	b, err := bbolt.Open(path, 0o600, boltOptions(opts, false))
 	if err != nil {
-		if errors.Is(err, bbolt.ErrTimeout) {
+		if errors.Is(err, bberrors.ErrTimeout) {
 			return nil, fmt.Errorf("%w: %s", ErrLocked, path)
 		}
 		return nil, fmt.Errorf("reflection: open %s: %w", path, err)
@@ -110,7 +111,7 @@ func (db *DB) prepare() error {
 }
 
 func initSchema(tx *bbolt.Tx) error {
-	for _, name := range [][]byte{bucketMeta, bucketGroups, bucketQueues, bucketTrash} {
+	for _, name := range [][]byte{bucketMeta, bucketGroups, bucketQMeta, bucketQueues, bucketTrash} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return fmt.Errorf("reflection: create bucket %s: %w", name, err)
 		}
@@ -127,7 +128,7 @@ func initSchema(tx *bbolt.Tx) error {
 }
 
 // loadIndex rebuilds the in-memory queue index and tombstone map from the
-// persisted queue meta: one pass over the groups, no queue is read.
+// persisted queue meta and the tombstones; no queue is read.
 func (db *DB) loadIndex() error {
 	return db.bolt.View(func(tx *bbolt.Tx) error {
 		c := tx.Bucket(bucketGroups).Cursor()
@@ -136,24 +137,21 @@ func (db *DB) loadIndex() error {
 				return fmt.Errorf("reflection: unexpected key %x in groups", k)
 			}
 			g := GroupID(k)
-			gb := tx.Bucket(bucketGroups).Bucket(k)
-			if qm := gb.Bucket(bucketQMeta); qm != nil {
-				qc := qm.Cursor()
-				for dk, dv := qc.First(); dk != nil; dk, dv = qc.Next() {
-					m, err := decodeQueueMeta(dv)
-					if err != nil || len(dk) != 8 {
-						return fmt.Errorf("reflection: group %s: queue meta %x: %w", g, dk, err)
-					}
-					db.index.m[queueKey{g, DeviceID(beUint64(dk))}] = m
-				}
-			}
-			minAt, err := oldestTombstone(gb)
+			minAt, err := oldestTombstone(tx.Bucket(bucketGroups).Bucket(k))
 			if err != nil {
 				return fmt.Errorf("reflection: group %s: %w", g, err)
 			}
 			if minAt != 0 {
 				db.tombMin[g] = minAt
 			}
+		}
+		qc := tx.Bucket(bucketQMeta).Cursor()
+		for k, v := qc.First(); k != nil; k, v = qc.Next() {
+			m, err := decodeQueueMeta(v)
+			if err != nil || len(k) != 40 {
+				return fmt.Errorf("reflection: queue meta %x: %w", k, err)
+			}
+			db.index.m[queueKey{GroupID(k[:32]), DeviceID(beUint64(k[32:]))}] = m
 		}
 		if k, _ := tx.Bucket(bucketTrash).Cursor().First(); k != nil {
 			db.trashPending.Store(true)

@@ -14,4 +14,12 @@
 // Reads (Group, ReadQueue, ForEachGroup, Backup) use short bbolt read
 // transactions and never wait for the committer; QueueStats is answered from
 // an in-memory index that is updated only after a commit succeeded.
+//
+// Durability contract: a write's done(nil) means its transaction is on disk
+// (bbolt fsyncs data and meta pages before Commit returns). If a commit
+// fails, every request of that batch gets the error and memory is left as
+// it was; the committer keeps going. Files: layout.go (buckets), committer.go
+// (the writer loop and failure policy), apply*.go (what each write does),
+// trash.go (chunked deletion of dropped queues), offline.go (Check,
+// Compact).
 package reflection

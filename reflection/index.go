@@ -12,9 +12,10 @@ type queueKey struct {
 // QueueStats is O(1) without a disk read, and so the committer can find a
 // queue's counter and bucket without a B+tree lookup.
 //
-// Invariant: the index equals the qmeta buckets as of the last successful
-// commit. Only the committer writes it (under mu, after the commit); the
-// committer may therefore read it without mu.
+// Invariant: the index equals the qmeta bucket as of the last successful
+// commit. It is written only by a writer holding DB.commitMu (the
+// committer, or Open's recovery before the committer starts), under mu and
+// after the commit; such a writer may therefore read it without mu.
 type queueIndex struct {
 	mu sync.RWMutex
 	m  map[queueKey]queueMeta
@@ -32,7 +33,7 @@ func (ix *queueIndex) stats(k queueKey) (QueueStats, bool) {
 	return QueueStats{Length: int(m.length), Bytes: int64(m.bytes), NextSeq: m.lastSeq + 1}, true
 }
 
-// lookup is for the committer only (see the invariant).
+// lookup is for writers holding DB.commitMu only (see the invariant).
 func (ix *queueIndex) lookup(k queueKey) (queueMeta, bool) {
 	m, ok := ix.m[k]
 	return m, ok

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"go.etcd.io/bbolt"
+	bberrors "go.etcd.io/bbolt/errors"
 )
 
 // Check and Compact work on a file no server has open (bbolt's lock makes
@@ -63,12 +64,13 @@ func checkSchema(tx *bbolt.Tx, report func(error) bool) {
 			return
 		}
 	}
-	groups, queues, trash := tx.Bucket(bucketGroups), tx.Bucket(bucketQueues), tx.Bucket(bucketTrash)
-	if groups == nil || queues == nil || trash == nil {
+	groups, qmeta := tx.Bucket(bucketGroups), tx.Bucket(bucketQMeta)
+	queues, trash := tx.Bucket(bucketQueues), tx.Bucket(bucketTrash)
+	if groups == nil || qmeta == nil || queues == nil || trash == nil {
 		bad("root bucket missing")
 		return
 	}
-	owned := make(map[string]bool) // queue bucket names referenced by a slot or the trash
+	slots := make(map[queueKey]bool)
 	c := groups.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
 		if v != nil || len(k) != 32 {
@@ -77,8 +79,39 @@ func checkSchema(tx *bbolt.Tx, report func(error) bool) {
 			}
 			continue
 		}
-		if !checkGroup(GroupID(k), groups.Bucket(k), queues, owned, bad) {
+		if !checkGroup(GroupID(k), groups.Bucket(k), slots, bad) {
 			return
+		}
+	}
+	owned := make(map[string]bool) // queue bucket names referenced by a slot or the trash
+	withMeta := make(map[queueKey]bool)
+	mc := qmeta.Cursor()
+	for k, v := mc.First(); k != nil; k, v = mc.Next() {
+		m, err := decodeQueueMeta(v)
+		if err != nil || len(k) != 40 {
+			if !bad("queue meta %x: %v", k, err) {
+				return
+			}
+			continue
+		}
+		qk := queueKey{GroupID(k[:32]), DeviceID(beUint64(k[32:]))}
+		withMeta[qk] = true
+		if !slots[qk] {
+			if !bad("group %s: queue meta for missing slot %d", qk.g, qk.d) {
+				return
+			}
+		}
+		name := queueName(qk.g, qk.d, m.incarnation)
+		owned[string(name)] = true
+		if !checkQueue(qk.g, qk.d, m, queues.Bucket(name), bad) {
+			return
+		}
+	}
+	for qk := range slots {
+		if !withMeta[qk] {
+			if !bad("group %s: slot %d has no queue meta", qk.g, qk.d) {
+				return
+			}
 		}
 	}
 	tc := trash.Cursor()
@@ -106,8 +139,8 @@ func checkSchema(tx *bbolt.Tx, report func(error) bool) {
 	}
 }
 
-func checkGroup(g GroupID, gb, queues *bbolt.Bucket, owned map[string]bool, bad func(string, ...any) bool) bool {
-	slots := map[DeviceID]bool{}
+// checkGroup checks the group's records and adds its slots to slots.
+func checkGroup(g GroupID, gb *bbolt.Bucket, slots map[queueKey]bool, bad func(string, ...any) bool) bool {
 	if sb := gb.Bucket(bucketSlots); sb != nil {
 		c := sb.Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
@@ -118,7 +151,7 @@ func checkGroup(g GroupID, gb, queues *bbolt.Bucket, owned map[string]bool, bad 
 				}
 				continue
 			}
-			slots[s.DeviceID] = true
+			slots[queueKey{g, s.DeviceID}] = true
 		}
 	}
 	if tb := gb.Bucket(bucketTombs); tb != nil {
@@ -138,38 +171,6 @@ func checkGroup(g GroupID, gb, queues *bbolt.Bucket, owned map[string]bool, bad 
 				if !bad("group %s: corrupt held reflection %x", g, k) {
 					return false
 				}
-			}
-		}
-	}
-	withMeta := map[DeviceID]bool{}
-	if qm := gb.Bucket(bucketQMeta); qm != nil {
-		c := qm.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			m, err := decodeQueueMeta(v)
-			if err != nil || len(k) != 8 {
-				if !bad("group %s: queue meta %x: %v", g, k, err) {
-					return false
-				}
-				continue
-			}
-			d := DeviceID(beUint64(k))
-			withMeta[d] = true
-			if !slots[d] {
-				if !bad("group %s: queue meta for missing slot %d", g, d) {
-					return false
-				}
-			}
-			name := queueName(g, d, m.incarnation)
-			owned[string(name)] = true
-			if !checkQueue(g, d, m, queues.Bucket(name), bad) {
-				return false
-			}
-		}
-	}
-	for d := range slots {
-		if !withMeta[d] {
-			if !bad("group %s: slot %d has no queue meta", g, d) {
-				return false
 			}
 		}
 	}
@@ -244,7 +245,7 @@ func Compact(path string) (before, after int64, err error) {
 func openOffline(path string) (*bbolt.DB, error) {
 	b, err := bbolt.Open(path, 0o600, boltOptions(Options{}, true))
 	if err != nil {
-		if errors.Is(err, bbolt.ErrTimeout) {
+		if errors.Is(err, bberrors.ErrTimeout) {
 			return nil, fmt.Errorf("%w: %s", ErrLocked, path)
 		}
 		return nil, fmt.Errorf("reflection: open %s: %w", path, err)

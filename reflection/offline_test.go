@@ -115,10 +115,10 @@ func TestCheckFindsSchemaProblems(t *testing.T) {
 		if _, err := tx.Bucket(bucketQueues).CreateBucket(queueName(gid(63), 1, 999)); err != nil {
 			return err
 		}
-		qm := tx.Bucket(bucketGroups).Bucket(g[:]).Bucket(bucketQMeta)
-		m, _ := decodeQueueMeta(qm.Get(deviceKey(2)))
+		qm := tx.Bucket(bucketQMeta)
+		m, _ := decodeQueueMeta(qm.Get(qmetaKey(g, 2)))
 		m.length = 7
-		return qm.Put(deviceKey(2), m.encode())
+		return qm.Put(qmetaKey(g, 2), m.encode())
 	})
 	if cerr := b.Close(); err == nil {
 		err = cerr

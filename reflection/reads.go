@@ -74,12 +74,7 @@ func (db *DB) ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entr
 	}
 	var out []Entry
 	err := db.bolt.View(func(tx *bbolt.Tx) error {
-		gb := tx.Bucket(bucketGroups).Bucket(g[:])
-		qm, _ := sub(gb, bucketQMeta, false)
-		if qm == nil {
-			return nil
-		}
-		v := qm.Get(deviceKey(d))
+		v := tx.Bucket(bucketQMeta).Get(qmetaKey(g, d))
 		if v == nil {
 			return nil
 		}

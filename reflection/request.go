@@ -54,7 +54,8 @@ func (db *DB) PutSlot(g GroupID, s Slot, done func(error)) {
 
 // DeleteSlot removes the slot and its queue (the queue's keys are deleted in
 // the background, DeleteChunk per commit). t != nil also writes a tombstone
-// for d; t.DeviceID is ignored. Deleting an unknown slot is not an error.
+// for d; t.DeviceID is ignored and t.At == 0 means the apply time. Deleting
+// an unknown slot is not an error.
 // Held reflections of d are kept: they are delivered by ReleaseHeld or at
 // the next Open, because an acked reflection is never lost (§18 row 3).
 func (db *DB) DeleteSlot(g GroupID, d DeviceID, t *Tombstone, done func(error)) {

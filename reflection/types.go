@@ -188,6 +188,9 @@ var (
 // Sync submits one write and waits for its done. Example:
 //
 //	err := reflection.Sync(func(done func(error)) { st.Ack(g, d, seq, done) })
+//
+// It must not be called from a done callback: that runs on the committer,
+// which would then wait for itself.
 func Sync(fn func(done func(error))) error {
 	ch := make(chan error, 1)
 	fn(func(err error) { ch <- err })

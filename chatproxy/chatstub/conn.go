@@ -105,6 +105,23 @@ func (c *conn) serve() {
 		c.log.Info().AnErr("cause", err).Dur("duration", time.Since(c.start)).Msg("chatstub: connection closed")
 	}
 	<-writerDone
+	if pe != nil {
+		c.lingerClose(r)
+	}
+}
+
+// lingerClose half-closes the connection and drains what the client still
+// sends for a moment. Closing a socket with unread input makes the kernel
+// send a reset, which can destroy the close-error before the client reads
+// it; net/http avoids the same with closeWriteAndWait.
+func (c *conn) lingerClose(r *bufio.Reader) {
+	tc, ok := c.nc.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	tc.CloseWrite()
+	tc.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	io.Copy(io.Discard, io.LimitReader(r, 64<<10))
 }
 
 // handshake runs client-hello → server-hello → login → login-ack
