@@ -66,6 +66,15 @@ func startServer(t testing.TB, extra ...string) *server {
 	t.Helper()
 	s := &server{t: t, dataDir: t.TempDir()}
 	s.args = extra
+	t.Cleanup(func() {
+		if t.Failed() {
+			logs := s.Logs()
+			if len(logs) > 20000 {
+				logs = "…" + logs[len(logs)-20000:]
+			}
+			t.Logf("server logs:\n%s", logs)
+		}
+	})
 	s.start()
 	t.Cleanup(func() { s.kill() })
 	return s

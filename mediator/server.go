@@ -233,11 +233,18 @@ func (c *deviceConn) serve() {
 	s.metrics.connections.WithLabelValues("authenticated").Inc()
 	defer s.metrics.connections.WithLabelValues("authenticated").Dec()
 
-	c.log.Info().Uint64("device", uint64(c.deviceID)).Str("remote", c.remote).Msg("device connected")
+	c.log.Info().Str("remote", c.remote).Msg("device connected")
 	c.sendLoopStarted.Store(true)
 	go c.sendLoop(hwm)
 	idle := c.startIdleTimer()
-	err = c.readLoop()
+	if len(c.early) > 0 {
+		// The CSP client-hello that arrived during the handshake: its
+		// upstream opens now, with the buffered bytes first (§18 row 2).
+		err = c.openUpstream()
+	}
+	if err == nil {
+		err = c.readLoop()
+	}
 	idle.Stop()
 	if err != nil {
 		var ce *d2m.CloseError
@@ -312,7 +319,7 @@ func (c *deviceConn) logEnd(err error, start time.Time) {
 	if cause == nil {
 		cause = err
 	}
-	ev = ev.Uint64("device", uint64(c.deviceID)).Int("code", int(code)).Str("reason", code.String()).
+	ev = ev.Int("code", int(code)).Str("reason", code.String()).
 		Dur("duration", time.Since(start))
 	if cause != nil {
 		ev = ev.AnErr("cause", cause)

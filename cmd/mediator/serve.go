@@ -71,6 +71,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if f.maxQueueLength < 1 || f.maxQueueBytes < 1 {
 		return nil, errors.New("--max-queue-length and --max-queue-bytes must be positive")
 	}
+	f.cfg.ChatServer = f.chatServer
 	if f.chatServer != "" {
 		if _, _, err := net.SplitHostPort(strings.ReplaceAll(f.chatServer, "{group}", "x")); err != nil {
 			return nil, fmt.Errorf("--chat-server must be host:port: %w", err)
