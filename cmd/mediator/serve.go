@@ -68,6 +68,15 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if f.logFormat != "json" && f.logFormat != "console" {
 		return nil, fmt.Errorf("--log-format must be json or console, not %q", f.logFormat)
 	}
+	// Zero means "default" inside mediator.Config; on the command line it
+	// is a mistake.
+	switch {
+	case f.cfg.MaxDeviceSlots < 1:
+		return nil, errors.New("--max-device-slots: max device slots must be at least 1")
+	case f.cfg.HandshakeTimeout <= 0, f.cfg.IdleTimeout <= 0, f.cfg.MaxTransactionTTL <= 0,
+		f.cfg.VolatileSlotGrace <= 0, f.cfg.PersistentSlotExpiry <= 0:
+		return nil, errors.New("--handshake-timeout, --idle-timeout, --max-transaction-ttl, --volatile-slot-grace and --persistent-slot-expiry must be positive")
+	}
 	if f.maxQueueLength < 1 || f.maxQueueBytes < 1 {
 		return nil, errors.New("--max-queue-length and --max-queue-bytes must be positive")
 	}

@@ -1,0 +1,849 @@
+package mediator
+
+// The admin API: JSON endpoints under /api/v1/ behind the admin token (see
+// AdminHandler). cmd/mediator's operator commands are its client and decode
+// the exported types below.
+//
+//	GET    /api/v1/stats                                  ServerStats
+//	GET    /api/v1/groups                                 GroupList
+//	GET    /api/v1/groups/{group}                         GroupDetail
+//	GET    /api/v1/groups/{group}/slots/{device}          SlotDetail
+//	DELETE /api/v1/groups/{group}/slots/{device}          drop the slot (4113) → DropResult
+//	DELETE /api/v1/groups/{group}/slots/{device}/queue    purge its queue → PurgeResult
+//	GET    /api/v1/groups/{group}/lock                    LockInfo
+//	DELETE /api/v1/groups/{group}/lock                    force-release → LockReleaseResult
+//	GET    /api/v1/backup                                 the database file (hot snapshot)
+//
+// {group} is the full hex group id or a unique hex prefix of it; {device}
+// is a decimal or 0x-hex u64. Errors are {"error": "..."} with a 4xx/5xx
+// status. Device ids are JSON strings (decimal) because they are random
+// u64 values that JavaScript and jq would round as numbers.
+//
+// Reads combine the store (slots, tombstones, queues: also of groups no
+// device has touched since the start) with the in-memory group (who is
+// connected, the leader, the transaction lock).
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"d2m-mediator/reflection"
+)
+
+// processStart is when the process (and, in cmd/mediator, the server)
+// started; uptime in ServerStats counts from here.
+var processStart = time.Now()
+
+// JSONDeviceID is a device id that travels as a decimal JSON string.
+type JSONDeviceID uint64
+
+func (d JSONDeviceID) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + strconv.FormatUint(uint64(d), 10) + `"`), nil
+}
+
+// UnmarshalJSON accepts the string form and, for hand-written input, a
+// plain number.
+func (d *JSONDeviceID) UnmarshalJSON(b []byte) error {
+	s := strings.Trim(string(b), `"`)
+	v, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return fmt.Errorf("device id %s: %w", b, err)
+	}
+	*d = JSONDeviceID(v)
+	return nil
+}
+
+// GroupSummary is one row of GET /api/v1/groups.
+type GroupSummary struct {
+	ID          string        `json:"id"`     // 64 hex digits
+	Prefix      string        `json:"prefix"` // the short form used in logs
+	Slots       int           `json:"slots"`
+	Connected   int           `json:"connected"`
+	Queued      int           `json:"queued"` // entries over all slots' queues
+	QueuedBytes int64         `json:"queued_bytes"`
+	LockHolder  *JSONDeviceID `json:"lock_holder"` // null: no transaction lock
+	Loaded      bool          `json:"loaded"`      // has in-memory state
+}
+
+// GroupList is GET /api/v1/groups, in group id order.
+type GroupList struct {
+	Groups []GroupSummary `json:"groups"`
+}
+
+// SlotInfo is one device slot.
+type SlotInfo struct {
+	DeviceID           JSONDeviceID `json:"device_id"`
+	Policy             string       `json:"policy"` // volatile or persistent
+	Connected          bool         `json:"connected"`
+	CreatedAt          *string      `json:"created_at"`
+	CreatedAtMS        *int64       `json:"created_at_ms"`
+	ConnectedSince     *string      `json:"connected_since"` // RFC 3339 (UTC); null while offline
+	ConnectedSinceMS   *int64       `json:"connected_since_ms"`
+	LastDisconnectAt   *string      `json:"last_disconnect_at"` // null while connected or never
+	LastDisconnectAtMS *int64       `json:"last_disconnect_at_ms"`
+	QueueLength        int          `json:"queue_length"`
+	QueueBytes         int64        `json:"queue_bytes"`
+	// The oldest queued reflection (null for an empty queue).
+	OldestQueuedAt         *string  `json:"oldest_queued_at"`
+	OldestQueuedAtMS       *int64   `json:"oldest_queued_at_ms"`
+	OldestQueuedAgeSeconds *float64 `json:"oldest_queued_age_seconds"`
+	Leader                 bool     `json:"leader"`
+	LockHolder             bool     `json:"lock_holder"`
+	DeviceInfoBytes        int      `json:"device_info_bytes"` // encrypted, opaque
+}
+
+// TombstoneInfo is a removed slot remembered for returning devices.
+type TombstoneInfo struct {
+	DeviceID JSONDeviceID `json:"device_id"`
+	Reason   string       `json:"reason"` // dropped or queue_limit
+	At       *string      `json:"at"`
+	AtMS     *int64       `json:"at_ms"`
+}
+
+// LockInfo is a group's transaction lock (GET …/lock, and inside
+// GroupDetail).
+type LockInfo struct {
+	Held        bool          `json:"held"`
+	Holder      *JSONDeviceID `json:"holder"`
+	Since       *string       `json:"since"`
+	SinceMS     *int64        `json:"since_ms"`
+	HeldSeconds *float64      `json:"held_seconds"`
+	// Ending: the holder committed or went away and its held reflections
+	// are being released; TransactionEnded follows.
+	Ending     bool `json:"ending"`
+	ScopeBytes int  `json:"scope_bytes"` // encrypted, opaque
+}
+
+// GroupDetail is GET /api/v1/groups/{group}.
+type GroupDetail struct {
+	ID                    string          `json:"id"`
+	Prefix                string          `json:"prefix"`
+	Loaded                bool            `json:"loaded"`
+	Connected             int             `json:"connected"`
+	Queued                int             `json:"queued"`
+	QueuedBytes           int64           `json:"queued_bytes"`
+	Leader                *JSONDeviceID   `json:"leader"`
+	Lock                  LockInfo        `json:"lock"`
+	SharedDeviceDataBytes int             `json:"shared_device_data_bytes"`
+	Slots                 []SlotInfo      `json:"slots"`      // by device id
+	Tombstones            []TombstoneInfo `json:"tombstones"` // by device id
+}
+
+// SlotDetail is GET /api/v1/groups/{group}/slots/{device}.
+type SlotDetail struct {
+	Group  string `json:"group"`
+	Prefix string `json:"prefix"`
+	SlotInfo
+}
+
+// DropResult answers DELETE …/slots/{device}.
+type DropResult struct {
+	Group        string       `json:"group"`
+	DeviceID     JSONDeviceID `json:"device_id"`
+	WasConnected bool         `json:"was_connected"`
+	QueueLength  int          `json:"queue_length"` // entries deleted with the slot
+}
+
+// PurgeResult answers DELETE …/slots/{device}/queue.
+type PurgeResult struct {
+	Group       string       `json:"group"`
+	DeviceID    JSONDeviceID `json:"device_id"`
+	Connected   bool         `json:"connected"`
+	PurgedCount int          `json:"purged_entries"`
+	PurgedBytes int64        `json:"purged_bytes"`
+}
+
+// LockReleaseResult answers DELETE …/lock.
+type LockReleaseResult struct {
+	Group       string       `json:"group"`
+	Holder      JSONDeviceID `json:"holder"`
+	HeldSeconds float64      `json:"held_seconds"`
+	// Released: TransactionEnded has gone out; false if that took longer
+	// than the request was willing to wait (it still happens).
+	Released bool `json:"released"`
+}
+
+// ServerStats is GET /api/v1/stats.
+type ServerStats struct {
+	StartedAt     string  `json:"started_at"`
+	UptimeSeconds float64 `json:"uptime_seconds"`
+	Ready         bool    `json:"ready"`
+	Connections   struct {
+		Open          int `json:"open"`
+		Handshake     int `json:"handshake"`
+		Authenticated int `json:"authenticated"`
+	} `json:"connections"`
+	GroupsLoaded int    `json:"groups_loaded"`
+	Goroutines   int    `json:"goroutines"`
+	GoVersion    string `json:"go_version"`
+	GOMAXPROCS   int    `json:"gomaxprocs"`
+	Memory       struct {
+		HeapAllocBytes uint64 `json:"heap_alloc_bytes"`
+		HeapInuseBytes uint64 `json:"heap_inuse_bytes"`
+		HeapSysBytes   uint64 `json:"heap_sys_bytes"`
+		SysBytes       uint64 `json:"sys_bytes"` // everything obtained from the OS
+		RSSBytes       uint64 `json:"rss_bytes"` // VmRSS; 0 where /proc is missing
+		NumGC          uint32 `json:"num_gc"`
+	} `json:"memory"`
+	Store struct {
+		Path      string `json:"path,omitempty"`
+		FileBytes int64  `json:"file_bytes,omitempty"`
+	} `json:"store"`
+	Config struct {
+		MaxDeviceSlots    int     `json:"max_device_slots"`
+		MaxTransactionTTL float64 `json:"max_transaction_ttl_seconds"`
+		DeliveryWindow    int     `json:"delivery_window"`
+		MaxConnections    int     `json:"max_connections"`
+	} `json:"config"`
+}
+
+// APIError is the body of every error answer.
+type APIError struct {
+	Error string `json:"error"`
+}
+
+// registerAdminAPI adds the JSON admin endpoints to the token-protected mux.
+func (s *Server) registerAdminAPI(mux *http.ServeMux) {
+	mux.HandleFunc("GET /api/v1/stats", s.apiStats)
+	mux.HandleFunc("GET /api/v1/groups", s.apiGroups)
+	mux.HandleFunc("GET /api/v1/groups/{group}", s.withGroup(s.apiGroup))
+	mux.HandleFunc("GET /api/v1/groups/{group}/slots/{device}", s.withSlot(s.apiSlot))
+	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}", s.withSlot(s.apiDropSlot))
+	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}/queue", s.withSlot(s.apiPurgeQueue))
+	mux.HandleFunc("GET /api/v1/groups/{group}/lock", s.withGroup(s.apiLock))
+	mux.HandleFunc("DELETE /api/v1/groups/{group}/lock", s.withGroup(s.apiReleaseLock))
+	mux.HandleFunc("GET /api/v1/backup", s.apiBackup)
+	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "no admin endpoint %s %s", r.Method, r.URL.Path)
+	})
+}
+
+// httpError is an error with the status it is answered with.
+type httpError struct {
+	status int
+	msg    string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func errorf(status int, format string, a ...any) *httpError {
+	return &httpError{status: status, msg: fmt.Sprintf(format, a...)}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error": "encoding the answer failed"}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(append(b, '\n'))
+}
+
+func writeError(w http.ResponseWriter, status int, format string, a ...any) {
+	writeJSON(w, status, APIError{Error: fmt.Sprintf(format, a...)})
+}
+
+func (s *Server) writeErr(w http.ResponseWriter, err error) {
+	var he *httpError
+	if errors.As(err, &he) {
+		writeError(w, he.status, "%s", he.msg)
+		return
+	}
+	s.log.Error().Err(err).Msg("admin API")
+	writeError(w, http.StatusInternalServerError, "%v", err)
+}
+
+func (s *Server) withGroup(h func(http.ResponseWriter, *http.Request, reflection.GroupID)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, err := s.resolveGroup(r.PathValue("group"))
+		if err != nil {
+			s.writeErr(w, err)
+			return
+		}
+		h(w, r, id)
+	}
+}
+
+func (s *Server) withSlot(h func(http.ResponseWriter, *http.Request, reflection.GroupID, reflection.DeviceID)) http.HandlerFunc {
+	return s.withGroup(func(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+		dev, err := ParseDeviceID(r.PathValue("device"))
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "%v", err)
+			return
+		}
+		h(w, r, id, dev)
+	})
+}
+
+// ParseDeviceID reads a device id in decimal or as 0x-prefixed hex.
+func ParseDeviceID(s string) (reflection.DeviceID, error) {
+	var v uint64
+	var err error
+	if rest, ok := strings.CutPrefix(strings.ToLower(s), "0x"); ok {
+		v, err = strconv.ParseUint(rest, 16, 64)
+	} else {
+		v, err = strconv.ParseUint(s, 10, 64)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("device id %q: want a decimal or 0x-hex 64-bit number", s)
+	}
+	return reflection.DeviceID(v), nil
+}
+
+// resolveGroup finds the group a full hex id or a unique hex prefix names.
+// A group is known if the store has state for it or a device is connected
+// to it.
+func (s *Server) resolveGroup(param string) (reflection.GroupID, error) {
+	var id reflection.GroupID
+	p := strings.ToLower(param)
+	if p == "" || len(p) > 2*len(id) || strings.Trim(p, "0123456789abcdef") != "" {
+		return id, errorf(http.StatusBadRequest, "group %q: want the hex group id or a hex prefix of it", param)
+	}
+	if len(p) == 2*len(id) {
+		hex.Decode(id[:], []byte(p))
+		st, err := s.store.Group(id)
+		if err != nil {
+			return id, err
+		}
+		if groupStateEmpty(st) && s.liveConnections(id) == 0 {
+			return id, errorf(http.StatusNotFound, "unknown group %s", p)
+		}
+		return id, nil
+	}
+	var matches []reflection.GroupID
+	seen := make(map[reflection.GroupID]bool)
+	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
+		if !groupStateEmpty(st) && strings.HasPrefix(g.String(), p) {
+			matches = append(matches, g)
+			seen[g] = true
+		}
+		return nil
+	})
+	if err != nil {
+		return id, err
+	}
+	for _, g := range s.liveGroupIDs() {
+		if !seen[g] && strings.HasPrefix(g.String(), p) {
+			matches = append(matches, g)
+		}
+	}
+	switch len(matches) {
+	case 0:
+		return id, errorf(http.StatusNotFound, "unknown group %s (no group id starts with it)", p)
+	case 1:
+		return matches[0], nil
+	}
+	slices.SortFunc(matches, func(a, b reflection.GroupID) int { return bytes.Compare(a[:], b[:]) })
+	var names []string
+	for _, g := range matches[:min(len(matches), 5)] {
+		names = append(names, g.String()[:min(len(p)+8, 64)])
+	}
+	more := ""
+	if len(matches) > 5 {
+		more = ", …"
+	}
+	return id, errorf(http.StatusConflict, "group prefix %s is ambiguous: %d groups match (%s%s); give more hex digits",
+		p, len(matches), strings.Join(names, ", "), more)
+}
+
+func groupStateEmpty(st reflection.GroupState) bool {
+	return len(st.Slots) == 0 && len(st.Tombstones) == 0 && len(st.SharedDeviceData) == 0
+}
+
+// liveGroupIDs lists the in-memory groups that have a connection.
+func (s *Server) liveGroupIDs() []reflection.GroupID {
+	s.mu.Lock()
+	groups := make([]*group, 0, len(s.groups))
+	for _, g := range s.groups {
+		groups = append(groups, g)
+	}
+	s.mu.Unlock()
+	var ids []reflection.GroupID
+	for _, g := range groups {
+		g.mu.Lock()
+		n := len(g.conns)
+		g.mu.Unlock()
+		if n > 0 {
+			ids = append(ids, g.id)
+		}
+	}
+	return ids
+}
+
+func (s *Server) liveConnections(id reflection.GroupID) int {
+	return len(s.live(id, time.Now()).conns)
+}
+
+// liveGroup is a snapshot of a group's in-memory state.
+type liveGroup struct {
+	loaded bool
+	conns  map[reflection.DeviceID]int64 // registered connections: connected since (unix ms)
+	leader *JSONDeviceID
+	lock   LockInfo
+}
+
+// live snapshots the in-memory state of group id; a group that is not in
+// memory has no connections, leader or lock.
+func (s *Server) live(id reflection.GroupID, now time.Time) liveGroup {
+	s.mu.Lock()
+	g := s.groups[id]
+	s.mu.Unlock()
+	if g == nil {
+		return liveGroup{}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	l := liveGroup{loaded: g.loaded, conns: make(map[reflection.DeviceID]int64, len(g.conns))}
+	for dev, c := range g.conns {
+		l.conns[dev] = c.connectedSince
+	}
+	if g.leader != nil {
+		d := JSONDeviceID(g.leader.deviceID)
+		l.leader = &d
+	}
+	if t := g.txn; t != nil {
+		holder := JSONDeviceID(t.holder.deviceID)
+		held := now.Sub(t.started).Seconds()
+		l.lock = LockInfo{
+			Held: true, Holder: &holder, Ending: t.ending, ScopeBytes: len(t.scope),
+			HeldSeconds: &held,
+		}
+		l.lock.Since, l.lock.SinceMS = isoMillis(t.started.UnixMilli())
+	}
+	return l
+}
+
+func isoMillis(ms int64) (*string, *int64) {
+	if ms == 0 {
+		return nil, nil
+	}
+	s := time.UnixMilli(ms).UTC().Format("2006-01-02T15:04:05.000Z07:00")
+	return &s, &ms
+}
+
+func policyName(p reflection.ExpirationPolicy) string {
+	switch p {
+	case reflection.Volatile:
+		return "volatile"
+	case reflection.Persistent:
+		return "persistent"
+	}
+	return fmt.Sprintf("unknown(%d)", p)
+}
+
+func tombstoneReason(r reflection.TombstoneReason) string {
+	switch r {
+	case reflection.Dropped:
+		return "dropped"
+	case reflection.QueueLimit:
+		return "queue_limit"
+	}
+	return fmt.Sprintf("unknown(%d)", r)
+}
+
+// slotInfo describes one stored slot; withOldest reads the first queue
+// entry for the age of the oldest reflection.
+func (s *Server) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGroup, now time.Time, withOldest bool) (SlotInfo, error) {
+	dev := slot.DeviceID
+	si := SlotInfo{
+		DeviceID:        JSONDeviceID(dev),
+		Policy:          policyName(slot.Policy),
+		DeviceInfoBytes: len(slot.DeviceInfo),
+		Leader:          l.leader != nil && *l.leader == JSONDeviceID(dev),
+		LockHolder:      l.lock.Holder != nil && *l.lock.Holder == JSONDeviceID(dev),
+	}
+	si.CreatedAt, si.CreatedAtMS = isoMillis(slot.CreatedAt)
+	// Only a registered connection counts: a group that is not in memory
+	// has none, whatever a crashed process left in the store.
+	if since, ok := l.conns[dev]; ok {
+		si.Connected = true
+		si.ConnectedSince, si.ConnectedSinceMS = isoMillis(since)
+	} else {
+		si.LastDisconnectAt, si.LastDisconnectAtMS = isoMillis(slot.LastDisconnectAt)
+	}
+	if qs, ok := s.store.QueueStats(id, dev); ok {
+		si.QueueLength, si.QueueBytes = qs.Length, qs.Bytes
+	}
+	if withOldest && si.QueueLength > 0 {
+		entries, err := s.store.ReadQueue(id, dev, 0, 1)
+		if err != nil {
+			return si, err
+		}
+		if len(entries) > 0 {
+			ts := int64(entries[0].Timestamp)
+			si.OldestQueuedAt, si.OldestQueuedAtMS = isoMillis(ts)
+			age := max(0, float64(now.UnixMilli()-ts)/1000)
+			si.OldestQueuedAgeSeconds = &age
+		}
+	}
+	return si, nil
+}
+
+func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
+	now := time.Now()
+	list := GroupList{Groups: []GroupSummary{}}
+	seen := make(map[reflection.GroupID]bool)
+	summarize := func(g reflection.GroupID, st reflection.GroupState) {
+		l := s.live(g, now)
+		sum := GroupSummary{
+			ID: g.String(), Prefix: shortID(g), Slots: len(st.Slots),
+			Connected: len(l.conns), LockHolder: l.lock.Holder, Loaded: l.loaded,
+		}
+		for _, slot := range st.Slots {
+			if qs, ok := s.store.QueueStats(g, slot.DeviceID); ok {
+				sum.Queued += qs.Length
+				sum.QueuedBytes += qs.Bytes
+			}
+		}
+		list.Groups = append(list.Groups, sum)
+	}
+	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
+		seen[g] = true
+		if !groupStateEmpty(st) || s.liveConnections(g) > 0 {
+			summarize(g, st)
+		}
+		return nil
+	})
+	if err != nil {
+		s.writeErr(w, err)
+		return
+	}
+	// A group whose first slot is still being stored.
+	for _, g := range s.liveGroupIDs() {
+		if !seen[g] {
+			st, err := s.store.Group(g)
+			if err != nil {
+				s.writeErr(w, err)
+				return
+			}
+			summarize(g, st)
+		}
+	}
+	slices.SortFunc(list.Groups, func(a, b GroupSummary) int { return strings.Compare(a.ID, b.ID) })
+	writeJSON(w, http.StatusOK, list)
+}
+
+func (s *Server) groupDetail(id reflection.GroupID) (GroupDetail, error) {
+	now := time.Now()
+	st, err := s.store.Group(id)
+	if err != nil {
+		return GroupDetail{}, err
+	}
+	l := s.live(id, now)
+	d := GroupDetail{
+		ID: id.String(), Prefix: shortID(id), Loaded: l.loaded, Connected: len(l.conns),
+		Leader: l.leader, Lock: l.lock, SharedDeviceDataBytes: len(st.SharedDeviceData),
+		Slots: []SlotInfo{}, Tombstones: []TombstoneInfo{},
+	}
+	for _, slot := range st.Slots {
+		si, err := s.slotInfo(id, slot, l, now, true)
+		if err != nil {
+			return d, err
+		}
+		d.Queued += si.QueueLength
+		d.QueuedBytes += si.QueueBytes
+		d.Slots = append(d.Slots, si)
+	}
+	slices.SortFunc(d.Slots, func(a, b SlotInfo) int { return cmpU64(uint64(a.DeviceID), uint64(b.DeviceID)) })
+	for _, t := range st.Tombstones {
+		ti := TombstoneInfo{DeviceID: JSONDeviceID(t.DeviceID), Reason: tombstoneReason(t.Reason)}
+		ti.At, ti.AtMS = isoMillis(t.At)
+		d.Tombstones = append(d.Tombstones, ti)
+	}
+	slices.SortFunc(d.Tombstones, func(a, b TombstoneInfo) int { return cmpU64(uint64(a.DeviceID), uint64(b.DeviceID)) })
+	return d, nil
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func (s *Server) apiGroup(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+	d, err := s.groupDetail(id)
+	if err != nil {
+		s.writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d)
+}
+
+// storedSlot returns the slot as stored, or a 404.
+func (s *Server) storedSlot(id reflection.GroupID, dev reflection.DeviceID) (reflection.Slot, error) {
+	st, err := s.store.Group(id)
+	if err != nil {
+		return reflection.Slot{}, err
+	}
+	for _, slot := range st.Slots {
+		if slot.DeviceID == dev {
+			return slot, nil
+		}
+	}
+	return reflection.Slot{}, errorf(http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
+}
+
+func (s *Server) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
+	slot, err := s.storedSlot(id, dev)
+	if err != nil {
+		s.writeErr(w, err)
+		return
+	}
+	now := time.Now()
+	si, err := s.slotInfo(id, slot, s.live(id, now), now, true)
+	if err != nil {
+		s.writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, SlotDetail{Group: id.String(), Prefix: shortID(id), SlotInfo: si})
+}
+
+// apiDropSlot drops a slot exactly as a device's DropDevice of another
+// device does (§12): the connected device gets 4113, a lock it holds ends
+// (TransactionEnded to the others), slot and queue are deleted and a
+// tombstone written. It answers once the deletion is durable.
+func (s *Server) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
+	res, err := s.AdminDropSlot(id, dev)
+	if err != nil {
+		s.writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// AdminDropSlot is the admin's DropDevice (see apiDropSlot).
+func (s *Server) AdminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
+	res := DropResult{Group: id.String(), DeviceID: JSONDeviceID(dev)}
+	g := s.groupFor(id)
+	done := make(chan error, 1)
+	g.mu.Lock()
+	if err := g.loadLocked(); err != nil {
+		g.mu.Unlock()
+		return res, err
+	}
+	if _, ok := g.slots[dev]; !ok {
+		g.mu.Unlock()
+		return res, errorf(http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
+	}
+	res.WasConnected = g.conns[dev] != nil
+	if qs, ok := s.store.QueueStats(id, dev); ok {
+		res.QueueLength = qs.Length
+	}
+	g.dropSlotLocked(dev, reflection.Dropped, func(err error) { done <- err })
+	g.mu.Unlock()
+	if err := <-done; err != nil {
+		return res, fmt.Errorf("deleting the slot: %w", err)
+	}
+	s.log.Info().Str("group", shortID(id)).Uint64("device", uint64(dev)).Bool("was_connected", res.WasConnected).
+		Msg("admin dropped slot")
+	return res, nil
+}
+
+// apiPurgeQueue empties a slot's reflection queue, keeping the slot and its
+// counter. A connected device keeps the entries already in its delivery
+// window (in flight or read ahead): they may still be delivered, and its
+// ReflectedAck for them stays valid (the id is in flight; acking an entry
+// that is gone from disk is a no-op), so the connection is not broken.
+func (s *Server) apiPurgeQueue(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
+	qs, ok := s.store.QueueStats(id, dev)
+	if !ok {
+		writeError(w, http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
+		return
+	}
+	err := reflection.Sync(func(done func(error)) { s.store.PurgeQueue(id, dev, done) })
+	if err != nil {
+		s.writeErr(w, fmt.Errorf("purging the queue: %w", err))
+		return
+	}
+	_, connected := s.live(id, time.Now()).conns[dev]
+	s.log.Info().Str("group", shortID(id)).Uint64("device", uint64(dev)).Int("entries", qs.Length).
+		Msg("admin purged reflection queue")
+	writeJSON(w, http.StatusOK, PurgeResult{
+		Group: id.String(), DeviceID: JSONDeviceID(dev), Connected: connected,
+		PurgedCount: qs.Length, PurgedBytes: qs.Bytes,
+	})
+}
+
+func (s *Server) apiLock(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+	writeJSON(w, http.StatusOK, s.live(id, time.Now()).lock)
+}
+
+// apiReleaseLock ends the group's transaction as if its holder had
+// disconnected: its held reflections go into the other queues and the
+// other devices get TransactionEnded. The holder stays connected and is
+// not told; a CommitTransaction it sends later is a protocol error (4010),
+// after which it reconnects.
+func (s *Server) apiReleaseLock(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+	s.mu.Lock()
+	g := s.groups[id]
+	s.mu.Unlock()
+	noLock := errorf(http.StatusConflict, "no transaction lock is held in group %s", shortID(id))
+	if g == nil {
+		s.writeErr(w, noLock)
+		return
+	}
+	g.mu.Lock()
+	t := g.txn
+	if t == nil {
+		g.mu.Unlock()
+		s.writeErr(w, noLock)
+		return
+	}
+	if t.ending {
+		g.mu.Unlock()
+		writeError(w, http.StatusConflict, "the transaction lock of group %s is already being released", shortID(id))
+		return
+	}
+	res := LockReleaseResult{Group: id.String(), Holder: JSONDeviceID(t.holder.deviceID), HeldSeconds: time.Since(t.started).Seconds()}
+	g.endTransactionLocked(false)
+	g.mu.Unlock()
+	s.log.Info().Str("group", shortID(id)).Uint64("holder", uint64(t.holder.deviceID)).Msg("admin released transaction lock")
+
+	// The lock is free once the held reflections are durable in the other
+	// queues (endTransactionLocked's callback); wait for that, briefly.
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) && r.Context().Err() == nil {
+		g.mu.Lock()
+		res.Released = g.txn != t
+		g.mu.Unlock()
+		if res.Released {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (s *Server) apiStats(w http.ResponseWriter, r *http.Request) {
+	var st ServerStats
+	now := time.Now()
+	st.StartedAt = processStart.UTC().Format(time.RFC3339)
+	st.UptimeSeconds = now.Sub(processStart).Seconds()
+	st.Ready = s.Ready()
+	s.mu.Lock()
+	st.GroupsLoaded = len(s.groups)
+	for c := range s.conns {
+		st.Connections.Open++
+		if c.sendLoopStarted.Load() {
+			st.Connections.Authenticated++
+		} else {
+			st.Connections.Handshake++
+		}
+	}
+	s.mu.Unlock()
+	st.Goroutines = runtime.NumGoroutine()
+	st.GoVersion = runtime.Version()
+	st.GOMAXPROCS = runtime.GOMAXPROCS(0)
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	st.Memory.HeapAllocBytes = ms.HeapAlloc
+	st.Memory.HeapInuseBytes = ms.HeapInuse
+	st.Memory.HeapSysBytes = ms.HeapSys
+	st.Memory.SysBytes = ms.Sys
+	st.Memory.NumGC = ms.NumGC
+	st.Memory.RSSBytes = readRSS()
+	if p, ok := s.store.(interface{ Path() string }); ok {
+		st.Store.Path = p.Path()
+		if fi, err := os.Stat(st.Store.Path); err == nil {
+			st.Store.FileBytes = fi.Size()
+		}
+	}
+	st.Config.MaxDeviceSlots = s.cfg.MaxDeviceSlots
+	st.Config.MaxTransactionTTL = s.cfg.MaxTransactionTTL.Seconds()
+	st.Config.DeliveryWindow = s.cfg.DeliveryWindow
+	st.Config.MaxConnections = s.cfg.MaxConnections
+	writeJSON(w, http.StatusOK, st)
+}
+
+// readRSS returns the resident set size from /proc/self/status (Linux),
+// 0 elsewhere.
+func readRSS() uint64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:")
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(rest) // "12345 kB"
+		if len(fields) == 0 {
+			return 0
+		}
+		kb, err := strconv.ParseUint(fields[0], 10, 64)
+		if err != nil {
+			return 0
+		}
+		return kb * 1024
+	}
+	return 0
+}
+
+// backuper is implemented by stores that can stream a consistent snapshot
+// of themselves (reflection.DB).
+type backuper interface {
+	Backup(w io.Writer) (int64, error)
+}
+
+// apiBackup streams a hot, consistent copy of the database (one read
+// transaction). The byte count follows as the trailer X-Backup-Bytes so a
+// client can tell a complete copy from a cut one; a failure after the
+// first byte aborts the response.
+func (s *Server) apiBackup(w http.ResponseWriter, r *http.Request) {
+	b, ok := s.store.(backuper)
+	if !ok {
+		writeError(w, http.StatusNotImplemented, "this store does not support hot backups")
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Disposition",
+		fmt.Sprintf(`attachment; filename="mediator-%s.db"`, time.Now().UTC().Format("20060102T150405Z")))
+	w.Header().Set("Trailer", "X-Backup-Bytes")
+	cw := &countingWriter{w: w}
+	start := time.Now()
+	n, err := b.Backup(cw)
+	if err != nil {
+		s.log.Error().Err(err).Int64("bytes", cw.n).Msg("admin backup failed")
+		if cw.n == 0 {
+			w.Header().Del("Trailer")
+			w.Header().Del("Content-Disposition")
+			writeError(w, http.StatusInternalServerError, "backup: %v", err)
+			return
+		}
+		panic(http.ErrAbortHandler) // the client sees a cut stream, never a short "success"
+	}
+	w.Header().Set("X-Backup-Bytes", strconv.FormatInt(n, 10))
+	s.log.Info().Int64("bytes", n).Dur("took", time.Since(start)).Msg("admin backup streamed")
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
