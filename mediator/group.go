@@ -16,7 +16,10 @@ type group struct {
 	id  reflection.GroupID
 	srv *Server
 
+	refs int // connections holding the group in memory; guarded by Server.mu
+
 	mu         sync.Mutex // guards everything below; no I/O while held
+	evicted    bool       // dropped from Server.groups; a new object replaces it
 	loaded     bool
 	slots      map[reflection.DeviceID]*reflection.Slot
 	tombstones map[reflection.DeviceID]reflection.Tombstone

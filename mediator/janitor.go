@@ -56,16 +56,19 @@ func (s *Server) sweep(now time.Time) {
 		return
 	}
 	for _, v := range victims {
-		s.groupFor(v.g).expireSlot(v.d, now)
+		g := s.lockGroup(v.g)
+		g.expireSlotLocked(v.d, now)
+		g.mu.Unlock()
+		s.mu.Lock()
+		s.maybeEvictLocked(g)
+		s.mu.Unlock()
 	}
 	s.store.PruneTombstones(now.Add(-s.cfg.TombstoneTTL).UnixMilli(), s.logStoreErr("pruning tombstones"))
 }
 
 // expireSlot removes an offline slot whose time ran out; it rechecks under
 // the group lock because the device may have reconnected since the scan.
-func (g *group) expireSlot(dev reflection.DeviceID, now time.Time) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+func (g *group) expireSlotLocked(dev reflection.DeviceID, now time.Time) {
 	if err := g.loadLocked(); err != nil {
 		return
 	}

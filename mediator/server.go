@@ -92,15 +92,65 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
+// groupFor returns the group's state object without holding it in memory;
+// callers that lock it must check evicted (see lockGroup).
 func (s *Server) groupFor(id reflection.GroupID) *group {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.groupForLocked(id)
+}
+
+func (s *Server) groupForLocked(id reflection.GroupID) *group {
 	g := s.groups[id]
 	if g == nil {
 		g = newGroup(s, id)
 		s.groups[id] = g
 	}
 	return g
+}
+
+// lockGroup returns the group's live state object with g.mu held.
+func (s *Server) lockGroup(id reflection.GroupID) *group {
+	for {
+		g := s.groupFor(id)
+		g.mu.Lock()
+		if !g.evicted {
+			return g
+		}
+		g.mu.Unlock()
+	}
+}
+
+// acquireGroup returns the group's state and keeps it in memory until the
+// matching releaseGroup. Connections hold a group from handshake to end.
+func (s *Server) acquireGroup(id reflection.GroupID) *group {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g := s.groupForLocked(id)
+	g.refs++
+	return g
+}
+
+// releaseGroup drops a reference; the last one evicts an idle group, so
+// memory follows the groups in use, not every group ever seen. The state
+// is reloaded from the store on the next connection.
+func (s *Server) releaseGroup(g *group) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g.refs--
+	s.maybeEvictLocked(g)
+}
+
+func (s *Server) maybeEvictLocked(g *group) {
+	if g.refs > 0 || s.groups[g.id] != g {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.conns) == 0 && g.txn == nil {
+		g.evicted = true
+		delete(s.groups, g.id)
+	}
 }
 
 func (s *Server) logStoreErr(what string) func(error) {
@@ -225,6 +275,9 @@ func (c *deviceConn) serve() {
 	hsTimer.Stop()
 	<-s.handshakes
 	s.metrics.connections.WithLabelValues("handshake").Dec()
+	if c.group != nil {
+		defer s.releaseGroup(c.group)
+	}
 	if err != nil {
 		c.endWith(err, start)
 		return
@@ -430,10 +483,9 @@ func (c *deviceConn) handshake() (uint64, error) {
 	}
 	c.deviceID = reflection.DeviceID(ch.DeviceId)
 	c.log = c.log.With().Uint64("device", ch.DeviceId).Logger()
-	c.group = s.groupFor(c.groupID)
+	c.group = s.acquireGroup(c.groupID)
 	state, persisted, err := c.group.register(c, ch)
 	if err != nil {
-		c.group = nil
 		return 0, err
 	}
 	if err := <-persisted; err != nil {
