@@ -323,3 +323,15 @@ func (t Transport) Send(p []byte) error { return t.C.SendProxy(context.Backgroun
 
 // Recv returns the next Proxy payload.
 func (t Transport) Recv(ctx context.Context) ([]byte, error) { return t.C.RecvProxy(ctx) }
+
+// Decode returns the typed value of the message: d2m.Reflected,
+// d2m.ReflectAck, or the protobuf message (*d2mpb.ServerInfo, …).
+func (m Message) Decode() (any, error) {
+	switch m.Type {
+	case d2m.TypeReflected:
+		return d2m.DecodeReflected(m.Payload)
+	case d2m.TypeReflectAck:
+		return d2m.DecodeReflectAck(m.Payload)
+	}
+	return d2m.DecodeMessage(m.Type, m.Payload)
+}
