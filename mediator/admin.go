@@ -91,12 +91,13 @@ func requireToken(token string, next http.Handler) http.Handler {
 		got := []byte(r.Header.Get("Authorization"))
 		if token == "" || subtle.ConstantTimeCompare(got, want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="mediator"`)
+			if strings.HasPrefix(r.URL.Path, "/api/") {
+				writeError(w, http.StatusUnauthorized, "missing or wrong admin token")
+				return
+			}
 			http.Error(w, "missing or wrong admin token", http.StatusUnauthorized)
 			return
 		}
 		next.ServeHTTP(w, r)
 	})
 }
-
-// registerAdminAPI adds the JSON admin endpoints (see adminapi.go).
-func (s *Server) registerAdminAPI(mux *http.ServeMux) {}

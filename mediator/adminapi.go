@@ -495,27 +495,23 @@ func (s *Server) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGro
 
 func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
-	list := GroupList{Groups: []GroupSummary{}}
-	seen := make(map[reflection.GroupID]bool)
-	summarize := func(g reflection.GroupID, st reflection.GroupState) {
-		l := s.live(g, now)
-		sum := GroupSummary{
-			ID: g.String(), Prefix: shortID(g), Slots: len(st.Slots),
-			Connected: len(l.conns), LockHolder: l.lock.Holder, Loaded: l.loaded,
-		}
-		for _, slot := range st.Slots {
-			if qs, ok := s.store.QueueStats(g, slot.DeviceID); ok {
-				sum.Queued += qs.Length
-				sum.QueuedBytes += qs.Bytes
-			}
-		}
-		list.Groups = append(list.Groups, sum)
+	// Collect first, then look at memory: group.mu must not be taken inside
+	// the walk's read transaction (a holder of group.mu may be waiting for
+	// a read transaction of its own behind a writer that waits for ours).
+	type stored struct {
+		id    reflection.GroupID
+		slots []reflection.DeviceID
+		empty bool
 	}
+	var groups []stored
+	seen := make(map[reflection.GroupID]bool)
 	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
 		seen[g] = true
-		if !groupStateEmpty(st) || s.liveConnections(g) > 0 {
-			summarize(g, st)
+		sg := stored{id: g, empty: groupStateEmpty(st)}
+		for _, slot := range st.Slots {
+			sg.slots = append(sg.slots, slot.DeviceID)
 		}
+		groups = append(groups, sg)
 		return nil
 	})
 	if err != nil {
@@ -525,13 +521,26 @@ func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
 	// A group whose first slot is still being stored.
 	for _, g := range s.liveGroupIDs() {
 		if !seen[g] {
-			st, err := s.store.Group(g)
-			if err != nil {
-				s.writeErr(w, err)
-				return
-			}
-			summarize(g, st)
+			groups = append(groups, stored{id: g})
 		}
+	}
+	list := GroupList{Groups: []GroupSummary{}}
+	for _, sg := range groups {
+		l := s.live(sg.id, now)
+		if sg.empty && len(l.conns) == 0 {
+			continue
+		}
+		sum := GroupSummary{
+			ID: sg.id.String(), Prefix: shortID(sg.id), Slots: len(sg.slots),
+			Connected: len(l.conns), LockHolder: l.lock.Holder, Loaded: l.loaded,
+		}
+		for _, dev := range sg.slots {
+			if qs, ok := s.store.QueueStats(sg.id, dev); ok {
+				sum.Queued += qs.Length
+				sum.QueuedBytes += qs.Bytes
+			}
+		}
+		list.Groups = append(list.Groups, sum)
 	}
 	slices.SortFunc(list.Groups, func(a, b GroupSummary) int { return strings.Compare(a.ID, b.ID) })
 	writeJSON(w, http.StatusOK, list)
@@ -621,7 +630,7 @@ func (s *Server) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.G
 // (TransactionEnded to the others), slot and queue are deleted and a
 // tombstone written. It answers once the deletion is durable.
 func (s *Server) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
-	res, err := s.AdminDropSlot(id, dev)
+	res, err := s.adminDropSlot(id, dev)
 	if err != nil {
 		s.writeErr(w, err)
 		return
@@ -629,26 +638,31 @@ func (s *Server) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflecti
 	writeJSON(w, http.StatusOK, res)
 }
 
-// AdminDropSlot is the admin's DropDevice (see apiDropSlot).
-func (s *Server) AdminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
+// adminDropSlot is the admin's DropDevice (see apiDropSlot).
+func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
 	res := DropResult{Group: id.String(), DeviceID: JSONDeviceID(dev)}
-	g := s.groupFor(id)
 	done := make(chan error, 1)
-	g.mu.Lock()
-	if err := g.loadLocked(); err != nil {
-		g.mu.Unlock()
+	g := s.lockGroup(id)
+	err := g.loadLocked()
+	_, exists := g.slots[dev]
+	if err == nil && exists {
+		res.WasConnected = g.conns[dev] != nil
+		if qs, ok := s.store.QueueStats(id, dev); ok {
+			res.QueueLength = qs.Length
+		}
+		g.dropSlotLocked(dev, reflection.Dropped, func(err error) { done <- err })
+	}
+	g.mu.Unlock()
+	// Loaded for this drop alone if no device holds it: let it go again.
+	s.mu.Lock()
+	s.maybeEvictLocked(g)
+	s.mu.Unlock()
+	if err != nil {
 		return res, err
 	}
-	if _, ok := g.slots[dev]; !ok {
-		g.mu.Unlock()
+	if !exists {
 		return res, errorf(http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
 	}
-	res.WasConnected = g.conns[dev] != nil
-	if qs, ok := s.store.QueueStats(id, dev); ok {
-		res.QueueLength = qs.Length
-	}
-	g.dropSlotLocked(dev, reflection.Dropped, func(err error) { done <- err })
-	g.mu.Unlock()
 	if err := <-done; err != nil {
 		return res, fmt.Errorf("deleting the slot: %w", err)
 	}

@@ -72,6 +72,10 @@ func newMetrics() *metrics {
 	m.handshakes.WithLabelValues("ok")
 	m.upstreamBytes.WithLabelValues("to_device")
 	m.upstreamBytes.WithLabelValues("to_chat_server")
+	m.upstreams.WithLabelValues("opened")
+	m.upstreams.WithLabelValues("dial_failed")
+	m.ephemeralDrops.WithLabelValues("offline")
+	m.ephemeralDrops.WithLabelValues("backlog")
 	return m
 }
 

@@ -19,6 +19,26 @@ const usage = `usage: mediator <command> [flags]
 Server:
   serve                      run the mediator (see: mediator serve --help)
 
+Operations (talk to the running server's admin API):
+  groups list                list device groups
+  slots list GROUP           a group's slots, queues, leader, lock, tombstones
+  slots show GROUP DEVICE    one slot in detail
+  slots drop GROUP DEVICE    drop a slot (a connected device is closed with 4113)
+  queue purge GROUP DEVICE   empty a slot's reflection queue
+  lock show GROUP            the group's transaction lock
+  lock release GROUP         force-release it (as if the holder disconnected)
+  stats                      connections, groups, goroutines, memory, database
+  db backup FILE             hot, consistent copy of the database into FILE
+
+  Flags (before the arguments): --admin ADDR (default 127.0.0.1:8766),
+  --admin-token-file FILE (default ./data/admin.token), --json (raw API JSON).
+  Example: mediator slots list --json 3fa2
+  GROUP is the hex group id or a unique prefix; DEVICE is decimal or 0x-hex.
+
+Offline (server stopped; they open <DIR>/mediator.db directly):
+  db check [--data DIR]      consistency check
+  db compact [--data DIR]    rewrite the file without free pages
+
 Every flag of a command can also be set by an environment variable
 MEDIATOR_<FLAG> (upper case, dashes as underscores); flags win.
 `
@@ -43,6 +63,10 @@ func run(args []string) error {
 	switch args[0] {
 	case "serve":
 		return serve(ctx, args[1:])
+	case "groups", "slots", "queue", "lock", "stats":
+		return adminCommand(ctx, args)
+	case "db":
+		return dbCommand(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Fprint(os.Stdout, usage)
 		return nil

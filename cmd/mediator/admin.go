@@ -1,0 +1,348 @@
+package main
+
+// Operator commands that talk to a running server's admin API (see
+// mediator/adminapi.go for the endpoints). Flags come before the
+// positional arguments: `mediator slots list --json GROUP`.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"d2m-mediator/mediator"
+)
+
+// stdout is where commands print their results (tests replace it).
+var stdout io.Writer = os.Stdout
+
+// adminOptions are the flags every admin API command takes.
+type adminOptions struct {
+	addr      string
+	tokenFile string
+	json      bool
+}
+
+func addAdminFlags(fs *flag.FlagSet) *adminOptions {
+	o := &adminOptions{}
+	fs.StringVar(&o.addr, "admin", "127.0.0.1:8766", "admin API `address`: host:port or http://host:port")
+	fs.StringVar(&o.tokenFile, "admin-token-file", "./data/admin.token", "`file` holding the admin bearer token (the server writes <data>/admin.token)")
+	fs.BoolVar(&o.json, "json", false, "print the API's JSON instead of a table")
+	return o
+}
+
+// newCommandFlags returns a flag set whose usage text names the command,
+// its arguments and what it does.
+func newCommandFlags(name, args, help string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: mediator %s [flags] %s\n\n%s\n\nFlags go before the arguments; each can also be set as MEDIATOR_<FLAG>:\n", name, args, help)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parseCommandFlags parses args, applies the environment and checks the
+// number of positional arguments.
+func parseCommandFlags(fs *flag.FlagSet, args []string, nargs int) ([]string, error) {
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if err := applyEnv(fs); err != nil {
+		return nil, err
+	}
+	if fs.NArg() != nargs {
+		fs.Usage()
+		for _, a := range fs.Args() {
+			if strings.HasPrefix(a, "-") {
+				return nil, fmt.Errorf("%s: flag %s after the arguments: put flags first", fs.Name(), a)
+			}
+		}
+		return nil, fmt.Errorf("%s: want %d argument(s), got %d", fs.Name(), nargs, fs.NArg())
+	}
+	return fs.Args(), nil
+}
+
+// adminClient calls the admin API with the bearer token.
+type adminClient struct {
+	addr      string // as the operator gave it, for messages
+	base      string // scheme://host:port
+	token     string
+	tokenFile string
+	hc        *http.Client
+}
+
+func (o *adminOptions) client() (*adminClient, error) {
+	base := o.addr
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	u, err := url.Parse(base)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return nil, fmt.Errorf("--admin %q: want host:port or http://host:port", o.addr)
+	}
+	b, err := os.ReadFile(o.tokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("reading the admin token: %w (set --admin-token-file or MEDIATOR_ADMIN_TOKEN_FILE; the server keeps it in <data>/admin.token)", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" || strings.IndexFunc(tok, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0 {
+		return nil, fmt.Errorf("admin token file %s does not hold a token (one line of printable characters)", o.tokenFile)
+	}
+	return &adminClient{
+		addr: o.addr, base: strings.TrimSuffix(u.String(), "/"), token: tok, tokenFile: o.tokenFile,
+		hc: &http.Client{Transport: &http.Transport{
+			Proxy:                 nil, // the admin API is local or on a private network
+			DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+			ResponseHeaderTimeout: time.Minute,
+		}},
+	}, nil
+}
+
+// do sends a request and turns transport failures and error statuses into
+// errors an operator can act on. The caller closes the body.
+func (c *adminClient) do(ctx context.Context, method, path string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("cannot reach the admin API at %s: is the server running?", c.addr)
+		}
+		return nil, fmt.Errorf("cannot reach the admin API at %s: %w", c.addr, err)
+	}
+	if resp.StatusCode >= 400 {
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return nil, c.statusError(resp.StatusCode, body)
+	}
+	return resp, nil
+}
+
+func (c *adminClient) statusError(status int, body []byte) error {
+	if status == http.StatusUnauthorized {
+		return fmt.Errorf("admin token rejected by %s (token file %s): use the token of the running server", c.addr, c.tokenFile)
+	}
+	var e mediator.APIError
+	if json.Unmarshal(body, &e) != nil || e.Error == "" {
+		// Not the mediator's JSON error: something else answers there.
+		return fmt.Errorf("%s answered HTTP %d %s without an admin API error: is it the mediator's admin address?",
+			c.addr, status, http.StatusText(status))
+	}
+	switch status {
+	case http.StatusBadRequest, http.StatusNotFound, http.StatusConflict:
+		return errors.New(e.Error)
+	}
+	return fmt.Errorf("admin API %s: %s (HTTP %d)", c.addr, e.Error, status)
+}
+
+// call runs one JSON request: with raw set it copies the answer to stdout,
+// otherwise it decodes it into v.
+func (c *adminClient) call(ctx context.Context, method, path string, raw bool, v any) error {
+	resp, err := c.do(ctx, method, path)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
+	if err != nil {
+		return fmt.Errorf("admin API %s: reading the answer: %w", c.addr, err)
+	}
+	if raw {
+		_, err := stdout.Write(body)
+		return err
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("admin API %s: unexpected answer: %w", c.addr, err)
+	}
+	return nil
+}
+
+// operation is one admin API command: its client, output mode and
+// positional arguments.
+type operation struct {
+	c    *adminClient
+	json bool
+	args []string
+}
+
+func (op *operation) call(ctx context.Context, method, path string, v any) (printed bool, err error) {
+	return op.json, op.c.call(ctx, method, path, op.json, v)
+}
+
+type opCommand struct {
+	args string // positional arguments, for the usage text
+	help string
+	run  func(ctx context.Context, op *operation) error
+}
+
+var opCommands = map[string]opCommand{
+	"groups list":  {"", "Lists every device group: slots, connected devices, queued reflections, lock holder.", runGroupsList},
+	"slots list":   {"GROUP", "Lists a group's slots (state, queue, leader, lock) and tombstones.\nGROUP is the hex group id or a unique prefix of it.", runSlotsList},
+	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is a decimal or 0x-hex device id.", runSlotsShow},
+	"slots drop":   {"GROUP DEVICE", "Drops a slot as a device's DropDevice would: a connected device is closed\nwith 4113, slot and queue are deleted, a lock it holds ends.", runSlotsDrop},
+	"queue purge":  {"GROUP DEVICE", "Empties a slot's reflection queue (the slot stays). Reflections already\nin a connected device's delivery window may still reach it.", runQueuePurge},
+	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow},
+	"lock release": {"GROUP", "Force-releases the group's transaction lock as if its holder had\ndisconnected: held reflections are delivered and the other devices get\nTransactionEnded. The holder stays connected.", runLockRelease},
+	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.", runStats},
+}
+
+// adminCommand runs `mediator groups|slots|queue|lock|stats …`.
+func adminCommand(ctx context.Context, args []string) error {
+	name, rest := args[0], args[1:]
+	if name != "stats" {
+		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
+			return fmt.Errorf("usage: %s", strings.Join(subcommands(name), " | "))
+		}
+		name, rest = name+" "+rest[0], rest[1:]
+	}
+	cmd, ok := opCommands[name]
+	if !ok {
+		return fmt.Errorf("unknown command %q; usage: %s", name, strings.Join(subcommands(args[0]), " | "))
+	}
+	fs := newCommandFlags(name, cmd.args, cmd.help)
+	o := addAdminFlags(fs)
+	nargs := len(strings.Fields(cmd.args))
+	pos, err := parseCommandFlags(fs, rest, nargs)
+	if err != nil {
+		return err
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	return cmd.run(ctx, &operation{c: c, json: o.json, args: pos})
+}
+
+func subcommands(prefix string) []string {
+	var out []string
+	for name, cmd := range opCommands {
+		if strings.HasPrefix(name, prefix+" ") || name == prefix {
+			out = append(out, strings.TrimSpace("mediator "+name+" [flags] "+cmd.args))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func groupPath(group string) string { return "/api/v1/groups/" + url.PathEscape(group) }
+
+// slotPath checks DEVICE locally, so a typo does not need a round trip.
+func slotPath(group, device string) (string, error) {
+	d, err := mediator.ParseDeviceID(device)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s/slots/%d", groupPath(group), d), nil
+}
+
+func runGroupsList(ctx context.Context, op *operation) error {
+	var list mediator.GroupList
+	if printed, err := op.call(ctx, "GET", "/api/v1/groups", &list); printed || err != nil {
+		return err
+	}
+	printGroups(stdout, list)
+	return nil
+}
+
+func runSlotsList(ctx context.Context, op *operation) error {
+	var g mediator.GroupDetail
+	if printed, err := op.call(ctx, "GET", groupPath(op.args[0]), &g); printed || err != nil {
+		return err
+	}
+	printGroup(stdout, g, time.Now())
+	return nil
+}
+
+func runSlotsShow(ctx context.Context, op *operation) error {
+	p, err := slotPath(op.args[0], op.args[1])
+	if err != nil {
+		return err
+	}
+	var s mediator.SlotDetail
+	if printed, err := op.call(ctx, "GET", p, &s); printed || err != nil {
+		return err
+	}
+	printSlot(stdout, s, time.Now())
+	return nil
+}
+
+func runSlotsDrop(ctx context.Context, op *operation) error {
+	p, err := slotPath(op.args[0], op.args[1])
+	if err != nil {
+		return err
+	}
+	var r mediator.DropResult
+	if printed, err := op.call(ctx, "DELETE", p, &r); printed || err != nil {
+		return err
+	}
+	how := "it was offline"
+	if r.WasConnected {
+		how = "its connection was closed with 4113"
+	}
+	fmt.Fprintf(stdout, "dropped device %d from group %s: %s, %d queued reflection(s) deleted\n",
+		r.DeviceID, r.Group, how, r.QueueLength)
+	return nil
+}
+
+func runQueuePurge(ctx context.Context, op *operation) error {
+	p, err := slotPath(op.args[0], op.args[1])
+	if err != nil {
+		return err
+	}
+	var r mediator.PurgeResult
+	if printed, err := op.call(ctx, "DELETE", p+"/queue", &r); printed || err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "purged %d reflection(s) (%s) from the queue of device %d in group %s\n",
+		r.PurgedCount, fmtBytes(r.PurgedBytes), r.DeviceID, r.Group)
+	return nil
+}
+
+func runLockShow(ctx context.Context, op *operation) error {
+	var l mediator.LockInfo
+	if printed, err := op.call(ctx, "GET", groupPath(op.args[0])+"/lock", &l); printed || err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, describeLock(l))
+	return nil
+}
+
+func runLockRelease(ctx context.Context, op *operation) error {
+	var r mediator.LockReleaseResult
+	if printed, err := op.call(ctx, "DELETE", groupPath(op.args[0])+"/lock", &r); printed || err != nil {
+		return err
+	}
+	state := "the other devices got TransactionEnded"
+	if !r.Released {
+		state = "TransactionEnded goes out once the held reflections are stored"
+	}
+	fmt.Fprintf(stdout, "released the transaction lock of group %s held by device %d for %s; %s\n",
+		r.Group, r.Holder, fmtDuration(secs(r.HeldSeconds)), state)
+	return nil
+}
+
+func runStats(ctx context.Context, op *operation) error {
+	var st mediator.ServerStats
+	if printed, err := op.call(ctx, "GET", "/api/v1/stats", &st); printed || err != nil {
+		return err
+	}
+	printStats(stdout, st)
+	return nil
+}

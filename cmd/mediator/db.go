@@ -1,0 +1,201 @@
+package main
+
+// `mediator db …`: a hot backup through the admin API, and the offline
+// check and compaction of the database file (server stopped).
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"d2m-mediator/reflection"
+)
+
+const dbUsage = `usage:
+  mediator db backup [flags] FILE      hot backup of the running server's database
+  mediator db check [--data DIR]       consistency check (server stopped)
+  mediator db compact [--data DIR]     rewrite the file without free pages (server stopped)`
+
+func dbCommand(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		return errors.New(dbUsage)
+	}
+	switch args[0] {
+	case "backup":
+		return dbBackup(ctx, args[1:])
+	case "check":
+		return dbCheck(args[1:])
+	case "compact":
+		return dbCompact(args[1:])
+	case "help", "-h", "--help":
+		fmt.Fprintln(stdout, dbUsage)
+		return nil
+	}
+	return fmt.Errorf("unknown command \"db %s\"\n%s", args[0], dbUsage)
+}
+
+// dbBackup streams GET /api/v1/backup into a temporary file beside FILE,
+// checks that the copy is complete and sound, and only then renames it to
+// FILE, so FILE is never a partial database.
+func dbBackup(ctx context.Context, args []string) error {
+	fs := newCommandFlags("db backup", "FILE",
+		"Writes a consistent copy of the running server's database to FILE (one read\n"+
+			"transaction on the server; devices keep working). The copy is checked like\n"+
+			"`mediator db check` before it is renamed into place.")
+	o := addAdminFlags(fs)
+	force := fs.Bool("force", false, "replace FILE if it exists")
+	pos, err := parseCommandFlags(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	file := pos[0]
+	if _, err := os.Stat(file); err == nil && !*force {
+		return fmt.Errorf("%s exists: remove it or pass --force", file)
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(file), "."+filepath.Base(file)+".partial-*")
+	if err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	done := false
+	defer func() {
+		if !done {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	resp, err := c.do(ctx, "GET", "/api/v1/backup")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	n, err := io.Copy(tmp, resp.Body)
+	if err != nil {
+		return fmt.Errorf("backup: the transfer broke off after %d bytes: %w", n, err)
+	}
+	if want := resp.Trailer.Get("X-Backup-Bytes"); want != strconv.FormatInt(n, 10) {
+		return fmt.Errorf("backup: got %d bytes, the server announced %q: the copy is incomplete", n, want)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	if err := reflection.Check(tmp.Name()); err != nil {
+		return fmt.Errorf("backup: the copy does not pass the check:\n%v", err)
+	}
+	if err := os.Rename(tmp.Name(), file); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	done = true
+	syncDir(filepath.Dir(file))
+	if o.json {
+		return printJSON(map[string]any{"file": file, "bytes": n, "checked": true})
+	}
+	fmt.Fprintf(stdout, "wrote %d bytes (%s) to %s; the copy passed the check\n", n, fmtBytes(n), file)
+	return nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
+
+func printJSON(v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = stdout.Write(append(b, '\n'))
+	return err
+}
+
+// offlineFlags parses --data and --json of check and compact and returns
+// the database path.
+func offlineFlags(name, help string, args []string) (string, bool, error) {
+	fs := newCommandFlags(name, "", help)
+	data := fs.String("data", "./data", "data `directory` of the stopped server (the database is <DIR>/mediator.db)")
+	jsonOut := fs.Bool("json", false, "print the result as JSON")
+	if _, err := parseCommandFlags(fs, args, 0); err != nil {
+		return "", false, err
+	}
+	path := filepath.Join(*data, "mediator.db")
+	if _, err := os.Stat(path); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", false, fmt.Errorf("no database at %s (set --data or MEDIATOR_DATA)", path)
+		}
+		return "", false, err
+	}
+	return path, *jsonOut, nil
+}
+
+// offlineErr explains the usual failure: the server still has the file.
+func offlineErr(path string, err error) error {
+	if errors.Is(err, reflection.ErrLocked) {
+		return fmt.Errorf("database %s is locked by another process: is the server running? Stop it first (for a copy while it runs, use `mediator db backup FILE`)", path)
+	}
+	return err
+}
+
+func dbCheck(args []string) error {
+	path, jsonOut, err := offlineFlags("db check",
+		"Checks the stopped server's database: bbolt's page-level check, then every\n"+
+			"slot, queue and counter. Exits non-zero if it finds a problem.", args)
+	if err != nil {
+		return err
+	}
+	err = reflection.Check(path)
+	if errors.Is(err, reflection.ErrLocked) {
+		return offlineErr(path, err)
+	}
+	var problems []string
+	if err != nil {
+		problems = strings.Split(err.Error(), "\n")
+	}
+	if jsonOut {
+		if err := printJSON(map[string]any{"path": path, "ok": err == nil, "problems": append([]string{}, problems...)}); err != nil {
+			return err
+		}
+	} else if err == nil {
+		fmt.Fprintf(stdout, "ok: %s is consistent\n", path)
+	} else {
+		for _, p := range problems {
+			fmt.Fprintln(stdout, p)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%s: the check found %d problem(s)", path, len(problems))
+	}
+	return nil
+}
+
+func dbCompact(args []string) error {
+	path, jsonOut, err := offlineFlags("db compact",
+		"Rewrites the stopped server's database without free pages (bbolt never\n"+
+			"shrinks its file) and replaces it atomically. Needs free disk space for the\n"+
+			"live data.", args)
+	if err != nil {
+		return err
+	}
+	before, after, err := reflection.Compact(path)
+	if err != nil {
+		return offlineErr(path, err)
+	}
+	if jsonOut {
+		return printJSON(map[string]any{"path": path, "bytes_before": before, "bytes_after": after})
+	}
+	fmt.Fprintf(stdout, "compacted %s: %s → %s\n", path, fmtBytes(before), fmtBytes(after))
+	return nil
+}
