@@ -239,3 +239,18 @@ func keys[V any](m map[uint64]V) []uint64 {
 }
 
 var _ = context.Background
+
+func TestUnknownPolicyEnumsRejected(t *testing.T) {
+	s := startServer(t)
+	g := newGroup()
+	cfg := g.config(s, 1)
+	cfg.ExpirationPolicy = 256
+	expectRejected(t, cfg, d2m.CloseProtocolError)
+	cfg = g.config(s, 1)
+	cfg.ExhaustedPolicy = 7
+	expectRejected(t, cfg, d2m.CloseProtocolError)
+	cfg = g.config(s, 1)
+	cfg.ExpectedState = d2mclient.Expect(2)
+	expectRejected(t, cfg, d2m.CloseProtocolError)
+	connect(t, s, g.config(s, 1)) // nothing was created by the rejects
+}

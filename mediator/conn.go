@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ecdh"
 	"errors"
+	"fmt"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -222,9 +223,18 @@ func (c *deviceConn) inflightCount() int {
 // a frame within WriteTimeout is a slow consumer and loses its connection
 // (its durable data stays queued).
 func (c *deviceConn) write(b []byte) error {
-	ctx, cancel := context.WithTimeout(c.ctx, c.srv.cfg.WriteTimeout)
+	ctx, cancel := context.WithCancel(c.ctx)
 	defer cancel()
+	// Not context.WithTimeout: the reason must be recorded before the
+	// socket is torn down, or the read loop sees the close first and the
+	// slow consumer is logged as a normal 1000 closure and not counted.
+	timer := time.AfterFunc(c.srv.cfg.WriteTimeout, func() {
+		c.srv.metrics.slowConsumers.Inc()
+		c.closeWith(d2m.CloseInternalError, fmt.Errorf("%w: a write blocked for %v", errSlowConsumer, c.srv.cfg.WriteTimeout))
+		cancel()
+	})
 	err := c.ws.Write(ctx, websocket.MessageBinary, b)
+	timer.Stop()
 	if err == nil {
 		c.srv.metrics.framesOut.Inc()
 	}

@@ -4,9 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"runtime/debug"
+
+	"google.golang.org/protobuf/proto"
 
 	"d2m-mediator/chatproxy"
 	"d2m-mediator/d2m"
+	"d2m-mediator/proto/d2mpb"
 	"d2m-mediator/reflection"
 )
 
@@ -25,10 +30,24 @@ func (c *deviceConn) readLoop() error {
 			// completes.
 			continue
 		}
-		if err := c.handle(typ, payload); err != nil {
+		if err := c.handleSafely(typ, payload); err != nil {
 			return err
 		}
 	}
+}
+
+// handleSafely turns a panic in a handler (a bug) into a 1011 close of
+// this connection with its stack in the log, so that the connection still
+// unregisters and the rest of the server keeps running.
+func (c *deviceConn) handleSafely(typ d2m.PayloadType, payload []byte) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error().Str("type", typ.String()).Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).
+				Msg("handler panicked")
+			err = d2m.Close(d2m.CloseInternalError, fmt.Errorf("handler panic: %v", r))
+		}
+	}()
+	return c.handle(typ, payload)
 }
 
 func (c *deviceConn) handle(typ d2m.PayloadType, payload []byte) error {
@@ -104,7 +123,14 @@ func (c *deviceConn) handleGetDevicesInfo(payload []byte) error {
 	if err := d2m.DecodeEmpty(d2m.TypeGetDevicesInfo, payload); err != nil {
 		return protocolError(err)
 	}
-	return c.reply(d2m.MustEncodeMessage(d2m.TypeDevicesInfo, c.group.devicesInfo()))
+	b, err := d2m.EncodeMessage(d2m.TypeDevicesInfo, c.group.devicesInfo())
+	if err != nil {
+		// The slots' device infos (each up to a ClientHello frame) do not
+		// fit one frame together; §4.5 has no paging. Refuse cleanly
+		// instead of panicking with the connection still registered.
+		return d2m.Close(d2m.CloseInternalError, fmt.Errorf("DevicesInfo: %w", err))
+	}
+	return c.reply(b)
 }
 
 func (c *deviceConn) handleDropDevice(payload []byte) error {
@@ -120,6 +146,9 @@ func (c *deviceConn) handleSetSharedDeviceData(payload []byte) error {
 	if err != nil {
 		return protocolError(err)
 	}
+	if !fitsServerInfo(m.EncryptedSharedDeviceData) {
+		return protocolError(errSharedDataTooLarge)
+	}
 	c.group.setSharedDeviceData(m.EncryptedSharedDeviceData)
 	return nil
 }
@@ -128,6 +157,9 @@ func (c *deviceConn) handleBeginTransaction(payload []byte) error {
 	m, err := d2m.DecodeBeginTransaction(payload)
 	if err != nil {
 		return protocolError(err)
+	}
+	if !fitsTransactionEnded(m.EncryptedScope) {
+		return protocolError(errScopeTooLarge)
 	}
 	return c.group.beginTransaction(c, m.EncryptedScope, m.Ttl)
 }
@@ -138,6 +170,33 @@ func (c *deviceConn) handleCommitTransaction(payload []byte) error {
 	}
 	return c.group.commitTransaction(c)
 }
+
+// The server repeats device-chosen bytes inside larger messages: the shared
+// device data in every later ServerInfo of the group, the transaction scope
+// in TransactionRejected and TransactionEnded (after a 9-byte fixed64
+// device id). Bytes that fit the request's frame but not the answer's are
+// refused with 4010 here, where the sender is to blame; otherwise encoding
+// the answer fails later (MustEncodeMessage panicked: in another device's
+// handshake, and for TransactionEnded in the storage committer, which took
+// the whole process down).
+var (
+	errSharedDataTooLarge = errors.New("shared device data would not fit a ServerInfo")
+	errScopeTooLarge      = errors.New("transaction scope would not fit a TransactionEnded")
+)
+
+func fitsServerInfo(data []byte) bool {
+	return fitsFrame(&d2mpb.ServerInfo{
+		MaxDeviceSlots: math.MaxUint32, DeviceSlotState: d2mpb.DeviceSlotState_EXISTING,
+		EncryptedSharedDeviceData: data, CurrentTime: math.MaxUint64, ReflectionQueueLength: math.MaxUint32,
+	})
+}
+
+func fitsTransactionEnded(scope []byte) bool {
+	// TransactionRejected has the same fields and size.
+	return fitsFrame(&d2mpb.TransactionEnded{DeviceId: math.MaxUint64, EncryptedScope: scope})
+}
+
+func fitsFrame(m proto.Message) bool { return d2m.HeaderSize+proto.Size(m) <= d2m.MaxFrameSize }
 
 // reply queues an answer to the device's own request. Unlike messages
 // other parties queue, it may block: a device that floods requests without

@@ -478,6 +478,20 @@ func (c *deviceConn) handshake() (uint64, error) {
 	if ch.Version != 0 {
 		return 0, d2m.Close(d2m.CloseUnsupportedVersion, nil)
 	}
+	// Open protobuf enums accept any number; only the protocol's values
+	// are stored (an unknown expiration policy must not silently become
+	// VOLATILE).
+	if _, ok := d2mpb.DeviceSlotExpirationPolicy_name[int32(ch.DeviceSlotExpirationPolicy)]; !ok {
+		return 0, d2m.Close(d2m.CloseProtocolError, errors.New("unknown device slot expiration policy"))
+	}
+	if _, ok := d2mpb.ClientHello_DeviceSlotsExhaustedPolicy_name[int32(ch.DeviceSlotsExhaustedPolicy)]; !ok {
+		return 0, d2m.Close(d2m.CloseProtocolError, errors.New("unknown device slots exhausted policy"))
+	}
+	if ch.ExpectedDeviceSlotState != nil {
+		if _, ok := d2mpb.DeviceSlotState_name[int32(*ch.ExpectedDeviceSlotState)]; !ok {
+			return 0, d2m.Close(d2m.CloseProtocolError, errors.New("unknown expected device slot state"))
+		}
+	}
 	if err := d2m.VerifyChallengeResponse(esk, c.info.DeviceGroupID, challenge, ch.Response); err != nil {
 		return 0, d2m.Close(d2m.CloseProtocolError, err)
 	}
@@ -493,13 +507,19 @@ func (c *deviceConn) handshake() (uint64, error) {
 		return 0, d2m.Close(d2m.CloseInternalError, err)
 	}
 	stats, _ := s.store.QueueStats(c.groupID, c.deviceID)
-	info := d2m.MustEncodeMessage(d2m.TypeServerInfo, &d2mpb.ServerInfo{
+	info, err := d2m.EncodeMessage(d2m.TypeServerInfo, &d2mpb.ServerInfo{
 		MaxDeviceSlots:            uint32(s.cfg.MaxDeviceSlots),
 		DeviceSlotState:           state,
 		EncryptedSharedDeviceData: c.group.sharedDeviceData(),
 		CurrentTime:               uint64(time.Now().UnixMilli()),
 		ReflectionQueueLength:     uint32(stats.Length),
 	})
+	if err != nil {
+		// Shared data stored before it was size-checked (handlers.go
+		// fitsServerInfo): fail this connection, not the process.
+		c.group.unregister(c)
+		return 0, d2m.Close(d2m.CloseInternalError, fmt.Errorf("ServerInfo: %w", err))
+	}
 	if err := c.write(info); err != nil {
 		c.group.unregister(c)
 		return 0, err
