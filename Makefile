@@ -6,7 +6,9 @@ PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 FUZZTIME      ?= 60s
 TEST_TIMEOUT  ?= 20m
 
-.PHONY: all build run test test-short vet fmt-check proto proto-check fuzz bench crashtest clean
+STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench crashtest clean
 
 all: build
 
@@ -22,6 +24,9 @@ fmt-check:
 
 vet:
 	$(GO) vet ./...
+
+staticcheck: ## pinned; first run builds it (~30 s)
+	$(GO) run $(STATICCHECK) ./...
 
 test: fmt-check vet ## vet + race tests of every package (CI)
 	$(GO) test -race -count=1 -timeout=$(TEST_TIMEOUT) ./...

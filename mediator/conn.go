@@ -2,7 +2,6 @@ package mediator
 
 import (
 	"context"
-	"crypto/ecdh"
 	"errors"
 	"fmt"
 	"sort"
@@ -60,7 +59,6 @@ type deviceConn struct {
 	// Cross-goroutine flags.
 	dry             atomic.Bool // ReflectionQueueDry written
 	proxied         atomic.Bool // sent Proxy bytes (started CSP)
-	promoted        bool        // guarded by group.mu
 	sendLoopStarted atomic.Bool
 	closeCode       atomic.Uint32 // first close code decided; 0 while open
 	closeMu         sync.Mutex
@@ -510,5 +508,3 @@ func (c *deviceConn) popEphemeral() {
 	c.ephemeral = c.ephemeral[1:]
 	c.ephMu.Unlock()
 }
-
-var _ = ecdh.X25519

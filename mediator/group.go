@@ -233,7 +233,6 @@ func (g *group) electLeaderLocked() {
 		return
 	}
 	g.leader = best
-	best.promoted = true
 	best.enqueue(encodedRolePromoted)
 	g.srv.metrics.leaderPromotions.Inc()
 }
