@@ -35,8 +35,11 @@ type deviceConn struct {
 	connectedSince int64 // unix ms; guarded by group.mu after registration
 	log            zerolog.Logger
 
-	// Outbound: everybody enqueues, only sendLoop writes the socket.
-	ctrl       chan outFrame // control replies and ReflectAcks, FIFO
+	// Outbound: everybody enqueues and kicks, only sendLoop writes the
+	// socket. sendLoop runs only while there is something to write; an
+	// idle device has no writer goroutine (and no stack for one).
+	ctrl       ctrlQueue     // control replies and ReflectAcks, FIFO
+	replySem   chan struct{} // answers to the device's own requests not yet written
 	wakeCh     chan struct{} // coalescing "your queue grew"
 	proxyIn    chan proxyUnit
 	reflectSem chan struct{} // Reflects stored but not yet acked on the wire
@@ -57,9 +60,13 @@ type deviceConn struct {
 	lastRead atomic.Int64 // unix nanos of the last inbound frame
 
 	// Cross-goroutine flags.
-	dry             atomic.Bool // ReflectionQueueDry written
-	proxied         atomic.Bool // sent Proxy bytes (started CSP)
-	sendLoopStarted atomic.Bool
+	dry             atomic.Bool   // ReflectionQueueDry written
+	proxied         atomic.Bool   // sent Proxy bytes (started CSP)
+	sendLoopStarted atomic.Bool   // authenticated: kicks start sendLoop
+	writerRunning   atomic.Bool   // a sendLoop goroutine runs (or has ended for good)
+	dlv             delivery      // owned by the running sendLoop
+	cork            *corkConn     // nil if the upgrade gave no corkable conn
+	batching        bool          // sendLoop has corked the socket; owned by sendLoop
 	closeCode       atomic.Uint32 // first close code decided; 0 while open
 	closeMu         sync.Mutex
 	closeCause      error
@@ -71,6 +78,7 @@ type deviceConn struct {
 type outFrame struct {
 	b          []byte
 	reflectAck bool // frees a reflectSem slot once written
+	reply      bool // frees a replySem slot once written
 	// afterSeq holds the frame back until the Reflected with this queue seq
 	// has been written: TransactionEnded must reach a device after the
 	// reflections the transaction released into its queue (§10).
@@ -121,7 +129,26 @@ func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 			c.ws.Close(websocket.StatusCode(code), code.String())
 			close(c.wsClosed)
 		}()
+		return
 	}
+	c.kick()
+}
+
+// kick makes sure a sendLoop runs to pick up what the caller just queued
+// or signalled.
+func (c *deviceConn) kick() {
+	if c.sendLoopStarted.Load() && c.writerRunning.CompareAndSwap(false, true) {
+		go c.sendLoop()
+	}
+}
+
+// startSendLoop starts the first writer after authentication: it sends the
+// queued backlog and ReflectionQueueDry.
+func (c *deviceConn) startSendLoop(hwm uint64) {
+	c.dlv = delivery{c: c, hwm: hwm, more: true}
+	c.writerRunning.Store(true)
+	c.sendLoopStarted.Store(true)
+	go c.sendLoop()
 }
 
 func (c *deviceConn) isClosing() bool { return c.closeCode.Load() != 0 }
@@ -129,33 +156,29 @@ func (c *deviceConn) isClosing() bool { return c.closeCode.Load() != 0 }
 // enqueue queues a control frame without blocking; a device whose queue is
 // full does not read and is closed.
 func (c *deviceConn) enqueue(b []byte) {
-	select {
-	case c.ctrl <- outFrame{b: b}:
-	default:
+	if !c.ctrl.push(outFrame{b: b}, false) {
 		c.srv.metrics.slowConsumers.Inc()
 		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
+		return
 	}
+	c.kick()
 }
 
 // enqueueAfter queues a control frame that sendLoop writes only once the
 // queue entry seq has been delivered.
 func (c *deviceConn) enqueueAfter(b []byte, seq uint64) {
-	select {
-	case c.ctrl <- outFrame{b: b, afterSeq: seq}:
-	default:
+	if !c.ctrl.push(outFrame{b: b, afterSeq: seq}, false) {
 		c.srv.metrics.slowConsumers.Inc()
 		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
+		return
 	}
+	c.kick()
 }
 
+// enqueueReflectAck never fails: ReflectAcks are bounded by reflectSem.
 func (c *deviceConn) enqueueReflectAck(b []byte) {
-	select {
-	case c.ctrl <- outFrame{b: b, reflectAck: true}:
-	default:
-		c.releaseReflect()
-		c.srv.metrics.slowConsumers.Inc()
-		c.closeWith(d2m.CloseInternalError, errSlowConsumer)
-	}
+	c.ctrl.push(outFrame{b: b, reflectAck: true}, true)
+	c.kick()
 }
 
 func (c *deviceConn) releaseReflect() {
@@ -170,6 +193,7 @@ func (c *deviceConn) wake() {
 	case c.wakeCh <- struct{}{}:
 	default:
 	}
+	c.kick()
 }
 
 func (c *deviceConn) pushEphemeral(it ephemeralItem) {
@@ -221,6 +245,14 @@ func (c *deviceConn) inflightCount() int {
 // a frame within WriteTimeout is a slow consumer and loses its connection
 // (its durable data stays queued).
 func (c *deviceConn) write(b []byte) error {
+	if c.batching {
+		// Corked: the write only copies; uncork applies the timeout.
+		err := c.ws.Write(context.Background(), websocket.MessageBinary, b)
+		if err == nil {
+			c.srv.metrics.framesOut.Inc()
+		}
+		return err
+	}
 	ctx, cancel := context.WithCancel(c.ctx)
 	defer cancel()
 	// Not context.WithTimeout: the reason must be recorded before the
@@ -241,46 +273,85 @@ func (c *deviceConn) write(b []byte) error {
 
 // sendLoop is the only writer of the socket after the handshake. It writes
 // control frames first (ReflectAcks are latency-critical), then Proxy units,
-// then reflection deliveries within the window, and blocks when idle.
-func (c *deviceConn) sendLoop(hwm uint64) {
-	defer close(c.sendDone)
-	d := delivery{c: c, hwm: hwm, more: true}
+// then reflection deliveries within the window. When nothing is left it
+// ends; the next kick starts it again. It ends for good (closing sendDone)
+// once the connection closes.
+func (c *deviceConn) sendLoop() {
+	d := &c.dlv
 	for {
 		select {
 		case <-c.closing:
 			c.finishClose()
+			close(c.sendDone)
 			return
 		case <-c.ctx.Done():
+			close(c.sendDone)
 			return
 		default:
 		}
-		progressed, err := c.drainOnce(&d)
+		progressed, err := c.drainBatch(d)
 		if err != nil {
 			c.ws.CloseNow()
+			close(c.sendDone)
 			return
 		}
 		if progressed {
 			continue
 		}
 		select {
-		case f := <-c.ctrl:
-			if err := d.out(f); err != nil {
-				c.ws.CloseNow()
-				return
-			}
+		case <-c.ctrl.ready:
+			continue
 		case u := <-c.proxyIn:
 			if err := c.writeProxy(u); err != nil {
 				c.ws.CloseNow()
+				close(c.sendDone)
 				return
 			}
+			continue
 		case <-c.wakeCh:
 			d.more = true
-		case <-c.closing:
-			c.finishClose()
-			return
-		case <-c.ctx.Done():
+			continue
+		default:
+		}
+		// Idle. A producer that signalled after the checks above saw a
+		// running writer and did not start one, so look once more after
+		// stepping down; a kick after that starts a new writer.
+		c.writerRunning.Store(false)
+		if !c.hasWork() || !c.writerRunning.CompareAndSwap(false, true) {
 			return
 		}
+	}
+}
+
+// drainBatch runs drainOnce with the socket corked, so that the round's
+// frames (a window of deliveries, a run of ReflectAcks) leave in one
+// write.
+func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
+	if c.cork == nil {
+		return c.drainOnce(d)
+	}
+	c.cork.cork()
+	c.batching = true
+	progressed, err := c.drainOnce(d)
+	c.batching = false
+	if ferr := c.cork.uncork(); ferr != nil && err == nil {
+		err = ferr
+	}
+	return progressed, err
+}
+
+// hasWork reports whether any signal sendLoop reacts to is pending.
+func (c *deviceConn) hasWork() bool {
+	if len(c.ctrl.ready) > 0 || len(c.proxyIn) > 0 || len(c.wakeCh) > 0 {
+		return true
+	}
+	select {
+	case <-c.closing:
+		return true
+	case <-c.ctx.Done():
+		return true
+	default:
+		return false
 	}
 }
 
@@ -288,6 +359,9 @@ func (c *deviceConn) writeOut(f outFrame) error {
 	err := c.write(f.b)
 	if f.reflectAck {
 		c.releaseReflect()
+	}
+	if f.reply {
+		<-c.replySem
 	}
 	return err
 }
@@ -306,16 +380,14 @@ func (c *deviceConn) writeProxy(u proxyUnit) error {
 func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 	progressed := false
 	for i := 0; i < 64; i++ {
-		select {
-		case f := <-c.ctrl:
-			if err := d.out(f); err != nil {
-				return false, err
-			}
-			progressed = true
-			continue
-		default:
+		f, ok := c.ctrl.pop()
+		if !ok {
+			break
 		}
-		break
+		if err := d.out(f); err != nil {
+			return false, err
+		}
+		progressed = true
 	}
 	select {
 	case u := <-c.proxyIn:
@@ -337,16 +409,14 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 func (c *deviceConn) finishClose() {
 	deadline := time.Now().Add(2 * time.Second)
 	for time.Now().Before(deadline) {
-		select {
-		case f := <-c.ctrl:
-			if c.writeOut(f) != nil {
-				c.ws.CloseNow()
-				return
-			}
-			continue
-		default:
+		f, ok := c.ctrl.pop()
+		if !ok {
+			break
 		}
-		break
+		if c.writeOut(f) != nil {
+			c.ws.CloseNow()
+			return
+		}
 	}
 	code := d2m.CloseCode(c.closeCode.Load())
 	c.ws.Close(websocket.StatusCode(code), code.String())
@@ -447,10 +517,13 @@ func (d *delivery) step() (bool, error) {
 	backlogSent := len(d.pending) == 0 || d.pending[0].Seq >= d.hwm
 	if !d.dryDone && backlogSent && d.cursor+1 >= d.hwm {
 		d.dryDone = true
+		// Marked before the write: once the device has seen the frame
+		// it must already count as dry for leader election. A promotion
+		// this queues is written after the frame, by this goroutine.
+		c.group.queueDry(c)
 		if err := c.write(encodedReflectionQueueDry); err != nil {
 			return sentAny, err
 		}
-		c.group.queueDry(c)
 		sentAny = true
 	}
 	return sentAny, nil

@@ -7,11 +7,13 @@
 //
 // # Concurrency
 //
-// Each device connection has a reader (the HTTP handler goroutine), a
-// sender (sendLoop, the only writer of the socket) and, once it proxies, an
-// upstream reader. Everything else talks to a connection only through its
-// channels with non-blocking sends; a connection that cannot keep up is
-// closed, never buffered without bound. The reflection queue on disk is the
+// The HTTP handler runs a device's handshake and returns; the connection
+// then has a reader goroutine (live), a sender (sendLoop, the only writer of
+// the socket, running only while there is something to write, so an idle
+// device costs one goroutine) and, once it proxies, an upstream reader.
+// Everything else talks to a connection only through its queues with
+// non-blocking sends followed by a kick that starts sendLoop if needed; a
+// connection that cannot keep up is closed, never buffered without bound. The reflection queue on disk is the
 // buffer for durable data: memory holds only a bounded window per device.
 //
 // Per-group state has one owner: group.mu, a mutex with short critical

@@ -203,7 +203,9 @@ func fitsFrame(m proto.Message) bool { return d2m.HeaderSize+proto.Size(m) <= d2
 // reading answers stalls only its own read loop.
 func (c *deviceConn) reply(b []byte) error {
 	select {
-	case c.ctrl <- outFrame{b: b}:
+	case c.replySem <- struct{}{}:
+		c.ctrl.push(outFrame{b: b, reply: true}, true)
+		c.kick()
 		return nil
 	case <-c.closing:
 		return nil
@@ -287,12 +289,14 @@ func (c *deviceConn) upstreamLoop(up *chatproxy.Upstream) {
 			}
 			select {
 			case c.proxyIn <- proxyUnit{code: code, err: err}:
+				c.kick()
 			case <-c.ctx.Done():
 			}
 			return
 		}
 		select {
 		case c.proxyIn <- proxyUnit{b: unit}:
+			c.kick()
 		case <-c.ctx.Done():
 			return
 		}

@@ -199,7 +199,8 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "too many connections", http.StatusServiceUnavailable)
 		return
 	}
-	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	cork := &corkConn{writeTimeout: s.cfg.WriteTimeout}
+	ws, err := websocket.Accept(withUpgradeBuffers(w, cork), r, &websocket.AcceptOptions{
 		// Payloads are ciphertext and do not compress.
 		CompressionMode: websocket.CompressionDisabled,
 		// Devices authenticate with the challenge, not with cookies, so
@@ -213,12 +214,22 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(d2m.MaxFrameSize)
 	c := s.newConn(ws, info, r.RemoteAddr)
+	if c != nil && cork.Conn != nil {
+		c.cork = cork
+		cork.onWriteTimeout = func() {
+			s.metrics.slowConsumers.Inc()
+			c.closeWith(d2m.CloseInternalError, fmt.Errorf("%w: a write blocked for %v", errSlowConsumer, s.cfg.WriteTimeout))
+		}
+	}
 	if c == nil {
 		<-s.handshakes
 		ws.Close(websocket.StatusCode(d2m.CloseGoingAway), d2m.CloseGoingAway.String())
 		return
 	}
-	defer s.forgetConn(c)
+	// The handler runs the handshake; the connection then lives on in its
+	// own goroutine and the handler returns, freeing net/http's
+	// per-request state and the stack the handshake grew: several KiB for
+	// every connected device.
 	c.serve()
 }
 
@@ -228,7 +239,8 @@ func (s *Server) newConn(ws *websocket.Conn, info d2m.ClientURLInfo, remote stri
 		srv: s, ws: ws, info: info, remote: remote,
 		seq: s.connSeq.Add(1), ctx: ctx, cancel: cancel,
 		groupID:    reflection.GroupID(info.DeviceGroupID),
-		ctrl:       make(chan outFrame, s.cfg.ReflectWindow+64),
+		ctrl:       newCtrlQueue(s.cfg.ReflectWindow + 64),
+		replySem:   make(chan struct{}, maxPendingReplies),
 		wakeCh:     make(chan struct{}, 1),
 		proxyIn:    make(chan proxyUnit, 16),
 		reflectSem: make(chan struct{}, s.cfg.ReflectWindow),
@@ -259,13 +271,11 @@ func (s *Server) forgetConn(c *deviceConn) {
 	s.connsWG.Done()
 }
 
-// serve runs one connection from upgrade to close: handshake, register,
-// read loop; every exit path unregisters and ends the goroutines it
-// started.
+// serve runs one connection's handshake and registration, then hands it
+// to live; every exit path unregisters and ends the goroutines it started.
 func (c *deviceConn) serve() {
 	s := c.srv
 	start := time.Now()
-	defer c.cancel()
 	c.lastRead.Store(time.Now().UnixNano())
 	hsTimer := time.AfterFunc(s.cfg.HandshakeTimeout, func() {
 		s.metrics.handshakes.WithLabelValues("timeout").Inc()
@@ -275,20 +285,32 @@ func (c *deviceConn) serve() {
 	hsTimer.Stop()
 	<-s.handshakes
 	s.metrics.connections.WithLabelValues("handshake").Dec()
-	if c.group != nil {
-		defer s.releaseGroup(c.group)
-	}
 	if err != nil {
 		c.endWith(err, start)
+		if c.group != nil {
+			s.releaseGroup(c.group)
+		}
+		c.cancel()
+		s.forgetConn(c)
 		return
 	}
+	go c.live(hwm, start)
+}
+
+// live runs an authenticated connection until it ends, then unregisters
+// it and releases everything the connection held.
+func (c *deviceConn) live(hwm uint64, start time.Time) {
+	s := c.srv
+	defer s.forgetConn(c)
+	defer c.cancel()
+	defer s.releaseGroup(c.group)
+	var err error
 	s.metrics.handshakes.WithLabelValues("ok").Inc()
 	s.metrics.connections.WithLabelValues("authenticated").Inc()
 	defer s.metrics.connections.WithLabelValues("authenticated").Dec()
 
 	c.log.Info().Str("remote", c.remote).Msg("device connected")
-	c.sendLoopStarted.Store(true)
-	go c.sendLoop(hwm)
+	c.startSendLoop(hwm)
 	idle := c.startIdleTimer()
 	if len(c.early) > 0 {
 		// The CSP client-hello that arrived during the handshake: its

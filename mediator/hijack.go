@@ -1,0 +1,184 @@
+package mediator
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// Buffer sizes for an upgraded device connection. net/http hands a
+// hijacked connection over with its own 4 KiB reader and 4 KiB writer,
+// and the WebSocket library keeps both for the connection's life: 8 KiB
+// on every idle device. Device frames are small (a Reflected of a typical
+// envelope is a few hundred bytes); a larger frame costs one more read or
+// write system call, not a copy.
+const (
+	connReadBuffer  = 1024
+	connWriteBuffer = 2048
+)
+
+// upgradeWriter hands the WebSocket library a hijacked connection with
+// right-sized buffers and a corkable writer in place of net/http's.
+type upgradeWriter struct {
+	http.ResponseWriter
+	hj   http.Hijacker
+	cork *corkConn
+}
+
+func (w upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := w.hj.Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := brw.Writer.Flush(); err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	w.cork.Conn = conn
+	// Bytes the HTTP server read past the request (a client may send its
+	// first frames right behind the upgrade request) must come first.
+	// They are served by the conn itself: the WebSocket library resets the
+	// reader it is given onto the conn.
+	if n := brw.Reader.Buffered(); n > 0 {
+		early, _ := brw.Reader.Peek(n)
+		w.cork.early = bytes.Clone(early)
+	}
+	return w.cork, bufio.NewReadWriter(bufio.NewReaderSize(w.cork, connReadBuffer), bufio.NewWriterSize(w.cork, connWriteBuffer)), nil
+}
+
+// withUpgradeBuffers wraps w when it can be hijacked; otherwise it returns
+// w and the upgrade reports the error. cork receives the connection.
+func withUpgradeBuffers(w http.ResponseWriter, cork *corkConn) http.ResponseWriter {
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		return w
+	}
+	return upgradeWriter{ResponseWriter: w, hj: hj, cork: cork}
+}
+
+// corkConn lets sendLoop write a burst of WebSocket messages with one
+// system call. The WebSocket library flushes every message to the socket;
+// at tens of thousands of small frames per second those write calls were
+// the server's largest single cost. While corked, writes are collected in
+// memory; uncork sends them at once. Writes from other goroutines (the
+// library's pong and close replies) made during a burst go out with it, and
+// Close sends whatever is collected before closing, so a close reply is
+// never lost.
+type corkConn struct {
+	net.Conn
+	writeTimeout   time.Duration
+	onWriteTimeout func() // called before a timed-out write returns
+	early          []byte // read past the upgrade request; owned by the reader
+
+	mu     sync.Mutex
+	corked bool
+	buf    *[]byte
+	err    error // a failed write while flushing; later writes fail fast
+}
+
+// corkFlushAt bounds the memory one burst may collect.
+const corkFlushAt = 64 << 10
+
+var corkBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 8<<10); return &b }}
+
+var errWriteTimeout = errors.New("write timed out")
+
+func (c *corkConn) Read(p []byte) (int, error) {
+	if len(c.early) > 0 {
+		n := copy(p, c.early)
+		c.early = c.early[n:]
+		if len(c.early) == 0 {
+			c.early = nil
+		}
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *corkConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return 0, c.err
+	}
+	if !c.corked {
+		return c.Conn.Write(p)
+	}
+	if c.buf == nil {
+		c.buf = corkBuffers.Get().(*[]byte)
+	}
+	*c.buf = append(*c.buf, p...)
+	if len(*c.buf) >= corkFlushAt {
+		if err := c.flushLocked(c.writeTimeout); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+func (c *corkConn) cork() {
+	c.mu.Lock()
+	c.corked = true
+	c.mu.Unlock()
+}
+
+// uncork sends what was collected. A peer that does not take the bytes
+// within writeTimeout fails the write with errWriteTimeout.
+func (c *corkConn) uncork() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.corked = false
+	return c.flushLocked(c.writeTimeout)
+}
+
+func (c *corkConn) flushLocked(timeout time.Duration) error {
+	if c.buf == nil {
+		return c.err
+	}
+	b := c.buf
+	c.buf = nil
+	defer func() {
+		if cap(*b) <= corkFlushAt*2 {
+			*b = (*b)[:0]
+			corkBuffers.Put(b)
+		}
+	}()
+	if c.err != nil || len(*b) == 0 {
+		return c.err
+	}
+	if timeout > 0 {
+		c.Conn.SetWriteDeadline(time.Now().Add(timeout))
+		defer c.Conn.SetWriteDeadline(time.Time{})
+	}
+	if _, err := c.Conn.Write(*b); err != nil {
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			err = errWriteTimeout
+			if c.onWriteTimeout != nil {
+				// Before anyone sees the broken connection, so that the
+				// close is recorded for the right reason.
+				c.onWriteTimeout()
+			}
+		}
+		c.err = err
+	}
+	return c.err
+}
+
+// Close sends collected bytes first, so that a close reply written during
+// a burst is not lost. A flush that is blocked on a peer that does not
+// read is cut short after a second.
+func (c *corkConn) Close() error {
+	if !c.mu.TryLock() {
+		t := time.AfterFunc(time.Second, func() { c.Conn.SetWriteDeadline(time.Now()) })
+		c.mu.Lock()
+		t.Stop()
+	}
+	c.corked = false
+	c.flushLocked(time.Second)
+	c.mu.Unlock()
+	return c.Conn.Close()
+}
