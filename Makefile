@@ -8,7 +8,7 @@ TEST_TIMEOUT  ?= 20m
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench crashtest clean
+.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest clean
 
 all: build
 
@@ -55,8 +55,11 @@ fuzz:
 		done; \
 	done
 
-bench: ## Go benchmarks of the hot paths and the storage layer
-	$(GO) test -run='^$$' -bench=. -benchmem -benchtime=1s ./d2m/ ./reflection/ ./chatproxy/
+bench: ## short benchmark run: Go benchmarks + every d2m-load scenario (<5 min)
+	cmd/d2m-load/bench.sh
+
+bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
+	FULL=1 cmd/d2m-load/bench.sh
 
 crashtest: ## long SIGKILL crash loop
 	CRASH_ITERATIONS=200 $(GO) test -count=1 -timeout=60m -run 'TestCrashLoop' ./integration/

@@ -1,10 +1,13 @@
 package d2d
 
 import (
+	"crypto/ecdh"
 	"crypto/rand"
 	"fmt"
 
 	"golang.org/x/crypto/nacl/box"
+
+	"d2m-mediator/d2m"
 )
 
 const (
@@ -25,7 +28,21 @@ func ChallengeResponse(keys Keys, eskPublic *[32]byte, challenge []byte) ([]byte
 	}
 	var nonce [NonceSize]byte
 	rand.Read(nonce[:]) // never fails since Go 1.24
+	// crypto/ecdh instead of box.Seal's curve25519.ScalarMult: half the
+	// cost, and a low-order ESK from a rogue server is refused instead of
+	// silently yielding an all-zero shared key.
+	priv := keys.pathKey
+	if priv == nil { // Keys not made by DeriveKeys
+		var err error
+		if priv, err = ecdh.X25519().NewPrivateKey(keys.DGPK.Secret[:]); err != nil {
+			return nil, fmt.Errorf("d2d: path key: %w", err)
+		}
+	}
+	shared, err := d2m.SharedKey(priv, eskPublic[:])
+	if err != nil {
+		return nil, fmt.Errorf("d2d: server ephemeral key: %w", err)
+	}
 	out := make([]byte, NonceSize, ChallengeResponseSize)
 	copy(out, nonce[:])
-	return box.Seal(out, challenge, &nonce, eskPublic, &keys.DGPK.Secret), nil
+	return box.SealAfterPrecomputation(out, challenge, &nonce, shared), nil
 }

@@ -49,3 +49,11 @@ func TestChallengeResponseRejectsBadChallenge(t *testing.T) {
 		}
 	}
 }
+
+func TestChallengeResponseRefusesLowOrderESK(t *testing.T) {
+	keys := DeriveKeys(DeviceGroupKey{7})
+	var zero [32]byte // a low-order point: the shared key would be all zeros
+	if _, err := ChallengeResponse(keys, &zero, make([]byte, ChallengeSize)); err == nil {
+		t.Fatal("ChallengeResponse accepted a low-order server ephemeral key")
+	}
+}

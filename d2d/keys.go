@@ -1,13 +1,12 @@
 package d2d
 
 import (
+	"crypto/ecdh"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
 
 	"d2m-mediator/d2d/blake2b"
-
-	"golang.org/x/crypto/curve25519"
 )
 
 // DeviceGroupKey is the 32-byte secret (DGK) that all devices of a group
@@ -59,6 +58,10 @@ type Keys struct {
 	DGSDDK [32]byte
 	// DGTSK encrypts d2d.TransactionScope.
 	DGTSK [32]byte
+
+	// pathKey is DGPK.Secret as a crypto/ecdh key, made once by DeriveKeys:
+	// building it computes the public key, as costly as the exchange.
+	pathKey *ecdh.PrivateKey
 }
 
 // personal is the BLAKE2b personalization of all device-group keys.
@@ -70,7 +73,8 @@ const personal = "3ma-mdev"
 func DeriveKeys(dgk DeviceGroupKey) Keys {
 	var k Keys
 	k.DGPK.Secret = derive(dgk, "p")
-	curve25519.ScalarBaseMult(&k.DGPK.Public, &k.DGPK.Secret)
+	k.pathKey, _ = ecdh.X25519().NewPrivateKey(k.DGPK.Secret[:]) // 32 bytes: cannot fail
+	copy(k.DGPK.Public[:], k.pathKey.PublicKey().Bytes())
 	k.DGRK = derive(dgk, "r")
 	k.DGDIK = derive(dgk, "di")
 	k.DGSDDK = derive(dgk, "sdd")

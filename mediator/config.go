@@ -25,7 +25,8 @@ type Config struct {
 	EarlyProxyLimit      int           // Proxy bytes buffered before auth (64 KiB), then 4010
 	DeliveryWindow       int           // Reflected in flight (unacked) per device (256)
 	ReflectWindow        int           // Reflects awaiting their ReflectAck per device (128)
-	MaxHandshakes        int           // handshakes in flight; more are answered 503 (1024)
+	MaxHandshakes        int           // handshakes in flight; more wait AdmissionWait, then 503 (1024)
+	AdmissionWait        time.Duration // how long an upgrade waits for a handshake slot (2s; <0: no wait)
 	MaxConnections       int           // open device connections; more are answered 503 (100000)
 	ShutdownSpread       time.Duration // 1001 closes spread over this window on shutdown (2s)
 }
@@ -53,6 +54,7 @@ func (c Config) withDefaults() Config {
 	defInt(&c.DeliveryWindow, 256)
 	defInt(&c.ReflectWindow, 128)
 	defInt(&c.MaxHandshakes, 1024)
+	def(&c.AdmissionWait, 2*time.Second)
 	defInt(&c.MaxConnections, 100000)
 	def(&c.ShutdownSpread, 2*time.Second)
 	return c

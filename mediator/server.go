@@ -182,11 +182,11 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "shutting down", http.StatusServiceUnavailable)
 		return
 	}
-	// Admission control before the upgrade: a reconnect storm is answered
-	// with 503 and Retry-After instead of piling up half-open sockets.
-	select {
-	case s.handshakes <- struct{}{}:
-	default:
+	// Admission control before the upgrade: in a reconnect storm an
+	// upgrade waits briefly for a handshake slot (a waiting socket costs
+	// little; a 503 makes the device dial again), then is answered 503
+	// with Retry-After instead of piling up half-open sockets.
+	if !s.admitHandshake(r.Context()) {
 		s.metrics.handshakes.WithLabelValues("overload").Inc()
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "too many handshakes in flight", http.StatusServiceUnavailable)
@@ -231,6 +231,28 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 	// per-request state and the stack the handshake grew: several KiB for
 	// every connected device.
 	c.serve()
+}
+
+// admitHandshake takes a handshake slot, waiting up to AdmissionWait.
+func (s *Server) admitHandshake(ctx context.Context) bool {
+	select {
+	case s.handshakes <- struct{}{}:
+		return true
+	default:
+	}
+	if s.cfg.AdmissionWait <= 0 {
+		return false
+	}
+	t := time.NewTimer(s.cfg.AdmissionWait)
+	defer t.Stop()
+	select {
+	case s.handshakes <- struct{}{}:
+		return true
+	case <-t.C:
+	case <-ctx.Done():
+	case <-s.baseCtx.Done():
+	}
+	return false
 }
 
 func (s *Server) newConn(ws *websocket.Conn, info d2m.ClientURLInfo, remote string) *deviceConn {

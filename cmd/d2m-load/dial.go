@@ -1,0 +1,285 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"d2m-mediator/d2d"
+	"d2m-mediator/d2m"
+	"d2m-mediator/d2m/d2mclient"
+	"d2m-mediator/proto/d2mpb"
+)
+
+// checkLoopback refuses every target that is not on this machine: the tool
+// generates real load and must never be pointed at somebody else's server.
+func checkLoopback(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("%q: %w", raw, err)
+	}
+	host := u.Hostname()
+	if host == "" {
+		return fmt.Errorf("%q has no host", raw)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("%q is not a loopback address (only 127.0.0.0/8, ::1 and localhost are allowed)", raw)
+	}
+	return nil
+}
+
+// dialer opens authenticated device connections. The server answers 503
+// with Retry-After while too many handshakes are in flight; dial retries
+// those with exponential backoff and full jitter, capped at the advertised
+// Retry-After, and counts them.
+type dialer struct {
+	url      string
+	hc       *http.Client
+	overload atomic.Int64 // 503 answers seen (each was retried)
+	attempts atomic.Int64
+}
+
+func newDialer(base string) *dialer {
+	tr := &http.Transport{
+		// One TCP connection per WebSocket: no pooling, no limits. A
+		// hijacked (101) connection never returns to a pool anyway; the
+		// 503 answers must not park idle connections either.
+		DialContext:        (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
+		DisableKeepAlives:  true,
+		DisableCompression: true,
+		MaxConnsPerHost:    0,
+		MaxIdleConns:       0,
+		ForceAttemptHTTP2:  false,
+	}
+	return &dialer{url: base, hc: &http.Client{Transport: statusTransport{tr}}}
+}
+
+// statusTransport lets dial see the HTTP status and Retry-After of a failed
+// upgrade, which d2mclient.Dial does not return.
+type statusTransport struct{ rt http.RoundTripper }
+
+type statusKey struct{}
+
+type dialStatus struct {
+	code       int
+	retryAfter time.Duration
+}
+
+func (t statusTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := t.rt.RoundTrip(r)
+	if resp != nil {
+		if st, ok := r.Context().Value(statusKey{}).(*dialStatus); ok {
+			st.code = resp.StatusCode
+			if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil {
+				st.retryAfter = time.Duration(s) * time.Second
+			}
+		}
+	}
+	return resp, err
+}
+
+// deviceConfig is a PERSISTENT device of group keys with id dev.
+func (d *dialer) deviceConfig(keys d2d.Keys, dev uint64) d2mclient.Config {
+	return d2mclient.Config{
+		URL: d.url, Keys: keys, DeviceID: dev,
+		ExpirationPolicy: d2mpb.DeviceSlotExpirationPolicy_PERSISTENT,
+		DeviceInfo:       []byte("load-device-info"), // opaque to the server; skip sealing
+		HTTPClient:       d.hc,
+	}
+}
+
+// dial connects and authenticates, retrying 503 answers until ctx ends.
+func (d *dialer) dial(ctx context.Context, cfg d2mclient.Config) (*d2mclient.Client, error) {
+	backoff := 50 * time.Millisecond
+	for {
+		st := &dialStatus{}
+		d.attempts.Add(1)
+		c, err := d2mclient.Dial(context.WithValue(ctx, statusKey{}, st), cfg)
+		if err == nil {
+			return c, nil
+		}
+		if c != nil {
+			code := websocket.CloseStatus(c.Err())
+			c.CloseNow()
+			if code > 0 {
+				return nil, &closeErr{code: int(code), during: "handshake", err: err}
+			}
+		}
+		if st.code != http.StatusServiceUnavailable || ctx.Err() != nil {
+			if st.code != 0 && st.code != http.StatusSwitchingProtocols {
+				return nil, fmt.Errorf("HTTP %d: %w", st.code, err)
+			}
+			return nil, err
+		}
+		d.overload.Add(1)
+		limit := st.retryAfter
+		if limit <= 0 {
+			limit = time.Second
+		}
+		wait := time.Duration(rand.Int64N(int64(min(backoff, limit)) + 1))
+		backoff *= 2
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// closeErr is a connection the server closed with a code.
+type closeErr struct {
+	code   int
+	during string
+	err    error
+}
+
+func (e *closeErr) Error() string {
+	return fmt.Sprintf("close %d during %s: %v", e.code, e.during, e.err)
+}
+
+// errorKey is the key errors are counted under: the close code where there
+// is one, else a short class.
+func errorKey(err error) string {
+	var ce *closeErr
+	switch {
+	case err == nil:
+		return ""
+	case errors.As(err, &ce):
+		return fmt.Sprintf("close %d (%s)", ce.code, d2m.CloseCode(ce.code))
+	case errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	case errors.Is(err, context.Canceled):
+		return "canceled"
+	}
+	if code := websocket.CloseStatus(err); code > 0 {
+		return fmt.Sprintf("close %d (%s)", int(code), d2m.CloseCode(code))
+	}
+	s := err.Error()
+	if len(s) > 80 {
+		s = s[:80]
+	}
+	return "error: " + s
+}
+
+// errCounter counts errors by key.
+type errCounter struct {
+	mu sync.Mutex
+	m  map[string]int64
+	n  atomic.Int64
+}
+
+func (e *errCounter) add(err error) {
+	if err == nil {
+		return
+	}
+	e.addKey(errorKey(err))
+}
+
+func (e *errCounter) addKey(k string) {
+	e.n.Add(1)
+	e.mu.Lock()
+	if e.m == nil {
+		e.m = map[string]int64{}
+	}
+	e.m[k]++
+	e.mu.Unlock()
+}
+
+func (e *errCounter) snapshot() map[string]int64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make(map[string]int64, len(e.m))
+	for k, v := range e.m {
+		out[k] = v
+	}
+	return out
+}
+
+// connEnd classifies how a device connection ended: its close code if the
+// server sent one, else the transport error.
+func connEnd(c *d2mclient.Conn) error {
+	err := c.Err()
+	if code := websocket.CloseStatus(err); code > 0 {
+		return &closeErr{code: int(code), during: "session", err: err}
+	}
+	if err == nil {
+		return errors.New("connection ended")
+	}
+	return err
+}
+
+// readyDevice waits for ReflectionQueueDry, acking every backlog Reflected
+// on the way, and returns how many Reflected it got. onReflected, if not
+// nil, sees each one. RolePromotedToLeader and other messages are skipped.
+func readyDevice(ctx context.Context, c *d2mclient.Client, onReflected func(d2m.Reflected)) (int, error) {
+	n := 0
+	for {
+		m, err := c.Recv(ctx)
+		if err != nil {
+			if errors.Is(err, d2mclient.ErrClosed) {
+				return n, connEnd(c.Conn)
+			}
+			return n, err
+		}
+		switch m.Type {
+		case d2m.TypeReflected:
+			r, err := d2m.DecodeReflected(m.Payload)
+			if err != nil {
+				return n, err
+			}
+			n++
+			if onReflected != nil {
+				onReflected(r)
+			}
+			if err := c.AckReflected(ctx, r.ID); err != nil {
+				return n, err
+			}
+		case d2m.TypeReflectionQueueDry:
+			return n, nil
+		}
+	}
+}
+
+// forEach runs fn(i) for i in [0, n) on `workers` goroutines and returns
+// the first error, after all have finished. It stops handing out work when
+// ctx ends.
+func forEach(ctx context.Context, n, workers int, fn func(i int) error) error {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	for range min(workers, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				if err := fn(i); err != nil {
+					once.Do(func() { first = err })
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if first == nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return first
+}
