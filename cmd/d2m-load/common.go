@@ -134,3 +134,43 @@ func (r *result) timelineValues(name string) []float64 {
 	}
 	return nil
 }
+
+// pacer spaces one device's sends interval apart (0: as fast as its
+// pipeline allows) and hands out its pipeline slots.
+type pacer struct {
+	interval time.Duration
+	next     time.Time
+	timer    *time.Timer
+	late     *counter // sends more than a second behind schedule
+}
+
+func newPacer(interval, phase time.Duration, late *counter) *pacer {
+	return &pacer{interval: interval, next: time.Now().Add(phase), timer: time.NewTimer(time.Hour), late: late}
+}
+
+func (p *pacer) stop() { p.timer.Stop() }
+
+// acquire waits for the next send time and a free slot in slots; it
+// reports false once ctx has ended (holding no slot).
+func (p *pacer) acquire(ctx context.Context, slots chan struct{}) bool {
+	if p.interval > 0 {
+		if !sleepCtx(ctx, p.timer, time.Until(p.next)) {
+			return false
+		}
+		p.next = p.next.Add(p.interval)
+		if time.Since(p.next) > time.Second {
+			p.late.Add(1)
+			p.next = time.Now()
+		}
+	}
+	select {
+	case slots <- struct{}{}:
+	case <-ctx.Done():
+		return false
+	}
+	if ctx.Err() != nil {
+		<-slots
+		return false
+	}
+	return true
+}

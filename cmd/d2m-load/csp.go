@@ -195,30 +195,10 @@ func (d *cspDevice) reflect(ioCtx context.Context, env []byte, st *cspStats, the
 }
 
 func (d *cspDevice) send(ctx, ioCtx context.Context, size int, interval, phase time.Duration, reflect bool, st *cspStats) {
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
-	next := time.Now().Add(phase)
 	filler := randomBytes(size)
-	for ctx.Err() == nil {
-		if interval > 0 {
-			if !sleepCtx(ctx, timer, time.Until(next)) {
-				return
-			}
-			next = next.Add(interval)
-			if time.Since(next) > time.Second {
-				st.late.Add(1)
-				next = time.Now()
-			}
-		}
-		select {
-		case d.slots <- struct{}{}:
-		case <-ctx.Done():
-			return
-		}
-		if ctx.Err() != nil {
-			<-d.slots
-			return
-		}
+	pace := newPacer(interval, phase, &st.late)
+	defer pace.stop()
+	for pace.acquire(ctx, d.slots) {
 		body := append([]byte(nil), filler...)
 		stampEnvelope(body, d.idx)
 		d.mu.Lock()

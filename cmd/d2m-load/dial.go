@@ -140,6 +140,23 @@ func (d *dialer) dial(ctx context.Context, cfg d2mclient.Config) (*d2mclient.Cli
 	}
 }
 
+// dialReady dials, then reads the device's backlog up to
+// ReflectionQueueDry, recording the time it took in hs. On a failed
+// ready the connection is closed.
+func (d *dialer) dialReady(ctx context.Context, cfg d2mclient.Config, hs *hist) (*d2mclient.Client, error) {
+	t0 := time.Now()
+	c, err := d.dial(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := readyDevice(ctx, c, nil); err != nil {
+		c.CloseNow()
+		return nil, err
+	}
+	hs.Record(time.Since(t0))
+	return c, nil
+}
+
 // closeErr is a connection the server closed with a code.
 type closeErr struct {
 	code   int

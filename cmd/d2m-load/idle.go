@@ -65,16 +65,11 @@ func runIdle(ctx context.Context, env *runEnv) (*result, error) {
 	recvCtx, stopRecv := context.WithCancel(context.Background())
 	defer stopRecv()
 	err = forEach(setupCtx, n, o.dialWorkers, func(i int) error {
-		t0 := time.Now()
-		c, err := env.dialer.dial(setupCtx, env.dialer.deviceConfig(keys[slots[i].group], uint64(slots[i].dev)))
+		c, err := env.dialer.dialReady(setupCtx, env.dialer.deviceConfig(keys[slots[i].group], uint64(slots[i].dev)), hs)
 		if err != nil {
 			return fmt.Errorf("device %d: %w", i, err)
 		}
 		conns[i] = c
-		if _, err := readyDevice(setupCtx, c, nil); err != nil {
-			return fmt.Errorf("device %d: %w", i, err)
-		}
-		hs.Record(time.Since(t0))
 		ready.Add(1)
 		// Drain whatever else arrives (RolePromotedToLeader, DevicesInfo)
 		// and notice closes.

@@ -53,17 +53,9 @@ func writePlot(path string, r *result) error {
 					pts = append(pts, plotter.XY{X: r.Timeline.T[j], Y: v})
 				}
 			}
-			if len(pts) == 0 {
-				continue
-			}
-			l, err := plotter.NewLine(pts)
-			if err != nil {
+			if err := addLine(p, pts, i, s.Name); err != nil {
 				return err
 			}
-			l.Color = plotutil.Color(i)
-			l.Width = vg.Points(1.5)
-			p.Add(l)
-			p.Legend.Add(s.Name, l)
 		}
 		p.Y.Max = top * 1.3 // room for the legend
 		p.Legend.Top = true
@@ -93,18 +85,10 @@ func writePlot(path string, r *result) error {
 					pts = append(pts, plotter.XY{X: xs[j], Y: ys[j]})
 				}
 			}
-			if len(pts) == 0 {
-				continue
-			}
-			l, err := plotter.NewLine(pts)
-			if err != nil {
+			s := r.Latency[h.name]
+			if err := addLine(p, pts, i, fmt.Sprintf("%s (p50 %.2f, p99 %.2f ms)", h.name, s.P50Ms, s.P99Ms)); err != nil {
 				return err
 			}
-			l.Color = plotutil.Color(i)
-			l.Width = vg.Points(1.5)
-			p.Add(l)
-			s := r.Latency[h.name]
-			p.Legend.Add(fmt.Sprintf("%s (p50 %.2f, p99 %.2f ms)", h.name, s.P50Ms, s.P99Ms), l)
 		}
 		p.Legend.Top = false
 		p.Legend.Left = false
@@ -159,4 +143,21 @@ func unitTitle(u string) string {
 		return "count"
 	}
 	return u
+}
+
+// addLine draws pts as the i-th series of p with a legend entry; an empty
+// series is left out.
+func addLine(p *plot.Plot, pts plotter.XYs, i int, legend string) error {
+	if len(pts) == 0 {
+		return nil
+	}
+	l, err := plotter.NewLine(pts)
+	if err != nil {
+		return err
+	}
+	l.Color = plotutil.Color(i)
+	l.Width = vg.Points(1.5)
+	p.Add(l)
+	p.Legend.Add(legend, l)
+	return nil
 }

@@ -62,16 +62,11 @@ func runReflect(ctx context.Context, env *runEnv) (*result, error) {
 	var ready atomic.Int64
 	setupProg := startProgress("connect", st.errs, gauge("connected", "devices", func() float64 { return float64(ready.Load()) }))
 	err := forEach(setupCtx, n, o.dialWorkers, func(i int) error {
-		t0 := time.Now()
-		c, err := env.dialer.dial(setupCtx, env.dialer.deviceConfig(keys[i/o.devices], uint64(i%o.devices+1)))
+		c, err := env.dialer.dialReady(setupCtx, env.dialer.deviceConfig(keys[i/o.devices], uint64(i%o.devices+1)), hs)
 		if err != nil {
 			return fmt.Errorf("device %d: %w", i, err)
 		}
 		conns[i] = c
-		if _, err := readyDevice(setupCtx, c, nil); err != nil {
-			return fmt.Errorf("device %d: %w", i, err)
-		}
-		hs.Record(time.Since(t0))
 		devs[i] = &reflectDevice{idx: i, c: c, slots: make(chan struct{}, o.pipeline)}
 		ready.Add(1)
 		return nil
@@ -158,29 +153,9 @@ func runReflect(ctx context.Context, env *runEnv) (*result, error) {
 
 func (d *reflectDevice) send(ctx, ioCtx context.Context, size int, interval, phase time.Duration, st *reflectStats) {
 	env := randomBytes(size)
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
-	next := time.Now().Add(phase)
-	for ctx.Err() == nil {
-		if interval > 0 {
-			if !sleepCtx(ctx, timer, time.Until(next)) {
-				return
-			}
-			next = next.Add(interval)
-			if time.Since(next) > time.Second {
-				st.late.Add(1)
-				next = time.Now()
-			}
-		}
-		select {
-		case d.slots <- struct{}{}:
-		case <-ctx.Done():
-			return
-		}
-		if ctx.Err() != nil {
-			<-d.slots
-			return
-		}
+	pace := newPacer(interval, phase, &st.late)
+	defer pace.stop()
+	for pace.acquire(ctx, d.slots) {
 		d.next++
 		id := d.next
 		stampEnvelope(env, d.idx)
