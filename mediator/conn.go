@@ -277,23 +277,28 @@ func (c *deviceConn) write(b []byte) error {
 // ends; the next kick starts it again. It ends for good (closing sendDone)
 // once the connection closes.
 func (c *deviceConn) sendLoop() {
+	if c.writeUntilIdle() {
+		close(c.sendDone)
+	}
+}
+
+// writeUntilIdle writes until nothing is left (false) or the connection
+// is over (true).
+func (c *deviceConn) writeUntilIdle() (ended bool) {
 	d := &c.dlv
 	for {
 		select {
 		case <-c.closing:
 			c.finishClose()
-			close(c.sendDone)
-			return
+			return true
 		case <-c.ctx.Done():
-			close(c.sendDone)
-			return
+			return true
 		default:
 		}
 		progressed, err := c.drainBatch(d)
 		if err != nil {
 			c.ws.CloseNow()
-			close(c.sendDone)
-			return
+			return true
 		}
 		if progressed {
 			continue
@@ -304,8 +309,7 @@ func (c *deviceConn) sendLoop() {
 		case u := <-c.proxyIn:
 			if err := c.writeProxy(u); err != nil {
 				c.ws.CloseNow()
-				close(c.sendDone)
-				return
+				return true
 			}
 			continue
 		case <-c.wakeCh:
@@ -318,7 +322,7 @@ func (c *deviceConn) sendLoop() {
 		// stepping down; a kick after that starts a new writer.
 		c.writerRunning.Store(false)
 		if !c.hasWork() || !c.writerRunning.CompareAndSwap(false, true) {
-			return
+			return false
 		}
 	}
 }
