@@ -214,17 +214,17 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(d2m.MaxFrameSize)
 	c := s.newConn(ws, info, r.RemoteAddr)
-	if c != nil && cork.Conn != nil {
+	if c == nil {
+		<-s.handshakes
+		ws.Close(websocket.StatusCode(d2m.CloseGoingAway), d2m.CloseGoingAway.String())
+		return
+	}
+	if cork.Conn != nil {
 		c.cork = cork
 		cork.onWriteTimeout = func() {
 			s.metrics.slowConsumers.Inc()
 			c.closeWith(d2m.CloseInternalError, fmt.Errorf("%w: a write blocked for %v", errSlowConsumer, s.cfg.WriteTimeout))
 		}
-	}
-	if c == nil {
-		<-s.handshakes
-		ws.Close(websocket.StatusCode(d2m.CloseGoingAway), d2m.CloseGoingAway.String())
-		return
 	}
 	// The handler runs the handshake; the connection then lives on in its
 	// own goroutine and the handler returns, freeing net/http's
@@ -298,6 +298,22 @@ func (s *Server) forgetConn(c *deviceConn) {
 func (c *deviceConn) serve() {
 	s := c.srv
 	start := time.Now()
+	slotHeld, handedOff := true, false
+	defer func() {
+		// Also on a panic (net/http recovers it): the connection must not
+		// keep its handshake slot or stay counted.
+		if slotHeld {
+			<-s.handshakes
+			s.metrics.connections.WithLabelValues("handshake").Dec()
+		}
+		if !handedOff {
+			if c.group != nil {
+				s.releaseGroup(c.group)
+			}
+			c.cancel()
+			s.forgetConn(c)
+		}
+	}()
 	c.lastRead.Store(time.Now().UnixNano())
 	hsTimer := time.AfterFunc(s.cfg.HandshakeTimeout, func() {
 		s.metrics.handshakes.WithLabelValues("timeout").Inc()
@@ -305,17 +321,14 @@ func (c *deviceConn) serve() {
 	})
 	hwm, err := c.handshake()
 	hsTimer.Stop()
+	slotHeld = false
 	<-s.handshakes
 	s.metrics.connections.WithLabelValues("handshake").Dec()
 	if err != nil {
 		c.endWith(err, start)
-		if c.group != nil {
-			s.releaseGroup(c.group)
-		}
-		c.cancel()
-		s.forgetConn(c)
 		return
 	}
+	handedOff = true
 	go c.live(hwm, start)
 }
 
