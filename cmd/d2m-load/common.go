@@ -174,3 +174,20 @@ func (p *pacer) acquire(ctx context.Context, slots chan struct{}) bool {
 	}
 	return true
 }
+
+// deviceInterval spaces each of n devices' sends so that together they
+// make rate sends per second; 0 (rate 0) means as fast as acks allow.
+func deviceInterval(n int, rate float64) time.Duration {
+	if rate <= 0 {
+		return 0
+	}
+	return time.Duration(float64(n) / rate * float64(time.Second))
+}
+
+// randomPhase spreads the devices' first sends over one interval.
+func randomPhase(interval time.Duration) time.Duration {
+	if interval <= 0 {
+		return 0
+	}
+	return time.Duration(rand.Int64N(int64(interval)))
+}

@@ -129,17 +129,11 @@ func runCSP(ctx context.Context, env *runEnv) (*result, error) {
 	prog := startProgress("csp", st.errs, rateOf("received", st.received.get), rateOf("sent", st.sent.get),
 		rateOf("reflects", st.reflects.get))
 	start := time.Now()
-	interval := time.Duration(0)
-	if o.rate > 0 {
-		interval = time.Duration(float64(n) / o.rate * float64(time.Second))
-	}
+	interval := deviceInterval(n, o.rate)
 	var sendWG sync.WaitGroup
 	for _, d := range devs {
 		sendWG.Add(1)
-		phase := time.Duration(0)
-		if interval > 0 {
-			phase = time.Duration(rand.Int64N(int64(interval)))
-		}
+		phase := randomPhase(interval)
 		go func() { defer sendWG.Done(); d.send(sendCtx, ioCtx, max(o.size, 12), interval, phase, o.reflect, st) }()
 	}
 	<-sendCtx.Done()
@@ -227,14 +221,8 @@ func (d *cspDevice) send(ctx, ioCtx context.Context, size int, interval, phase t
 
 func (d *cspDevice) recvD2M(ctx context.Context, st *cspStats) {
 	for {
-		m, err := d.c.Recv(ctx)
-		if err != nil {
-			if ctx.Err() == nil && !st.closing.Load() {
-				if errors.Is(err, d2mclient.ErrClosed) {
-					err = connEnd(d.c.Conn)
-				}
-				st.errs.add(err)
-			}
+		m, ok := recvSession(ctx, d.c.Conn, &st.closing, st.errs)
+		if !ok {
 			return
 		}
 		if m.Type != d2m.TypeReflectAck {

@@ -239,6 +239,23 @@ func connEnd(c *d2mclient.Conn) error {
 	return err
 }
 
+// recvSession reads the next message of a running session. When the
+// connection ends it reports why to errs, unless the run is stopping (ctx
+// ended or closing set), and returns false.
+func recvSession(ctx context.Context, c *d2mclient.Conn, closing *atomic.Bool, errs *errCounter) (d2mclient.Message, bool) {
+	m, err := c.Recv(ctx)
+	if err != nil {
+		if ctx.Err() == nil && !closing.Load() {
+			if errors.Is(err, d2mclient.ErrClosed) {
+				err = connEnd(c)
+			}
+			errs.add(err)
+		}
+		return m, false
+	}
+	return m, true
+}
+
 // readyDevice waits for ReflectionQueueDry, acking every backlog Reflected
 // on the way, and returns how many Reflected it got. onReflected, if not
 // nil, sees each one. RolePromotedToLeader and other messages are skipped.

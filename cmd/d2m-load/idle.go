@@ -77,14 +77,7 @@ func runIdle(ctx context.Context, env *runEnv) (*result, error) {
 		go func() {
 			defer recvWG.Done()
 			for {
-				_, err := c.Recv(recvCtx)
-				if err != nil {
-					if recvCtx.Err() == nil && !closing.Load() {
-						if errors.Is(err, d2mclient.ErrClosed) {
-							err = connEnd(c.Conn)
-						}
-						errs.add(err)
-					}
+				if _, ok := recvSession(recvCtx, c.Conn, &closing, errs); !ok {
 					return
 				}
 			}

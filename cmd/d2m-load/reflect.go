@@ -2,9 +2,7 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -92,17 +90,11 @@ func runReflect(ctx context.Context, env *runEnv) (*result, error) {
 	prog := startProgress("reflect", st.errs,
 		rateOf("reflects", st.acked.get), rateOf("sent", st.sent.get), rateOf("delivered", st.delivered.get))
 	start := time.Now()
-	interval := time.Duration(0)
-	if o.rate > 0 {
-		interval = time.Duration(float64(n) / o.rate * float64(time.Second))
-	}
+	interval := deviceInterval(n, o.rate)
 	var sendWG sync.WaitGroup
 	for _, d := range devs {
 		sendWG.Add(1)
-		phase := time.Duration(0)
-		if interval > 0 {
-			phase = time.Duration(rand.Int64N(int64(interval)))
-		}
+		phase := randomPhase(interval)
 		go func() { defer sendWG.Done(); d.send(sendCtx, ioCtx, o.size, interval, phase, st) }()
 	}
 	<-sendCtx.Done()
@@ -174,14 +166,8 @@ func (d *reflectDevice) send(ctx, ioCtx context.Context, size int, interval, pha
 
 func (d *reflectDevice) receive(ctx, ioCtx context.Context, st *reflectStats) {
 	for {
-		m, err := d.c.Recv(ctx)
-		if err != nil {
-			if ctx.Err() == nil && !st.closing.Load() {
-				if errors.Is(err, d2mclient.ErrClosed) {
-					err = connEnd(d.c.Conn)
-				}
-				st.errs.add(err)
-			}
+		m, ok := recvSession(ctx, d.c.Conn, &st.closing, st.errs)
+		if !ok {
 			return
 		}
 		switch m.Type {
