@@ -57,3 +57,20 @@ func TestChallengeResponseRefusesLowOrderESK(t *testing.T) {
 		t.Fatal("ChallengeResponse accepted a low-order server ephemeral key")
 	}
 }
+
+// BenchmarkChallengeResponse: one answer to a ServerHello, the device's
+// whole share of the handshake crypto (BENCHMARKS.md).
+func BenchmarkChallengeResponse(b *testing.B) {
+	keys := DeriveKeys(DeviceGroupKey{7})
+	esk, _, err := box.GenerateKey(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	challenge := make([]byte, ChallengeSize)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := ChallengeResponse(keys, esk, challenge); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -59,12 +59,6 @@ func (q *ctrlQueue) pop() (outFrame, bool) {
 	return f, true
 }
 
-func (q *ctrlQueue) len() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.frames) - q.head
-}
-
 // maxPendingReplies bounds the answers to a device's own requests waiting
 // to be written; a device that sends requests without reading blocks its
 // own read loop there, and TCP pushes back on it alone.

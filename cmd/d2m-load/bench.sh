@@ -32,8 +32,8 @@ MEDIATOR=$OUT/bin/mediator
 LOAD=$OUT/bin/d2m-load
 
 if [ "$GOBENCH" != 0 ]; then
-	echo "== Go benchmarks (d2m, chatproxy, reflection, WebSocket bounds)"
-	$GO test -run '^$' -bench . -benchmem -benchtime=$BENCHTIME ./d2m/ ./chatproxy/ ./reflection/ 2>&1 | tee "$OUT/gobench.txt"
+	echo "== Go benchmarks (d2m, d2d, chatproxy, reflection, WebSocket bounds)"
+	$GO test -run '^$' -bench . -benchmem -benchtime=$BENCHTIME ./d2m/ ./d2d/ ./chatproxy/ ./reflection/ 2>&1 | tee "$OUT/gobench.txt"
 	$GO test -run '^$' -bench Bound -benchtime=$BENCHTIME ./mediator/ 2>&1 | tee -a "$OUT/gobench.txt"
 fi
 
