@@ -290,6 +290,10 @@ func (s *Server) withSlot(h func(http.ResponseWriter, *http.Request, reflection.
 }
 
 // ParseDeviceID reads a device id in decimal or as 0x-prefixed hex.
+// FormatDeviceID is the one printed form of a device id: 16 lowercase hex
+// digits, as the logs, the CLI and the device tools show it.
+func FormatDeviceID(d reflection.DeviceID) string { return fmt.Sprintf("%016x", uint64(d)) }
+
 func ParseDeviceID(s string) (reflection.DeviceID, error) {
 	var v uint64
 	var err error
@@ -642,10 +646,15 @@ func (s *Server) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflecti
 func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
 	res := DropResult{Group: id.String(), DeviceID: JSONDeviceID(dev)}
 	done := make(chan error, 1)
-	g := s.lockGroup(id)
-	err := g.loadLocked()
+	g, err := s.acquireLoadedGroup(id)
+	if err != nil {
+		return res, err
+	}
+	// Loaded for this drop alone if no device holds it: let it go again.
+	defer s.releaseGroup(g)
+	g.mu.Lock()
 	_, exists := g.slots[dev]
-	if err == nil && exists {
+	if exists {
 		res.WasConnected = g.conns[dev] != nil
 		if qs, ok := s.store.QueueStats(id, dev); ok {
 			res.QueueLength = qs.Length
@@ -653,20 +662,13 @@ func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (
 		g.dropSlotLocked(dev, reflection.Dropped, func(err error) { done <- err })
 	}
 	g.mu.Unlock()
-	// Loaded for this drop alone if no device holds it: let it go again.
-	s.mu.Lock()
-	s.maybeEvictLocked(g)
-	s.mu.Unlock()
-	if err != nil {
-		return res, err
-	}
 	if !exists {
 		return res, errorf(http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
 	}
 	if err := <-done; err != nil {
 		return res, fmt.Errorf("deleting the slot: %w", err)
 	}
-	s.log.Info().Str("group", shortID(id)).Uint64("device", uint64(dev)).Bool("was_connected", res.WasConnected).
+	s.log.Info().Str("group", shortID(id)).Str("device", FormatDeviceID(dev)).Bool("was_connected", res.WasConnected).
 		Msg("admin dropped slot")
 	return res, nil
 }
@@ -729,19 +731,17 @@ func (s *Server) apiReleaseLock(w http.ResponseWriter, r *http.Request, id refle
 	res := LockReleaseResult{Group: id.String(), Holder: JSONDeviceID(t.holder.deviceID), HeldSeconds: time.Since(t.started).Seconds()}
 	g.endTransactionLocked(false)
 	g.mu.Unlock()
-	s.log.Info().Str("group", shortID(id)).Uint64("holder", uint64(t.holder.deviceID)).Msg("admin released transaction lock")
+	s.log.Info().Str("group", shortID(id)).Str("holder", FormatDeviceID(t.holder.deviceID)).Msg("admin released transaction lock")
 
 	// The lock is free once the held reflections are durable in the other
-	// queues (endTransactionLocked's callback); wait for that, briefly.
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) && r.Context().Err() == nil {
-		g.mu.Lock()
-		res.Released = g.txn != t
-		g.mu.Unlock()
-		if res.Released {
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
+	// queues (endTransactionLocked's callback closes t.ended).
+	timer := time.NewTimer(10 * time.Second)
+	defer timer.Stop()
+	select {
+	case <-t.ended:
+		res.Released = true
+	case <-timer.C:
+	case <-r.Context().Done():
 	}
 	writeJSON(w, http.StatusOK, res)
 }
@@ -756,7 +756,7 @@ func (s *Server) apiStats(w http.ResponseWriter, r *http.Request) {
 	st.GroupsLoaded = len(s.groups)
 	for c := range s.conns {
 		st.Connections.Open++
-		if c.sendLoopStarted.Load() {
+		if c.authed.Load() {
 			st.Connections.Authenticated++
 		} else {
 			st.Connections.Handshake++

@@ -18,6 +18,14 @@ import (
 )
 
 // deviceConn is the server's view of one device WebSocket.
+//
+// Ownership: run (one goroutine, started by Server.spawn) is the reader and
+// owns the connection; the writer (sendLoop, started by kick only while
+// there is something to write) and the upstream reader are started through
+// c.goroutines, and run returns only after both are done. Every close,
+// whatever state the connection is in, is decided by closeWith and carried
+// out by the writer: it writes what was queued before the decision, then
+// the close frame. No other goroutine writes to the socket.
 type deviceConn struct {
 	// Static after construction.
 	srv    *Server
@@ -25,8 +33,14 @@ type deviceConn struct {
 	seq    uint64 // connection number, for logs and tie-breaks
 	info   d2m.ClientURLInfo
 	remote string
-	ctx    context.Context // ends when the connection ends
+	ctx    context.Context // ends when run ends (or the server gives up on it)
 	cancel context.CancelFunc
+
+	// upstreamLoop counts the upstream reader; Add happens on run's own
+	// goroutine, which later waits for it. run waits for the writer on
+	// writerDone: writers are started by whoever kicks, at most one at a
+	// time, and the last one closes writerDone.
+	upstreamLoop sync.WaitGroup
 
 	// Set during the handshake, read-only afterwards.
 	group          *group
@@ -35,8 +49,16 @@ type deviceConn struct {
 	connectedSince int64 // unix ms; guarded by group.mu after registration
 	log            zerolog.Logger
 
-	// Outbound: everybody enqueues and kicks, only sendLoop writes the
-	// socket. sendLoop runs only while there is something to write; an
+	// Handshake output, written by the writer before anything else: the
+	// ServerHello until authentication, then the ServerInfo, which must be
+	// the first frame after the ClientHello (protocol.md §7) even if other
+	// devices queued frames for this one while its slot was being stored.
+	hsMu     sync.Mutex
+	hsFrames [][]byte
+	authed   atomic.Bool // ServerInfo queued: deliveries and control frames may follow
+
+	// Outbound: everybody enqueues and kicks, only the writer writes the
+	// socket. The writer runs only while there is something to write; an
 	// idle device has no writer goroutine (and no stack for one).
 	ctrl       ctrlQueue     // control replies and ReflectAcks, FIFO
 	replySem   chan struct{} // answers to the device's own requests not yet written
@@ -47,32 +69,39 @@ type deviceConn struct {
 	ephMu     sync.Mutex
 	ephemeral []ephemeralItem // online-only reflections awaiting their turn
 
-	// In-flight Reflected: written by sendLoop, acked via the read loop.
+	// readyThrough is the highest queue seq whose store completion has been
+	// handled by the group: deliveries read only up to it, so an entry
+	// never overtakes an ephemeral reflection numbered before it whose
+	// completion (which places it in c.ephemeral) has not run yet
+	// (protocol.md §18 row 4).
+	readyThrough atomic.Uint64
+
+	// In-flight Reflected: written by the writer, acked via the read loop.
 	inflightMu sync.Mutex
 	inflight   map[uint32]uint64 // Reflected id → queue seq
 	recentEph  [64]uint32        // ids of recently sent ephemeral Reflected
 	recentN    int
 
-	// Owned by the read loop.
+	// Owned by run.
 	early    [][]byte // Proxy bytes received before authentication
 	earlyLen int
 	upstream *chatproxy.Upstream
 	lastRead atomic.Int64 // unix nanos of the last inbound frame
 
 	// Cross-goroutine flags.
-	dry             atomic.Bool   // ReflectionQueueDry written
-	proxied         atomic.Bool   // sent Proxy bytes (started CSP)
-	sendLoopStarted atomic.Bool   // authenticated: kicks start sendLoop
-	writerRunning   atomic.Bool   // a sendLoop goroutine runs (or has ended for good)
-	dlv             delivery      // owned by the running sendLoop
-	cork            *corkConn     // nil if the upgrade gave no corkable conn
-	batching        bool          // sendLoop has corked the socket; owned by sendLoop
-	closeCode       atomic.Uint32 // first close code decided; 0 while open
-	closeMu         sync.Mutex
-	closeCause      error
-	closing         chan struct{} // closed by closeWith
-	sendDone        chan struct{}
-	wsClosed        chan struct{} // closed when closeWith's own close handshake returned
+	dry           atomic.Bool   // ReflectionQueueDry written
+	proxied       atomic.Bool   // sent Proxy bytes (started CSP)
+	writerRunning atomic.Bool   // a writer goroutine runs (or has ended for good)
+	dlv           delivery      // owned by the running writer
+	cork          *corkConn     // nil if the upgrade gave no corkable conn
+	batching      bool          // the writer has corked the socket; owned by the writer
+	closeCode     atomic.Uint32 // first close code decided; 0 while open
+	closeMu       sync.Mutex
+	closeCause    error
+	closing       chan struct{} // closed by closeWith
+	closingCtx    context.Context
+	closingCancel context.CancelFunc // cancels closingCtx (dials give up on a close)
+	writerDone    chan struct{}      // closed when the writer has ended for good
 }
 
 type outFrame struct {
@@ -108,12 +137,16 @@ var (
 	errCommitWithoutLock = errors.New("CommitTransaction without holding the lock")
 	errSlowConsumer      = errors.New("outbound queue full")
 	errTextFrame         = errors.New("text frame")
+	errHandshakeTimeout  = errors.New("handshake timeout")
+	errIdleTimeout       = errors.New("no inbound frame within the idle timeout")
+	errShuttingDown      = errors.New("server shutting down")
+	errTransactionTTL    = errors.New("transaction lock held past its TTL")
 )
 
-// closeWith decides how the connection ends. The first call wins; the code
-// is sent by sendLoop after the frames queued before it (so DropDeviceAck
-// precedes a self-drop's 4113), or directly while no sendLoop runs. It
-// never blocks: the committer and other devices call it.
+// closeWith decides how the connection ends. The first call wins; the
+// writer then sends the frames queued before the decision (so a
+// DropDeviceAck precedes a self-drop's 4113) and the close frame. It never
+// blocks: the committer, timers and other devices call it.
 func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 	c.closeMu.Lock()
 	if c.closeCode.Load() != 0 {
@@ -124,31 +157,43 @@ func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 	c.closeCode.Store(uint32(code))
 	close(c.closing)
 	c.closeMu.Unlock()
-	if !c.sendLoopStarted.Load() {
-		go func() {
-			c.ws.Close(websocket.StatusCode(code), code.String())
-			close(c.wsClosed)
-		}()
-		return
-	}
+	c.closingCancel()
 	c.kick()
 }
 
-// kick makes sure a sendLoop runs to pick up what the caller just queued
-// or signalled.
+// kick makes sure a writer runs to pick up what the caller just queued or
+// signalled. Once the writer has ended for good, writerRunning stays true
+// and kicks do nothing.
 func (c *deviceConn) kick() {
-	if c.sendLoopStarted.Load() && c.writerRunning.CompareAndSwap(false, true) {
+	if c.writerRunning.CompareAndSwap(false, true) {
 		go c.sendLoop()
 	}
 }
 
-// startSendLoop starts the first writer after authentication: it sends the
-// queued backlog and ReflectionQueueDry.
-func (c *deviceConn) startSendLoop(hwm uint64) {
+// queueHandshakeFrame queues a ServerHello or ServerInfo for the writer.
+func (c *deviceConn) queueHandshakeFrame(b []byte, authenticated bool) {
+	c.hsMu.Lock()
+	c.hsFrames = append(c.hsFrames, b)
+	c.hsMu.Unlock()
+	if authenticated {
+		c.authed.Store(true)
+	}
+	c.kick()
+}
+
+func (c *deviceConn) takeHandshakeFrames() [][]byte {
+	c.hsMu.Lock()
+	defer c.hsMu.Unlock()
+	f := c.hsFrames
+	c.hsFrames = nil
+	return f
+}
+
+// startDelivery arms the reflection cursor after the ServerInfo: the writer
+// sends the backlog (seq < hwm), then ReflectionQueueDry. Called by run
+// before anything else can reach the writer's delivery state.
+func (c *deviceConn) startDelivery(hwm uint64) {
 	c.dlv = delivery{c: c, hwm: hwm, more: true}
-	c.writerRunning.Store(true)
-	c.sendLoopStarted.Store(true)
-	go c.sendLoop()
 }
 
 func (c *deviceConn) isClosing() bool { return c.closeCode.Load() != 0 }
@@ -271,14 +316,14 @@ func (c *deviceConn) write(b []byte) error {
 	return err
 }
 
-// sendLoop is the only writer of the socket after the handshake. It writes
-// control frames first (ReflectAcks are latency-critical), then Proxy units,
-// then reflection deliveries within the window. When nothing is left it
-// ends; the next kick starts it again. It ends for good (closing sendDone)
-// once the connection closes.
+// sendLoop is the only writer of the socket. It writes the handshake
+// frames, then control frames (ReflectAcks are latency-critical), Proxy
+// units and reflection deliveries within the window. When nothing is left
+// it ends; the next kick starts it again. Once the connection closes it
+// performs the close handshake and ends for good (writerDone).
 func (c *deviceConn) sendLoop() {
 	if c.writeUntilIdle() {
-		close(c.sendDone)
+		close(c.writerDone)
 	}
 }
 
@@ -292,6 +337,7 @@ func (c *deviceConn) writeUntilIdle() (ended bool) {
 			c.finishClose()
 			return true
 		case <-c.ctx.Done():
+			c.ws.CloseNow()
 			return true
 		default:
 		}
@@ -302,20 +348,6 @@ func (c *deviceConn) writeUntilIdle() (ended bool) {
 		}
 		if progressed {
 			continue
-		}
-		select {
-		case <-c.ctrl.ready:
-			continue
-		case u := <-c.proxyIn:
-			if err := c.writeProxy(u); err != nil {
-				c.ws.CloseNow()
-				return true
-			}
-			continue
-		case <-c.wakeCh:
-			d.more = true
-			continue
-		default:
 		}
 		// Idle. A producer that signalled after the checks above saw a
 		// running writer and did not start one, so look once more after
@@ -328,8 +360,8 @@ func (c *deviceConn) writeUntilIdle() (ended bool) {
 }
 
 // drainBatch runs drainOnce with the socket corked, so that the round's
-// frames (a window of deliveries, a run of ReflectAcks) leave in one
-// write.
+// frames (ServerInfo with the first window of the backlog, a window of
+// deliveries, a run of ReflectAcks) leave in one write.
 func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
 	if c.cork == nil {
 		return c.drainOnce(d)
@@ -344,9 +376,15 @@ func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
 	return progressed, err
 }
 
-// hasWork reports whether any signal sendLoop reacts to is pending.
+// hasWork reports whether any signal the writer reacts to is pending.
 func (c *deviceConn) hasWork() bool {
-	if len(c.ctrl.ready) > 0 || len(c.proxyIn) > 0 || len(c.wakeCh) > 0 {
+	c.hsMu.Lock()
+	hs := len(c.hsFrames) > 0
+	c.hsMu.Unlock()
+	if hs {
+		return true
+	}
+	if c.authed.Load() && (len(c.ctrl.ready) > 0 || len(c.proxyIn) > 0 || len(c.wakeCh) > 0) {
 		return true
 	}
 	select {
@@ -380,9 +418,28 @@ func (c *deviceConn) writeProxy(u proxyUnit) error {
 }
 
 // drainOnce does one round of non-blocking work and reports whether it did
-// anything.
+// anything. Before authentication only the handshake frames go out.
 func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 	progressed := false
+	for _, b := range c.takeHandshakeFrames() {
+		if err := c.write(b); err != nil {
+			return false, err
+		}
+		progressed = true
+	}
+	if !c.authed.Load() {
+		return progressed, nil
+	}
+	// Signals are consumed here; what they announce is picked up below.
+	select {
+	case <-c.ctrl.ready:
+	default:
+	}
+	select {
+	case <-c.wakeCh:
+		d.more = true
+	default:
+	}
 	for i := 0; i < 64; i++ {
 		f, ok := c.ctrl.pop()
 		if !ok {
@@ -393,13 +450,21 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 		}
 		progressed = true
 	}
-	select {
-	case u := <-c.proxyIn:
-		if err := c.writeProxy(u); err != nil {
-			return false, err
+	if len(c.ctrl.ready) == 0 && c.ctrl.pending() {
+		// More than one round's worth: come back without waiting.
+		c.ctrl.signal()
+	}
+	for i := 0; i < 16; i++ {
+		select {
+		case u := <-c.proxyIn:
+			if err := c.writeProxy(u); err != nil {
+				return false, err
+			}
+			progressed = true
+			continue
+		default:
 		}
-		progressed = true
-	default:
+		break
 	}
 	sent, err := d.step()
 	if err != nil {
@@ -409,17 +474,27 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 }
 
 // finishClose flushes the control frames queued before the close was
-// decided, then performs the close handshake with the decided code.
+// decided (only after authentication: before it, nothing but the
+// handshake may reach the device), then performs the close handshake with
+// the decided code. It is the only place a close frame is written.
 func (c *deviceConn) finishClose() {
-	deadline := time.Now().Add(2 * time.Second)
-	for time.Now().Before(deadline) {
-		f, ok := c.ctrl.pop()
-		if !ok {
-			break
-		}
-		if c.writeOut(f) != nil {
+	for _, b := range c.takeHandshakeFrames() {
+		if c.authed.Load() && c.write(b) != nil {
 			c.ws.CloseNow()
 			return
+		}
+	}
+	if c.authed.Load() {
+		deadline := time.Now().Add(2 * time.Second)
+		for time.Now().Before(deadline) {
+			f, ok := c.ctrl.pop()
+			if !ok {
+				break
+			}
+			if c.writeOut(f) != nil {
+				c.ws.CloseNow()
+				return
+			}
 		}
 	}
 	code := d2m.CloseCode(c.closeCode.Load())
@@ -533,9 +608,14 @@ func (d *delivery) step() (bool, error) {
 	return sentAny, nil
 }
 
-// refill reads the next batch from disk in a short read transaction.
+// refill reads the next window of entries, up to readyThrough.
 func (d *delivery) refill(window int) error {
 	c := d.c
+	ready := c.readyThrough.Load()
+	if d.cursor >= ready {
+		d.more = false
+		return nil
+	}
 	stats, ok := c.srv.store.QueueStats(c.groupID, c.deviceID)
 	if !ok {
 		// The slot is gone (dropped); the connection is being closed.
@@ -548,18 +628,31 @@ func (d *delivery) refill(window int) error {
 	if err != nil {
 		return err
 	}
-	d.pending = entries
-	if n := len(entries); n > 0 {
+	n := sort.Search(len(entries), func(i int) bool { return entries[i].Seq > ready })
+	d.pending = entries[:n]
+	if n > 0 {
 		d.cursor = entries[n-1].Seq
 	}
-	if len(entries) < batch {
-		// Everything committed before the stats were read has been seen.
+	if n < batch {
+		// Everything up to readyThrough that was committed when the stats
+		// were read has been seen.
 		if stats.NextSeq > 0 {
-			d.cursor = max(d.cursor, stats.NextSeq-1)
+			d.cursor = max(d.cursor, min(stats.NextSeq-1, ready))
 		}
 		d.more = false
 	}
 	return nil
+}
+
+// noteReady advances readyThrough; the group calls it, in store completion
+// order, for every copy it hands to this connection.
+func (c *deviceConn) noteReady(seq uint64) {
+	for {
+		cur := c.readyThrough.Load()
+		if seq <= cur || c.readyThrough.CompareAndSwap(cur, seq) {
+			return
+		}
+	}
 }
 
 // nextEphemeral returns the lowest-seq ephemeral item once every durable

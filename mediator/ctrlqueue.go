@@ -38,6 +38,21 @@ func (q *ctrlQueue) push(f outFrame, force bool) bool {
 	return true
 }
 
+// pending reports whether frames wait.
+func (q *ctrlQueue) pending() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.head < len(q.frames)
+}
+
+// signal sets the ready flag without pushing.
+func (q *ctrlQueue) signal() {
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+}
+
 // pop takes the oldest frame without blocking.
 func (q *ctrlQueue) pop() (outFrame, bool) {
 	q.mu.Lock()

@@ -7,22 +7,54 @@
 //
 // # Concurrency
 //
-// The HTTP handler runs a device's handshake and returns; the connection
-// then has a reader goroutine (live), a sender (sendLoop, the only writer of
-// the socket, running only while there is something to write, so an idle
-// device costs one goroutine) and, once it proxies, an upstream reader.
-// Everything else talks to a connection only through its queues with
-// non-blocking sends followed by a kick that starts sendLoop if needed; a
-// connection that cannot keep up is closed, never buffered without bound. The reflection queue on disk is the
+// Every goroutine has an owner that waits for it. Server.spawn and
+// Server.startConn start the server's goroutines (the janitor, the key
+// pool, one run per connection) and count them; Shutdown waits for all of
+// them and returns ctx.Err() if its deadline passes first, after dropping
+// what remains with CloseNow. A connection's run is its reader (handshake,
+// then the read loop); it starts the upstream reader and waits for it, and
+// waits for the writer (sendLoop), which kicks start only while there is
+// something to write, so an idle device costs one goroutine.
+//
+// Only the writer writes the socket, the handshake frames included. A
+// close is decided once (closeWith, from any goroutine, never blocking)
+// and carried out by the writer in every state of the connection: it sends
+// what was queued before the decision, then the close frame. Other
+// goroutines reach a connection only through its queues with non-blocking
+// sends followed by a kick; a connection that cannot keep up is closed,
+// never buffered without bound. The reflection queue in the store is the
 // buffer for durable data: memory holds only a bounded window per device.
 //
 // Per-group state has one owner: group.mu, a mutex with short critical
-// sections and no I/O under it (chosen over a goroutine per group because
-// most groups are idle most of the time and a goroutine each would cost
-// memory for nothing). Storage writes are *submitted* under group.mu, which
-// never blocks and fixes their order relative to the group's state changes,
-// but their completion is awaited outside it.
+// sections (chosen over a goroutine per group because most groups are
+// idle most of the time and a goroutine each would cost memory for
+// nothing). A group's stored state is read once, outside group.mu (load).
+// Storage writes are submitted under group.mu, which never blocks (the
+// store appends to its pending list under its own short mutex) and fixes
+// their order relative to the group's state changes; their completion is
+// awaited outside it. The store completes writes on its committer
+// goroutine holding none of this package's locks.
 //
-// Lock order: Server.mu → group.mu → deviceConn.inflightMu. The storage
-// committer calls back into this package holding none of its own locks.
+// # Lock order
+//
+// A lock may be taken while holding only locks above it in this table;
+// "→" lists every nested acquisition that exists.
+//
+//	lock                      guards                                    nested acquisitions
+//	Server.mu                 groups, conns, closed, goroutine count    → group.mu (maybeEvictLocked)
+//	group.mu                  slots, tombstones, conns, leader, txn     → deviceConn.closeMu (closeWith)
+//	                                                                    → ctrlQueue.mu (enqueue, enqueueAfter)
+//	                                                                    → deviceConn.ephMu (pushEphemeral)
+//	                                                                    → the store's submit mutex (every write)
+//	deviceConn.closeMu        close code and cause                      none
+//	deviceConn.hsMu           handshake frames                          none
+//	deviceConn.ephMu          ephemeral items                           none
+//	deviceConn.inflightMu     Reflected ids in flight                   none
+//	ctrlQueue.mu              control frames                            none
+//	corkConn.mu               cork state and buffer (no I/O)            → corkConn.wmu
+//	corkConn.wmu              order of socket writes                    none; held across one deadline-bounded write
+//
+// corkConn.wmu is the only lock held during I/O: it is the socket's write
+// order, like the lock inside net.Conn, and never held while taking
+// another lock.
 package mediator

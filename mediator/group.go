@@ -18,15 +18,20 @@ type group struct {
 
 	refs int // connections holding the group in memory; guarded by Server.mu
 
-	mu         sync.Mutex // guards everything below; no I/O while held
-	evicted    bool       // dropped from Server.groups; a new object replaces it
-	loaded     bool
-	slots      map[reflection.DeviceID]*reflection.Slot
-	tombstones map[reflection.DeviceID]reflection.Tombstone
-	sharedData []byte
-	conns      map[reflection.DeviceID]*deviceConn // the registered connection of each device
-	leader     *deviceConn
-	txn        *transaction
+	mu      sync.Mutex // guards everything below; no I/O while held
+	evicted bool       // dropped from Server.groups; a new object replaces it
+	loaded  bool
+	loading chan struct{} // non-nil while one caller reads the stored state
+	// storeWrites counts writes submitted for this group and not yet
+	// completed. The group stays in memory while any is pending, so a
+	// reload never reads state that a pending write is about to change.
+	storeWrites int
+	slots       map[reflection.DeviceID]*reflection.Slot
+	tombstones  map[reflection.DeviceID]reflection.Tombstone
+	sharedData  []byte
+	conns       map[reflection.DeviceID]*deviceConn // the registered connection of each device
+	leader      *deviceConn
+	txn         *transaction
 }
 
 // transaction is the group's lock (§11). ending is set once the holder
@@ -38,6 +43,7 @@ type transaction struct {
 	started time.Time
 	timer   *time.Timer
 	ending  bool
+	ended   chan struct{} // closed once the lock is free again
 }
 
 func newGroup(s *Server, id reflection.GroupID) *group {
@@ -49,13 +55,31 @@ func newGroup(s *Server, id reflection.GroupID) *group {
 	}
 }
 
-// loadLocked reads the group's persistent state once. It is the only disk
-// read under mu, and happens once per group per process.
-func (g *group) loadLocked() error {
+// load reads the group's persistent state once per group object, outside
+// mu: the first caller reads, concurrent callers wait for it. Callers hold
+// a reference (acquireGroup) or the group is not evicted under them.
+func (g *group) load() error {
+	g.mu.Lock()
+	for !g.loaded && g.loading != nil {
+		ch := g.loading
+		g.mu.Unlock()
+		<-ch
+		g.mu.Lock()
+	}
 	if g.loaded {
+		g.mu.Unlock()
 		return nil
 	}
+	ch := make(chan struct{})
+	g.loading = ch
+	g.mu.Unlock()
+
 	st, err := g.srv.store.Group(g.id)
+
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.loading = nil
+	close(ch)
 	if err != nil {
 		return err
 	}
@@ -71,6 +95,37 @@ func (g *group) loadLocked() error {
 	return nil
 }
 
+// tracked wraps the done callback of a store write submitted under mu: the
+// write counts as pending until it completes, and the group may be evicted
+// once the last one has.
+func (g *group) tracked(done func(error)) func(error) {
+	g.storeWrites++
+	return func(err error) {
+		if done != nil {
+			done(err)
+		}
+		g.writeDone()
+	}
+}
+
+func (g *group) trackedAppend(done func(reflection.AppendResult, error)) func(reflection.AppendResult, error) {
+	g.storeWrites++
+	return func(res reflection.AppendResult, err error) {
+		done(res, err)
+		g.writeDone()
+	}
+}
+
+func (g *group) writeDone() {
+	g.mu.Lock()
+	g.storeWrites--
+	idle := g.storeWrites == 0
+	g.mu.Unlock()
+	if idle {
+		g.srv.maybeEvict(g)
+	}
+}
+
 func nowMillis() int64 { return time.Now().UnixMilli() }
 
 // register runs the slot checks of a verified ClientHello in the order of
@@ -80,9 +135,6 @@ func nowMillis() int64 { return time.Now().UnixMilli() }
 func (g *group) register(c *deviceConn, hello *d2mpb.ClientHello) (d2mpb.DeviceSlotState, <-chan error, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if err := g.loadLocked(); err != nil {
-		return 0, nil, d2m.Close(d2m.CloseInternalError, err)
-	}
 	dev := c.deviceID
 	now := nowMillis()
 	old, exists := g.slots[dev]
@@ -125,7 +177,7 @@ func (g *group) register(c *deviceConn, hello *d2mpb.ClientHello) (d2mpb.DeviceS
 	g.conns[dev] = c
 	c.connectedSince = now
 	done := make(chan error, 1)
-	g.srv.store.PutSlot(g.id, slot, func(err error) { done <- err })
+	g.srv.store.PutSlot(g.id, slot, g.tracked(func(err error) { done <- err }))
 	return actual, done, nil
 }
 
@@ -181,14 +233,14 @@ func (g *group) dropSlotLocked(dev reflection.DeviceID, reason reflection.Tombst
 		}
 		c.closeWith(tombstoneCode(reason), nil)
 	}
-	g.srv.store.DeleteSlot(g.id, dev, &t, func(err error) {
+	g.srv.store.DeleteSlot(g.id, dev, &t, g.tracked(func(err error) {
 		if err != nil {
-			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Uint64("device", uint64(dev)).Msg("deleting slot failed")
+			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Str("device", FormatDeviceID(dev)).Msg("deleting slot failed")
 		}
 		if done != nil {
 			done(err)
 		}
-	})
+	}))
 }
 
 // unregister is the counterpart of register: it runs on every exit path of
@@ -201,7 +253,7 @@ func (g *group) unregister(c *deviceConn) {
 		if s, ok := g.slots[c.deviceID]; ok {
 			s.ConnectedSince = 0
 			s.LastDisconnectAt = nowMillis()
-			g.srv.store.PutSlot(g.id, *s, g.srv.logStoreErr("persisting disconnect"))
+			g.srv.store.PutSlot(g.id, *s, g.tracked(g.srv.logStoreErr("persisting disconnect")))
 		}
 	}
 	if g.txn != nil && g.txn.holder == c && !g.txn.ending {
@@ -296,8 +348,8 @@ func (g *group) beginTransaction(c *deviceConn, scope []byte, ttlSeconds uint32)
 		ttl = time.Duration(ttlSeconds) * time.Second
 	}
 	g.txn = &transaction{
-		holder: c, scope: scope, started: time.Now(),
-		timer: time.AfterFunc(ttl, func() { c.closeWith(d2m.CloseTransactionTTL, nil) }),
+		holder: c, scope: scope, started: time.Now(), ended: make(chan struct{}),
+		timer: time.AfterFunc(ttl, func() { c.closeWith(d2m.CloseTransactionTTL, errTransactionTTL) }),
 	}
 	c.enqueue(encodedBeginTransactionAck)
 	return nil
@@ -322,7 +374,7 @@ func (g *group) endTransactionLocked(committed bool) {
 	t.ending = true
 	t.timer.Stop()
 	g.srv.metrics.lockHold.Observe(time.Since(t.started).Seconds())
-	g.srv.store.ReleaseHeld(g.id, t.holder.deviceID, func(res reflection.AppendResult, err error) {
+	g.srv.store.ReleaseHeld(g.id, t.holder.deviceID, g.trackedAppend(func(res reflection.AppendResult, err error) {
 		if err != nil {
 			// The held entries stay on disk and are released at the next
 			// start; the lock must not stay taken meanwhile.
@@ -334,6 +386,7 @@ func (g *group) endTransactionLocked(committed bool) {
 		if g.txn == t {
 			g.txn = nil
 		}
+		close(t.ended)
 		g.deliveredLocked(res)
 		if committed && err == nil {
 			t.holder.enqueue(encodedCommitTransactionAck)
@@ -350,7 +403,7 @@ func (g *group) endTransactionLocked(committed bool) {
 				c.enqueueAfter(ended, barrier[id])
 			}
 		}
-	})
+	}))
 }
 
 // holdsLock reports whether c's reflections are held for a transaction.
@@ -363,6 +416,7 @@ func (g *group) holdsLockLocked(c *deviceConn) bool {
 func (g *group) deliveredLocked(res reflection.AppendResult) {
 	for _, d := range res.Delivered {
 		if c := g.conns[d.DeviceID]; c != nil {
+			c.noteReady(d.Seq)
 			c.wake()
 		}
 	}
@@ -397,7 +451,7 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 	id := r.ID
 	if req.Ephemeral {
 		env, flags := r.Envelope, r.Flags
-		g.srv.store.Append(req, func(res reflection.AppendResult, err error) {
+		g.srv.store.Append(req, g.trackedAppend(func(res reflection.AppendResult, err error) {
 			c.releaseReflect()
 			if err != nil {
 				c.closeWith(d2m.CloseInternalError, err)
@@ -407,14 +461,17 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 			defer g.mu.Unlock()
 			for _, d := range res.Delivered {
 				if rc := g.conns[d.DeviceID]; rc != nil {
+					// Placed before readyThrough passes its seq, so no
+					// later entry is read ahead of it.
 					rc.pushEphemeral(ephemeralItem{seq: d.Seq, flags: flags, timestamp: res.Timestamp, envelope: env})
+					rc.noteReady(d.Seq)
 				} else {
 					g.srv.metrics.ephemeralDrops.WithLabelValues("offline").Inc()
 				}
 			}
-		})
+		}))
 	} else {
-		g.srv.store.Append(req, func(res reflection.AppendResult, err error) {
+		g.srv.store.Append(req, g.trackedAppend(func(res reflection.AppendResult, err error) {
 			if err != nil {
 				c.releaseReflect()
 				g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Msg("storing reflection failed")
@@ -427,7 +484,7 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 				g.deliveredLocked(res)
 				g.mu.Unlock()
 			}
-		})
+		}))
 	}
 	g.mu.Unlock()
 }
@@ -449,7 +506,7 @@ func (g *group) dropDevice(c *deviceConn, target reflection.DeviceID) error {
 			delete(g.slots, target)
 			t := reflection.Tombstone{DeviceID: target, Reason: reflection.Dropped, At: nowMillis()}
 			g.tombstones[target] = t
-			g.srv.store.DeleteSlot(g.id, target, &t, func(err error) { done <- err })
+			g.srv.store.DeleteSlot(g.id, target, &t, g.tracked(func(err error) { done <- err }))
 		} else {
 			done <- nil
 		}
@@ -472,7 +529,7 @@ func (g *group) setSharedDeviceData(data []byte) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.sharedData = data
-	g.srv.store.SetSharedDeviceData(g.id, data, g.srv.logStoreErr("storing shared device data"))
+	g.srv.store.SetSharedDeviceData(g.id, data, g.tracked(g.srv.logStoreErr("storing shared device data")))
 }
 
 func (g *group) sharedDeviceData() []byte {

@@ -1,7 +1,6 @@
 package mediator
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -114,6 +113,8 @@ func (c *deviceConn) handleReflectedAck(payload []byte) error {
 		return d2m.Close(d2m.CloseUnknownAck, fmt.Errorf("reflected id %d not in flight", id))
 	}
 	c.srv.metrics.reflectedAcked.Inc()
+	// Not tracked by the group: an ack changes only the queue, which the
+	// store owns, never the group state a reload would read.
 	c.srv.store.Ack(c.groupID, c.deviceID, seq, c.srv.logStoreErr("removing acked reflection"))
 	c.wake() // the window has room again
 	return nil
@@ -233,23 +234,20 @@ func (c *deviceConn) openUpstream() error {
 		return d2m.Close(d2m.CloseUpstreamUnreachable, errNoChatServer)
 	}
 	addr := chatproxy.Address(s.cfg.ChatServer, c.info.ServerGroup)
-	ctx, cancel := context.WithCancel(c.ctx)
-	defer cancel()
-	go func() {
-		select {
-		case <-c.closing:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	up, err := chatproxy.Dial(ctx, addr, chatproxy.Options{})
+	// The dial gives up as soon as the connection's close is decided.
+	up, err := chatproxy.Dial(c.closingCtx, addr, chatproxy.Options{})
 	if err != nil {
 		s.metrics.upstreams.WithLabelValues("dial_failed").Inc()
 		return d2m.Close(d2m.CloseUpstreamUnreachable, err)
 	}
 	s.metrics.upstreams.WithLabelValues("opened").Inc()
 	c.upstream = up
-	go c.upstreamLoop(up)
+	// On run's goroutine, before run waits for c.goroutines.
+	c.upstreamLoop.Add(1)
+	go func() {
+		defer c.upstreamLoop.Done()
+		c.readUpstream(up)
+	}()
 	early := c.early
 	c.early, c.earlyLen = nil, 0
 	for _, b := range early {
@@ -275,11 +273,11 @@ func (c *deviceConn) writeUpstream(b []byte) error {
 	return nil
 }
 
-// upstreamLoop cuts the chat server's stream into CSP units and hands them
+// readUpstream cuts the chat server's stream into CSP units and hands them
 // to sendLoop with a blocking send: a slow device backs up only its own
 // TCP upstream. When the upstream ends, every complete unit goes out
 // before the close (4000, or 4009 for a frame the re-framer cannot take).
-func (c *deviceConn) upstreamLoop(up *chatproxy.Upstream) {
+func (c *deviceConn) readUpstream(up *chatproxy.Upstream) {
 	for {
 		unit, err := up.ReadUnit()
 		if err != nil {

@@ -60,7 +60,7 @@ func withUpgradeBuffers(w http.ResponseWriter, cork *corkConn) http.ResponseWrit
 	return upgradeWriter{ResponseWriter: w, hj: hj, cork: cork}
 }
 
-// corkConn lets sendLoop write a burst of WebSocket messages with one
+// corkConn lets the writer send a burst of WebSocket messages with one
 // system call. The WebSocket library flushes every message to the socket;
 // at tens of thousands of small frames per second those write calls were
 // the server's largest single cost. While corked, writes are collected in
@@ -68,6 +68,11 @@ func withUpgradeBuffers(w http.ResponseWriter, cork *corkConn) http.ResponseWrit
 // library's pong and close replies) made during a burst go out with it, and
 // Close sends whatever is collected before closing, so a close reply is
 // never lost.
+//
+// Two locks: mu guards the buffer state and is never held during I/O;
+// wmu serialises writes to the socket so bytes leave in the order they
+// were queued. wmu is taken while mu is held (that fixes the order) and is
+// held across exactly one socket write, which always has a deadline.
 type corkConn struct {
 	net.Conn
 	writeTimeout   time.Duration
@@ -77,7 +82,9 @@ type corkConn struct {
 	mu     sync.Mutex
 	corked bool
 	buf    *[]byte
-	err    error // a failed write while flushing; later writes fail fast
+	err    error // a failed write; later writes fail fast
+
+	wmu sync.Mutex
 }
 
 // corkFlushAt bounds the memory one burst may collect.
@@ -101,21 +108,31 @@ func (c *corkConn) Read(p []byte) (int, error) {
 
 func (c *corkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.err != nil {
-		return 0, c.err
+		err := c.err
+		c.mu.Unlock()
+		return 0, err
 	}
 	if !c.corked {
-		return c.Conn.Write(p)
+		c.wmu.Lock()
+		c.mu.Unlock()
+		n, err := c.Conn.Write(p)
+		c.wmu.Unlock()
+		if err != nil {
+			c.fail(err)
+		}
+		return n, err
 	}
 	if c.buf == nil {
 		c.buf = corkBuffers.Get().(*[]byte)
 	}
 	*c.buf = append(*c.buf, p...)
-	if len(*c.buf) >= corkFlushAt {
-		if err := c.flushLocked(c.writeTimeout); err != nil {
-			return 0, err
-		}
+	if len(*c.buf) < corkFlushAt {
+		c.mu.Unlock()
+		return len(p), nil
+	}
+	if err := c.flushUnlock(c.writeTimeout); err != nil {
+		return 0, err
 	}
 	return len(p), nil
 }
@@ -130,31 +147,31 @@ func (c *corkConn) cork() {
 // within writeTimeout fails the write with errWriteTimeout.
 func (c *corkConn) uncork() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	c.corked = false
-	return c.flushLocked(c.writeTimeout)
+	return c.flushUnlock(c.writeTimeout)
 }
 
-func (c *corkConn) flushLocked(timeout time.Duration) error {
-	if c.buf == nil {
-		return c.err
-	}
+// flushUnlock takes the collected bytes, releases mu and writes them.
+// Called with mu held.
+func (c *corkConn) flushUnlock(timeout time.Duration) error {
 	b := c.buf
 	c.buf = nil
-	defer func() {
-		if cap(*b) <= corkFlushAt*2 {
-			*b = (*b)[:0]
-			corkBuffers.Put(b)
-		}
-	}()
-	if c.err != nil || len(*b) == 0 {
-		return c.err
+	if c.err != nil || b == nil || len(*b) == 0 {
+		err := c.err
+		c.mu.Unlock()
+		putCorkBuffer(b)
+		return err
 	}
+	c.wmu.Lock()
+	c.mu.Unlock()
+	defer putCorkBuffer(b)
 	if timeout > 0 {
 		c.Conn.SetWriteDeadline(time.Now().Add(timeout))
-		defer c.Conn.SetWriteDeadline(time.Time{})
 	}
-	if _, err := c.Conn.Write(*b); err != nil {
+	_, err := c.Conn.Write(*b)
+	c.Conn.SetWriteDeadline(time.Time{})
+	c.wmu.Unlock()
+	if err != nil {
 		if ne, ok := err.(net.Error); ok && ne.Timeout() {
 			err = errWriteTimeout
 			if c.onWriteTimeout != nil {
@@ -163,22 +180,33 @@ func (c *corkConn) flushLocked(timeout time.Duration) error {
 				c.onWriteTimeout()
 			}
 		}
+		c.fail(err)
+	}
+	return err
+}
+
+func (c *corkConn) fail(err error) {
+	c.mu.Lock()
+	if c.err == nil {
 		c.err = err
 	}
-	return c.err
+	c.mu.Unlock()
+}
+
+func putCorkBuffer(b *[]byte) {
+	if b != nil && cap(*b) <= corkFlushAt*2 {
+		*b = (*b)[:0]
+		corkBuffers.Put(b)
+	}
 }
 
 // Close sends collected bytes first, so that a close reply written during
-// a burst is not lost. A flush that is blocked on a peer that does not
-// read is cut short after a second.
+// a burst is not lost. A write blocked on a peer that does not read is cut
+// short at once: the connection is going away anyway.
 func (c *corkConn) Close() error {
-	if !c.mu.TryLock() {
-		t := time.AfterFunc(time.Second, func() { c.Conn.SetWriteDeadline(time.Now()) })
-		c.mu.Lock()
-		t.Stop()
-	}
+	c.Conn.SetWriteDeadline(time.Now())
+	c.mu.Lock()
 	c.corked = false
-	c.flushLocked(time.Second)
-	c.mu.Unlock()
+	c.flushUnlock(time.Second)
 	return c.Conn.Close()
 }

@@ -11,7 +11,6 @@ import (
 // queue depths for the metrics. Its period follows the shortest expiry so
 // that a short grace in tests is honoured.
 func (s *Server) janitor() {
-	defer close(s.janitorDone)
 	period := min(s.cfg.VolatileSlotGrace, s.cfg.PersistentSlotExpiry, time.Minute) / 4
 	period = max(period, 50*time.Millisecond)
 	t := time.NewTicker(period)
@@ -56,12 +55,15 @@ func (s *Server) sweep(now time.Time) {
 		return
 	}
 	for _, v := range victims {
-		g := s.lockGroup(v.g)
+		g, err := s.acquireLoadedGroup(v.g)
+		if err != nil {
+			s.log.Error().Err(err).Str("group", shortID(v.g)).Msg("janitor: loading group failed")
+			continue
+		}
+		g.mu.Lock()
 		g.expireSlotLocked(v.d, now)
 		g.mu.Unlock()
-		s.mu.Lock()
-		s.maybeEvictLocked(g)
-		s.mu.Unlock()
+		s.releaseGroup(g)
 	}
 	s.store.PruneTombstones(now.Add(-s.cfg.TombstoneTTL).UnixMilli(), s.logStoreErr("pruning tombstones"))
 }
@@ -69,9 +71,6 @@ func (s *Server) sweep(now time.Time) {
 // expireSlot removes an offline slot whose time ran out; it rechecks under
 // the group lock because the device may have reconnected since the scan.
 func (g *group) expireSlotLocked(dev reflection.DeviceID, now time.Time) {
-	if err := g.loadLocked(); err != nil {
-		return
-	}
 	s, ok := g.slots[dev]
 	if !ok || g.conns[dev] != nil {
 		return
@@ -84,6 +83,6 @@ func (g *group) expireSlotLocked(dev reflection.DeviceID, now time.Time) {
 		return
 	}
 	delete(g.slots, dev)
-	g.srv.log.Info().Str("group", shortID(g.id)).Uint64("device", uint64(dev)).Msg("slot expired")
-	g.srv.store.DeleteSlot(g.id, dev, nil, g.srv.logStoreErr("expiring slot"))
+	g.srv.log.Info().Str("group", shortID(g.id)).Str("device", FormatDeviceID(dev)).Msg("slot expired")
+	g.srv.store.DeleteSlot(g.id, dev, nil, g.tracked(g.srv.logStoreErr("expiring slot")))
 }

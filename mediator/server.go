@@ -2,8 +2,11 @@ package mediator
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"sync"
@@ -30,18 +33,20 @@ type Server struct {
 	baseCtx    context.Context // parent of every connection context
 	cancelBase context.CancelFunc
 
-	mu         sync.Mutex // guards groups, conns, closed
-	groups     map[reflection.GroupID]*group
-	conns      map[*deviceConn]struct{}
-	closed     bool
-	connsWG    sync.WaitGroup
+	mu     sync.Mutex // guards groups, conns, closed and Add on goroutines
+	groups map[reflection.GroupID]*group
+	conns  map[*deviceConn]struct{}
+	closed bool
+	// goroutines counts every goroutine the server starts (spawn):
+	// connections, the janitor. Shutdown waits for it.
+	goroutines sync.WaitGroup
 	connSeq    atomic.Uint64
 	handshakes chan struct{} // semaphore: handshakes in flight
 	open       atomic.Int64  // open device connections
 	ready      atomic.Bool
+	keys       *keyPool // ephemeral server keys, made ahead of the handshakes
 
 	janitorStop chan struct{}
-	janitorDone chan struct{}
 }
 
 // New returns a server over store. It does not take ownership of store:
@@ -61,11 +66,28 @@ func New(cfg Config, store reflection.Store, log zerolog.Logger) (*Server, error
 		conns:       make(map[*deviceConn]struct{}),
 		handshakes:  make(chan struct{}, cfg.MaxHandshakes),
 		janitorStop: make(chan struct{}),
-		janitorDone: make(chan struct{}),
 	}
 	s.metrics.registerServerGauges(s)
-	go s.janitor()
+	s.keys = newKeyPool(keyPoolSize)
+	s.spawn(s.keys.fill)
+	s.spawn(s.janitor)
 	return s, nil
+}
+
+// spawn runs fn in a goroutine that Shutdown waits for. It reports false,
+// without starting anything, once Shutdown has begun.
+func (s *Server) spawn(fn func()) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.goroutines.Add(1)
+	go func() {
+		defer s.goroutines.Done()
+		fn()
+	}()
+	return true
 }
 
 // Registry exposes the server's Prometheus metrics.
@@ -92,14 +114,6 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
-// groupFor returns the group's state object without holding it in memory;
-// callers that lock it must check evicted (see lockGroup).
-func (s *Server) groupFor(id reflection.GroupID) *group {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.groupForLocked(id)
-}
-
 func (s *Server) groupForLocked(id reflection.GroupID) *group {
 	g := s.groups[id]
 	if g == nil {
@@ -109,26 +123,25 @@ func (s *Server) groupForLocked(id reflection.GroupID) *group {
 	return g
 }
 
-// lockGroup returns the group's live state object with g.mu held.
-func (s *Server) lockGroup(id reflection.GroupID) *group {
-	for {
-		g := s.groupFor(id)
-		g.mu.Lock()
-		if !g.evicted {
-			return g
-		}
-		g.mu.Unlock()
-	}
-}
-
 // acquireGroup returns the group's state and keeps it in memory until the
-// matching releaseGroup. Connections hold a group from handshake to end.
+// matching releaseGroup. Connections hold a group from handshake to end;
+// the janitor and the admin API hold one for a single operation.
 func (s *Server) acquireGroup(id reflection.GroupID) *group {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	g := s.groupForLocked(id)
 	g.refs++
 	return g
+}
+
+// acquireLoadedGroup is acquireGroup followed by load.
+func (s *Server) acquireLoadedGroup(id reflection.GroupID) (*group, error) {
+	g := s.acquireGroup(id)
+	if err := g.load(); err != nil {
+		s.releaseGroup(g)
+		return nil, err
+	}
+	return g, nil
 }
 
 // releaseGroup drops a reference; the last one evicts an idle group, so
@@ -141,13 +154,21 @@ func (s *Server) releaseGroup(g *group) {
 	s.maybeEvictLocked(g)
 }
 
+func (s *Server) maybeEvict(g *group) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.maybeEvictLocked(g)
+}
+
+// maybeEvictLocked forgets g if nothing holds it: no reference, no
+// connection, no lock, no store write in flight and no load running.
 func (s *Server) maybeEvictLocked(g *group) {
 	if g.refs > 0 || s.groups[g.id] != g {
 		return
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if len(g.conns) == 0 && g.txn == nil {
+	if len(g.conns) == 0 && g.txn == nil && g.storeWrites == 0 && g.loading == nil {
 		g.evicted = true
 		delete(s.groups, g.id)
 	}
@@ -214,11 +235,6 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(d2m.MaxFrameSize)
 	c := s.newConn(ws, info, r.RemoteAddr)
-	if c == nil {
-		<-s.handshakes
-		ws.Close(websocket.StatusCode(d2m.CloseGoingAway), d2m.CloseGoingAway.String())
-		return
-	}
 	if cork.Conn != nil {
 		c.cork = cork
 		cork.onWriteTimeout = func() {
@@ -226,11 +242,14 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 			c.closeWith(d2m.CloseInternalError, fmt.Errorf("%w: a write blocked for %v", errSlowConsumer, s.cfg.WriteTimeout))
 		}
 	}
-	// The handler runs the handshake; the connection then lives on in its
-	// own goroutine and the handler returns, freeing net/http's
-	// per-request state and the stack the handshake grew: several KiB for
-	// every connected device.
-	c.serve()
+	// The connection lives on in its own goroutine and the handler
+	// returns, freeing net/http's per-request state: several KiB for every
+	// connected device.
+	if !s.startConn(c) {
+		<-s.handshakes
+		s.metrics.handshakes.WithLabelValues("shutting_down").Inc()
+		ws.Close(websocket.StatusCode(d2m.CloseGoingAway), d2m.CloseGoingAway.String())
+	}
 }
 
 // admitHandshake takes a handshake slot, waiting up to AdmissionWait.
@@ -257,32 +276,45 @@ func (s *Server) admitHandshake(ctx context.Context) bool {
 
 func (s *Server) newConn(ws *websocket.Conn, info d2m.ClientURLInfo, remote string) *deviceConn {
 	ctx, cancel := context.WithCancel(s.baseCtx)
+	closingCtx, closingCancel := context.WithCancel(ctx)
 	c := &deviceConn{
 		srv: s, ws: ws, info: info, remote: remote,
 		seq: s.connSeq.Add(1), ctx: ctx, cancel: cancel,
-		groupID:    reflection.GroupID(info.DeviceGroupID),
-		ctrl:       newCtrlQueue(s.cfg.ReflectWindow + 64),
-		replySem:   make(chan struct{}, maxPendingReplies),
-		wakeCh:     make(chan struct{}, 1),
-		proxyIn:    make(chan proxyUnit, 16),
-		reflectSem: make(chan struct{}, s.cfg.ReflectWindow),
-		inflight:   make(map[uint32]uint64),
-		closing:    make(chan struct{}),
-		sendDone:   make(chan struct{}),
-		wsClosed:   make(chan struct{}),
+		groupID:       reflection.GroupID(info.DeviceGroupID),
+		ctrl:          newCtrlQueue(s.cfg.ReflectWindow + 64),
+		replySem:      make(chan struct{}, maxPendingReplies),
+		wakeCh:        make(chan struct{}, 1),
+		proxyIn:       make(chan proxyUnit, 16),
+		reflectSem:    make(chan struct{}, s.cfg.ReflectWindow),
+		inflight:      make(map[uint32]uint64),
+		closing:       make(chan struct{}),
+		closingCtx:    closingCtx,
+		closingCancel: closingCancel,
+		writerDone:    make(chan struct{}),
 	}
 	c.log = s.log.With().Str("group", info.DeviceGroupID.Short()).Uint64("conn", c.seq).Logger()
+	return c
+}
+
+// startConn registers c and starts its run goroutine, unless the server is
+// shutting down. Registration and the goroutine count change under one
+// lock, so Shutdown sees every connection it has to wait for.
+func (s *Server) startConn(c *deviceConn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		cancel()
-		return nil
+		c.cancel()
+		return false
 	}
 	s.conns[c] = struct{}{}
-	s.connsWG.Add(1)
 	s.open.Add(1)
 	s.metrics.connections.WithLabelValues("handshake").Inc()
-	return c
+	s.goroutines.Add(1)
+	go func() {
+		defer s.goroutines.Done()
+		c.run()
+	}()
+	return true
 }
 
 func (s *Server) forgetConn(c *deviceConn) {
@@ -290,119 +322,103 @@ func (s *Server) forgetConn(c *deviceConn) {
 	delete(s.conns, c)
 	s.mu.Unlock()
 	s.open.Add(-1)
-	s.connsWG.Done()
 }
 
-// serve runs one connection's handshake and registration, then hands it
-// to live; every exit path unregisters and ends the goroutines it started.
-func (c *deviceConn) serve() {
+// run owns the connection from the upgrade to its end: it runs the
+// handshake and the read loop on its own goroutine, and returns only after
+// the writer and the upstream reader it started have ended. Every exit
+// path unregisters and releases what the connection held.
+func (c *deviceConn) run() {
 	s := c.srv
 	start := time.Now()
-	slotHeld, handedOff := true, false
+	defer s.forgetConn(c)
+	defer c.cancel()
+	inHandshake := true
 	defer func() {
-		// Also on a panic (net/http recovers it): the connection must not
-		// keep its handshake slot or stay counted.
-		if slotHeld {
+		// Also on a panic: the connection must not keep its handshake slot.
+		if inHandshake {
 			<-s.handshakes
 			s.metrics.connections.WithLabelValues("handshake").Dec()
-		}
-		if !handedOff {
-			if c.group != nil {
-				s.releaseGroup(c.group)
-			}
-			c.cancel()
-			s.forgetConn(c)
 		}
 	}()
 	c.lastRead.Store(time.Now().UnixNano())
 	hsTimer := time.AfterFunc(s.cfg.HandshakeTimeout, func() {
-		s.metrics.handshakes.WithLabelValues("timeout").Inc()
-		c.closeWith(d2m.CloseIdleTimeout, errors.New("handshake timeout"))
+		c.closeWith(d2m.CloseIdleTimeout, errHandshakeTimeout)
 	})
 	hwm, err := c.handshake()
 	hsTimer.Stop()
-	slotHeld = false
+	inHandshake = false
 	<-s.handshakes
 	s.metrics.connections.WithLabelValues("handshake").Dec()
-	if err != nil {
-		c.endWith(err, start)
-		return
-	}
-	handedOff = true
-	go c.live(hwm, start)
-}
-
-// live runs an authenticated connection until it ends, then unregisters
-// it and releases everything the connection held.
-func (c *deviceConn) live(hwm uint64, start time.Time) {
-	s := c.srv
-	defer s.forgetConn(c)
-	defer c.cancel()
-	defer s.releaseGroup(c.group)
-	var err error
-	s.metrics.handshakes.WithLabelValues("ok").Inc()
-	s.metrics.connections.WithLabelValues("authenticated").Inc()
-	defer s.metrics.connections.WithLabelValues("authenticated").Dec()
-
-	c.log.Info().Str("remote", c.remote).Msg("device connected")
-	c.startSendLoop(hwm)
-	idle := c.startIdleTimer()
-	if len(c.early) > 0 {
-		// The CSP client-hello that arrived during the handshake: its
-		// upstream opens now, with the buffered bytes first (§18 row 2).
-		err = c.openUpstream()
-	}
+	s.metrics.handshakes.WithLabelValues(c.handshakeOutcome(err)).Inc()
 	if err == nil {
-		err = c.readLoop()
+		err = c.live(hwm)
 	}
-	idle.Stop()
-	if err != nil {
-		var ce *d2m.CloseError
-		if errors.As(err, &ce) {
-			c.closeWith(ce.Code, ce.Err)
-		} else {
-			// The peer went away (or closed with its own code); close our
-			// side without a handshake.
-			c.closeWith(d2m.CloseNormal, err)
-		}
-	}
+	c.closeWith(closeCodeFor(err))
 	if c.upstream != nil {
 		c.upstream.Close()
 	}
-	c.group.unregister(c)
-	select {
-	case <-c.sendDone:
-	case <-time.After(12 * time.Second):
-		c.ws.CloseNow()
-		<-c.sendDone
+	if c.group != nil {
+		c.group.unregister(c)
+		defer s.releaseGroup(c.group)
 	}
+	// The writer sends what was queued before the close and the close
+	// frame, then ends for good; the upstream reader ends with its socket.
+	<-c.writerDone
+	c.upstreamLoop.Wait()
 	c.ws.CloseNow()
 	c.logEnd(err, start)
 }
 
-func (c *deviceConn) endWith(err error, start time.Time) {
+// closeCodeFor maps how the read side ended to the close to send: a
+// *d2m.CloseError carries its code; anything else means the peer went away
+// (or closed with its own code), answered with a normal closure.
+func closeCodeFor(err error) (d2m.CloseCode, error) {
 	var ce *d2m.CloseError
 	if errors.As(err, &ce) {
-		c.closeWith(ce.Code, ce.Err)
-		c.srv.metrics.handshakes.WithLabelValues(handshakeOutcome(ce.Code)).Inc()
-	} else {
-		c.closeWith(d2m.CloseNormal, err)
-		c.srv.metrics.handshakes.WithLabelValues("aborted").Inc()
+		return ce.Code, ce.Err
 	}
-	// Without a sendLoop, closeWith runs the close handshake in its own
-	// goroutine; wait for it so the device gets its code.
-	select {
-	case <-c.wsClosed:
-	case <-time.After(11 * time.Second):
-	}
-	c.ws.CloseNow()
-	c.logEnd(err, start)
+	return d2m.CloseNormal, err
 }
 
-func handshakeOutcome(code d2m.CloseCode) string {
-	switch code {
-	case d2m.CloseIdleTimeout:
+// live runs an authenticated connection until its read side ends.
+func (c *deviceConn) live(hwm uint64) error {
+	s := c.srv
+	s.metrics.connections.WithLabelValues("authenticated").Inc()
+	defer s.metrics.connections.WithLabelValues("authenticated").Dec()
+	c.log.Info().Str("remote", c.remote).Msg("device connected")
+	idle := c.startIdleTimer()
+	defer idle.Stop()
+	if len(c.early) > 0 {
+		// The CSP client-hello that arrived during the handshake: its
+		// upstream opens now, with the buffered bytes first (§18 row 2).
+		if err := c.openUpstream(); err != nil {
+			return err
+		}
+	}
+	return c.readLoop()
+}
+
+// handshakeOutcome names how the handshake ended, for the one metric
+// sample each handshake gets.
+func (c *deviceConn) handshakeOutcome(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	c.closeMu.Lock()
+	cause := c.closeCause
+	c.closeMu.Unlock()
+	if errors.Is(cause, errHandshakeTimeout) {
 		return "timeout"
+	}
+	if code := d2m.CloseCode(c.closeCode.Load()); code == d2m.CloseGoingAway && errors.Is(cause, errShuttingDown) {
+		return "shutting_down"
+	}
+	var ce *d2m.CloseError
+	if !errors.As(err, &ce) {
+		return "aborted"
+	}
+	switch ce.Code {
 	case d2m.CloseUnsupportedVersion:
 		return "unsupported_version"
 	case d2m.CloseProtocolError:
@@ -411,6 +427,8 @@ func handshakeOutcome(code d2m.CloseCode) string {
 		return "device_limit"
 	case d2m.CloseSlotStateMismatch, d2m.CloseDropped, d2m.CloseQueueLimit:
 		return "slot_state"
+	case d2m.CloseDuplicate:
+		return "replaced"
 	}
 	return "failed"
 }
@@ -430,11 +448,27 @@ func (c *deviceConn) logEnd(err error, start time.Time) {
 		cause = err
 	}
 	ev = ev.Int("code", int(code)).Str("reason", code.String()).
-		Dur("duration", time.Since(start))
+		Float64("duration_s", time.Since(start).Seconds())
 	if cause != nil {
-		ev = ev.AnErr("cause", cause)
+		ev = ev.Str("cause", describeCause(cause))
 	}
 	ev.Msg("device disconnected")
+}
+
+// describeCause words the end of a connection for the log: a close frame
+// from the device is the device's decision, not a read failure.
+func describeCause(err error) string {
+	if st := websocket.CloseStatus(err); st != -1 {
+		var ce websocket.CloseError
+		if errors.As(err, &ce) && ce.Reason != "" {
+			return fmt.Sprintf("device closed the connection with %d (%s)", int(st), ce.Reason)
+		}
+		return fmt.Sprintf("device closed the connection with %d", int(st))
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+		return "connection lost: " + err.Error()
+	}
+	return err.Error()
 }
 
 func (c *deviceConn) startIdleTimer() *time.Timer {
@@ -443,7 +477,7 @@ func (c *deviceConn) startIdleTimer() *time.Timer {
 	t = time.AfterFunc(idle, func() {
 		since := time.Since(time.Unix(0, c.lastRead.Load()))
 		if since >= idle {
-			c.closeWith(d2m.CloseIdleTimeout, nil)
+			c.closeWith(d2m.CloseIdleTimeout, errIdleTimeout)
 			return
 		}
 		t.Reset(idle - since)
@@ -452,62 +486,100 @@ func (c *deviceConn) startIdleTimer() *time.Timer {
 }
 
 // Shutdown stops accepting devices, closes every connection with 1001
-// spread over ShutdownSpread (so they do not all reconnect at once) and
-// waits for them, at most until ctx ends (§18 row 15). The caller shuts the
+// spread over ShutdownSpread (so they do not all reconnect at once, §18
+// row 15) and waits for every goroutine the server started. When ctx ends
+// first, the remaining connections are dropped without a close handshake
+// and Shutdown returns ctx.Err() once they are gone. The caller shuts the
 // HTTP server down first and closes the store afterwards.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return nil
-	}
+	first := !s.closed
 	s.closed = true
 	conns := make([]*deviceConn, 0, len(s.conns))
 	for c := range s.conns {
 		conns = append(conns, c)
 	}
 	s.mu.Unlock()
-	close(s.janitorStop)
-	<-s.janitorDone
-
-	if len(conns) > 0 {
-		step := s.cfg.ShutdownSpread / time.Duration(len(conns))
-		for _, c := range conns {
-			c.closeWith(d2m.CloseGoingAway, nil)
-			if step > 0 {
-				select {
-				case <-time.After(step):
-				case <-ctx.Done():
-				}
-			}
-		}
+	if first {
+		close(s.janitorStop)
+		s.keys.stop()
+		s.closeSpread(ctx, conns)
 	}
 	done := make(chan struct{})
-	go func() { s.connsWG.Wait(); close(done) }()
+	go func() { s.goroutines.Wait(); close(done) }()
 	select {
 	case <-done:
+		s.cancelBase()
+		return nil
 	case <-ctx.Done():
-		s.cancelBase() // remaining sockets are dropped without a handshake
-		<-done
 	}
+	// Out of time: drop what remains. Reads and writes fail at once, so
+	// the connections' goroutines end promptly.
 	s.cancelBase()
-	return nil
+	s.mu.Lock()
+	for c := range s.conns {
+		c.ws.CloseNow()
+	}
+	s.mu.Unlock()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		s.log.Error().Msg("shutdown: goroutines still running after the connections were dropped")
+	}
+	return ctx.Err()
+}
+
+// closeSpread closes conns with 1001 in small batches over ShutdownSpread,
+// or over half the time ctx leaves if that is shorter.
+func (s *Server) closeSpread(ctx context.Context, conns []*deviceConn) {
+	if len(conns) == 0 {
+		return
+	}
+	spread := s.cfg.ShutdownSpread
+	if dl, ok := ctx.Deadline(); ok {
+		spread = min(spread, time.Until(dl)/2)
+	}
+	const tick = 10 * time.Millisecond
+	rounds := max(int(spread/tick), 1)
+	per := (len(conns) + rounds - 1) / rounds
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for len(conns) > 0 {
+		n := min(per, len(conns))
+		for _, c := range conns[:n] {
+			c.closeWith(d2m.CloseGoingAway, errShuttingDown)
+		}
+		conns = conns[n:]
+		if len(conns) == 0 {
+			return
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			for _, c := range conns {
+				c.closeWith(d2m.CloseGoingAway, errShuttingDown)
+			}
+			return
+		}
+	}
 }
 
 // handshake runs §6 up to ServerInfo and returns the queue's next seq at
-// login (everything below it is backlog for ReflectionQueueDry).
+// login (everything below it is backlog for ReflectionQueueDry). It only
+// reads; the writer sends the ServerHello and the ServerInfo.
 func (c *deviceConn) handshake() (uint64, error) {
 	s := c.srv
-	esk, challenge, err := d2m.NewChallenge()
+	esk, err := s.keys.get()
 	if err != nil {
 		return 0, d2m.Close(d2m.CloseInternalError, err)
 	}
-	hello := d2m.MustEncodeMessage(d2m.TypeServerHello, &d2mpb.ServerHello{
-		Version: 0, Esk: esk.PublicKey().Bytes(), Challenge: challenge,
-	})
-	if err := c.write(hello); err != nil {
-		return 0, err
+	challenge := make([]byte, d2m.ChallengeSize)
+	if _, err := rand.Read(challenge); err != nil {
+		return 0, d2m.Close(d2m.CloseInternalError, err)
 	}
+	c.queueHandshakeFrame(d2m.MustEncodeMessage(d2m.TypeServerHello, &d2mpb.ServerHello{
+		Version: 0, Esk: esk.PublicKey().Bytes(), Challenge: challenge,
+	}), false)
 	var ch *d2mpb.ClientHello
 	for ch == nil {
 		typ, payload, err := c.readFrame()
@@ -553,15 +625,21 @@ func (c *deviceConn) handshake() (uint64, error) {
 		return 0, d2m.Close(d2m.CloseProtocolError, err)
 	}
 	c.deviceID = reflection.DeviceID(ch.DeviceId)
-	c.log = c.log.With().Uint64("device", ch.DeviceId).Logger()
+	c.log = c.log.With().Str("device", FormatDeviceID(c.deviceID)).Logger()
 	c.group = s.acquireGroup(c.groupID)
+	if err := c.group.load(); err != nil {
+		return 0, d2m.Close(d2m.CloseInternalError, err)
+	}
 	state, persisted, err := c.group.register(c, ch)
 	if err != nil {
 		return 0, err
 	}
 	if err := <-persisted; err != nil {
-		c.group.unregister(c)
 		return 0, d2m.Close(d2m.CloseInternalError, err)
+	}
+	if c.isClosing() {
+		// Replaced (4112) or dropped while the slot was being stored.
+		return 0, d2m.Close(d2m.CloseCode(c.closeCode.Load()), nil)
 	}
 	stats, _ := s.store.QueueStats(c.groupID, c.deviceID)
 	info, err := d2m.EncodeMessage(d2m.TypeServerInfo, &d2mpb.ServerInfo{
@@ -574,18 +652,15 @@ func (c *deviceConn) handshake() (uint64, error) {
 	if err != nil {
 		// Shared data stored before it was size-checked (handlers.go
 		// fitsServerInfo): fail this connection, not the process.
-		c.group.unregister(c)
 		return 0, d2m.Close(d2m.CloseInternalError, fmt.Errorf("ServerInfo: %w", err))
 	}
-	if err := c.write(info); err != nil {
-		c.group.unregister(c)
-		return 0, err
+	if stats.NextSeq > 0 {
+		c.noteReady(stats.NextSeq - 1)
 	}
-	if c.isClosing() {
-		// Replaced (4112) or dropped while the slot was being stored.
-		c.group.unregister(c)
-		return 0, d2m.Close(d2m.CloseCode(c.closeCode.Load()), nil)
-	}
+	c.startDelivery(stats.NextSeq)
+	// The writer sends the ServerInfo and the first window of the backlog
+	// in one write.
+	c.queueHandshakeFrame(info, true)
 	return stats.NextSeq, nil
 }
 
