@@ -147,39 +147,68 @@ func TestDeviceLimitReject(t *testing.T) {
 func TestDropLeastRecent(t *testing.T) {
 	s := startServer(t, "--max-device-slots", "3")
 	g := newGroup()
-	// Device 1 disconnects first, device 2 later: 1 is the least recent.
+	// Device 2 disconnects first, device 1 later: 2 is the least recent
+	// (and the higher id, so a tie-break by id could not pass for it).
 	c1 := connect(t, s, g.config(s, 1))
 	c2 := connect(t, s, g.config(s, 2))
 	c3, _ := connectReady(t, s, g.config(s, 3))
-	c1.Close()
-	time.Sleep(20 * time.Millisecond)
 	c2.Close()
-	time.Sleep(100 * time.Millisecond)
+	at2 := waitDisconnected(t, c3, 2)
+	waitClockPast(at2)
+	c1.Close()
+	if at1 := waitDisconnected(t, c3, 1); at1 <= at2 {
+		t.Fatalf("disconnect times %d then %d", at2, at1)
+	}
 	cfg := g.config(s, 4)
 	cfg.ExhaustedPolicy = d2mpb.ClientHello_DROP_LEAST_RECENT
 	connect(t, s, cfg)
 	info := devicesInfo(t, c3)
-	if _, ok := info[1]; ok {
-		t.Fatalf("device 1 not evicted: %v", keys(info))
+	if _, ok := info[2]; ok {
+		t.Fatalf("device 2 not evicted: %v", keys(info))
 	}
 	if len(info) != 3 {
 		t.Fatalf("slots %v", keys(info))
 	}
 	// The evicted device coming back expecting EXISTING learns it was dropped.
-	back := g.config(s, 1)
+	back := g.config(s, 2)
 	back.ExpectedState = d2mclient.Expect(d2mpb.DeviceSlotState_EXISTING)
 	expectRejected(t, back, d2m.CloseDropped)
 
 	// All connected: the oldest connected_since is evicted with 4113.
 	s2 := startServer(t, "--max-device-slots", "2")
 	g2 := newGroup()
-	old := connect(t, s2, g2.config(s2, 1))
-	time.Sleep(20 * time.Millisecond)
-	connect(t, s2, g2.config(s2, 2))
+	old := connect(t, s2, g2.config(s2, 2))
+	since := devicesInfo(t, old)[2].GetConnectedSince()
+	waitClockPast(since)
+	connect(t, s2, g2.config(s2, 1))
 	cfg = g2.config(s2, 3)
 	cfg.ExhaustedPolicy = d2mpb.ClientHello_DROP_LEAST_RECENT
 	connect(t, s2, cfg)
 	expectClose(t, old.Conn, d2m.CloseDropped)
+}
+
+// waitDisconnected asks through c until device dev is listed as
+// disconnected, and returns its last_disconnect_at.
+func waitDisconnected(t *testing.T, c *d2mclient.Client, dev uint64) uint64 {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if a := devicesInfo(t, c)[dev]; a != nil && a.GetLastDisconnectAt() != 0 {
+			return a.GetLastDisconnectAt()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("device %d never listed as disconnected", dev)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitClockPast waits until the wall clock has left the millisecond ms,
+// so that the next event the server stamps is strictly later.
+func waitClockPast(ms uint64) {
+	for uint64(time.Now().UnixMilli()) <= ms {
+		time.Sleep(time.Millisecond)
+	}
 }
 
 func TestDuplicateConnection(t *testing.T) {

@@ -388,3 +388,77 @@ func TestEndToEndThroughStandInChatServer(t *testing.T) {
 	}
 	fmt.Fprintln(io.Discard, cx1, cx2)
 }
+
+// TestLeaderLeavesDuringBacklog: the leader leaves while the other device
+// is in the middle of a backlog larger than its delivery window and has
+// not acked it. That device must not be promoted before its
+// ReflectionQueueDry (Android throws otherwise, protocol.md §7), and it is
+// promoted right after it.
+func TestLeaderLeavesDuringBacklog(t *testing.T) {
+	s := startServer(t)
+	g := newGroup()
+	a, _ := connectReady(t, s, g.config(s, 1))
+	recvAnyType(t, a.Conn, d2m.TypeRolePromotedToLeader)
+	b, _ := connectReady(t, s, g.config(s, 2))
+	b.Close()
+	const backlog = 600 // more than the delivery window of 256
+	for i := 0; i < backlog; i++ {
+		id, _ := a.Reflect(ctxT(t, 5*time.Second), envelope(i), 0)
+		expectAck(t, a, id)
+	}
+	b = connect(t, s, g.config(s, 2))
+	// Take part of the backlog without acking it: the window fills and
+	// the rest waits, so b is mid-backlog.
+	var pending []uint32
+	for i := 0; i < 100; i++ {
+		m := recvAny(t, b.Conn)
+		if m.Type != d2m.TypeReflected {
+			t.Fatalf("message %d: %v in the middle of the backlog", i, m.Type)
+		}
+		r, _ := d2m.DecodeReflected(m.Payload)
+		pending = append(pending, r.ID)
+	}
+	a.Close()
+	waitAuthenticated(t, s, 1) // the leader's departure has been handled
+	got := len(pending)
+	for _, id := range pending {
+		if err := b.AckReflected(ctxT(t, time.Second), id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for {
+		m := recvAny(t, b.Conn)
+		if m.Type == d2m.TypeReflectionQueueDry {
+			break
+		}
+		if m.Type != d2m.TypeReflected {
+			t.Fatalf("after %d of %d backlog entries: %v before ReflectionQueueDry", got, backlog, m.Type)
+		}
+		r, _ := d2m.DecodeReflected(m.Payload)
+		got++
+		if err := b.AckReflected(ctxT(t, time.Second), r.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got != backlog {
+		t.Fatalf("ReflectionQueueDry after %d of %d backlog entries", got, backlog)
+	}
+	recvAnyType(t, b.Conn, d2m.TypeRolePromotedToLeader)
+}
+
+// waitAuthenticated waits until the server counts n authenticated
+// connections.
+func waitAuthenticated(t *testing.T, s *server, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, body := s.adminGet("/metrics")
+		if v, ok := metricValue(body, `mediator_connections{state="authenticated"}`); ok && int(v) == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("authenticated connections never reached %d", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -17,7 +17,7 @@ type Config struct {
 	MaxDeviceSlots       int           // slots per group, the device itself included (5)
 	MaxTransactionTTL    time.Duration // cap and default of BeginTransaction.ttl (600s)
 	VolatileSlotGrace    time.Duration // VOLATILE slot removed this long after disconnect (5m)
-	PersistentSlotExpiry time.Duration // PERSISTENT slot removed after this long offline (4320h)
+	PersistentSlotExpiry time.Duration // PERSISTENT slot removed after this long offline (180 days)
 	TombstoneTTL         time.Duration // dropped-slot tombstones kept this long (30 days, §18 row 7)
 	HandshakeTimeout     time.Duration // from upgrade to ClientHello verified (20s)
 	IdleTimeout          time.Duration // no inbound frame for this long → 4013 (90s)
@@ -31,6 +31,27 @@ type Config struct {
 	ShutdownSpread       time.Duration // 1001 closes spread over this window on shutdown (2s)
 }
 
+// Defaults of Config, shared with the command line (cmd/mediator) so that
+// a flag's documented default and the server's are one value. The
+// protocol's decisions behind them: protocol.md §18 rows 9 and 7.
+const (
+	DefaultMaxDeviceSlots       = 5
+	DefaultMaxTransactionTTL    = 600 * time.Second
+	DefaultVolatileSlotGrace    = 5 * time.Minute
+	DefaultPersistentSlotExpiry = 180 * 24 * time.Hour
+	DefaultTombstoneTTL         = 30 * 24 * time.Hour
+	DefaultHandshakeTimeout     = 20 * time.Second
+	DefaultIdleTimeout          = 90 * time.Second
+	DefaultWriteTimeout         = 10 * time.Second
+	DefaultEarlyProxyLimit      = 64 * 1024
+	DefaultDeliveryWindow       = 256
+	DefaultReflectWindow        = 128
+	DefaultMaxHandshakes        = 1024
+	DefaultAdmissionWait        = 2 * time.Second
+	DefaultMaxConnections       = 100000
+	DefaultShutdownSpread       = 2 * time.Second
+)
+
 func (c Config) withDefaults() Config {
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {
@@ -42,21 +63,21 @@ func (c Config) withDefaults() Config {
 			*i = v
 		}
 	}
-	defInt(&c.MaxDeviceSlots, 5)
-	def(&c.MaxTransactionTTL, 600*time.Second)
-	def(&c.VolatileSlotGrace, 5*time.Minute)
-	def(&c.PersistentSlotExpiry, 4320*time.Hour)
-	def(&c.TombstoneTTL, 30*24*time.Hour)
-	def(&c.HandshakeTimeout, 20*time.Second)
-	def(&c.IdleTimeout, 90*time.Second)
-	def(&c.WriteTimeout, 10*time.Second)
-	defInt(&c.EarlyProxyLimit, 64*1024)
-	defInt(&c.DeliveryWindow, 256)
-	defInt(&c.ReflectWindow, 128)
-	defInt(&c.MaxHandshakes, 1024)
-	def(&c.AdmissionWait, 2*time.Second)
-	defInt(&c.MaxConnections, 100000)
-	def(&c.ShutdownSpread, 2*time.Second)
+	defInt(&c.MaxDeviceSlots, DefaultMaxDeviceSlots)
+	def(&c.MaxTransactionTTL, DefaultMaxTransactionTTL)
+	def(&c.VolatileSlotGrace, DefaultVolatileSlotGrace)
+	def(&c.PersistentSlotExpiry, DefaultPersistentSlotExpiry)
+	def(&c.TombstoneTTL, DefaultTombstoneTTL)
+	def(&c.HandshakeTimeout, DefaultHandshakeTimeout)
+	def(&c.IdleTimeout, DefaultIdleTimeout)
+	def(&c.WriteTimeout, DefaultWriteTimeout)
+	defInt(&c.EarlyProxyLimit, DefaultEarlyProxyLimit)
+	defInt(&c.DeliveryWindow, DefaultDeliveryWindow)
+	defInt(&c.ReflectWindow, DefaultReflectWindow)
+	defInt(&c.MaxHandshakes, DefaultMaxHandshakes)
+	def(&c.AdmissionWait, DefaultAdmissionWait)
+	defInt(&c.MaxConnections, DefaultMaxConnections)
+	def(&c.ShutdownSpread, DefaultShutdownSpread)
 	return c
 }
 

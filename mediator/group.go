@@ -181,6 +181,25 @@ func (g *group) register(c *deviceConn, hello *d2mpb.ClientHello) (d2mpb.DeviceS
 	return actual, done, nil
 }
 
+// abandonRegistration undoes register's memory changes after the slot
+// could not be stored: a slot that register created is forgotten, so the
+// next connection of the device sees what the store holds (no slot: NEW).
+func (g *group) abandonRegistration(c *deviceConn, created bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.conns[c.deviceID] != c {
+		return
+	}
+	delete(g.conns, c.deviceID)
+	if created {
+		delete(g.slots, c.deviceID)
+	}
+	if g.leader == c {
+		g.leader = nil
+		g.electLeaderLocked()
+	}
+}
+
 func tombstoneCode(r reflection.TombstoneReason) d2m.CloseCode {
 	if r == reflection.QueueLimit {
 		return d2m.CloseQueueLimit

@@ -635,6 +635,7 @@ func (c *deviceConn) handshake() (uint64, error) {
 		return 0, err
 	}
 	if err := <-persisted; err != nil {
+		c.group.abandonRegistration(c, state == d2mpb.DeviceSlotState_NEW)
 		return 0, d2m.Close(d2m.CloseInternalError, err)
 	}
 	if c.isClosing() {

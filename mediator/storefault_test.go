@@ -302,9 +302,15 @@ func TestStoreFaultEveryCommit(t *testing.T) {
 	a, _ = readyDevice(t, srv.URL, g, 1)
 	a.reflectAcked([]byte("after"))
 	b.expectReflected([]byte("after"))
+	// Device 3's slot was never stored: it starts NEW and empty ("after"
+	// was reflected before it existed, "lost" was never acked or stored).
 	c2, backlog := readyDevice(t, srv.URL, g, 3)
+	if st := c2.ServerInfo.DeviceSlotState; st != d2mpb.DeviceSlotState_NEW || len(backlog) != 0 {
+		t.Fatalf("device 3 after the failure: state %v, backlog %q", st, backlog)
+	}
 	c2.reflectAcked([]byte("from-3"))
-	_ = backlog
+	a.expectReflected([]byte("from-3"))
+	b.expectReflected([]byte("from-3"))
 }
 
 // TestStoreFaultReleaseHeld: the commit that releases a transaction's held
