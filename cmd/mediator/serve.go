@@ -2,12 +2,10 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,8 +13,8 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"d2m-mediator/chatproxy/chatstub"
 	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/reflection"
 )
 
@@ -121,118 +119,42 @@ func serve(ctx context.Context, args []string) error {
 	if err := os.MkdirAll(f.data, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-
-	// The committer reports to the server's metrics, which exist only once
-	// the server does: the hook reads it through this variable.
-	var srv *mediator.Server
-	store, err := reflection.Open(filepath.Join(f.data, "mediator.db"), reflection.Options{
-		MaxQueueLength: f.maxQueueLength,
-		MaxQueueBytes:  f.maxQueueBytes,
-		Logger:         log,
-		OnCommit:       func(n int, took time.Duration, err error) { srv.ObserveCommit(n, took, err) },
-	})
-	if err != nil {
-		return fmt.Errorf("open database in %s: %w", f.data, err)
-	}
-	defer store.Close()
-
-	if f.chatServer == "" {
-		stub, addr, err := startChatStub(f.data, log)
-		if err != nil {
-			return err
-		}
-		defer stub.Close()
-		f.cfg.ChatServer = addr
-		pub := stub.PublicKey()
-		log.Info().Str("address", addr).Hex("public_key", pub[:]).
-			Msg("no --chat-server given: started the local stand-in chat server (development and tests only)")
-	}
-
-	srv, err = mediator.New(f.cfg, store, log)
-	if err != nil {
-		return err
-	}
 	token, err := mediator.LoadOrCreateToken(f.adminTokenFile)
 	if err != nil {
 		return err
 	}
-	if err := mediator.CheckAdminExposure(f.adminListen, token); err != nil {
+	d, err := daemon.Start(daemon.Config{
+		Server:       f.cfg,
+		DataDir:      f.data,
+		StoreOptions: reflection.Options{MaxQueueLength: f.maxQueueLength, MaxQueueBytes: f.maxQueueBytes},
+		DeviceListen: f.listen,
+		AdminListen:  f.adminListen,
+		AdminToken:   token,
+		TLSCert:      f.tlsCert,
+		TLSKey:       f.tlsKey,
+		Logger:       log,
+	})
+	if err != nil {
 		return err
 	}
-
-	deviceLn, err := net.Listen("tcp", f.listen)
-	if err != nil {
-		return fmt.Errorf("device listener: %w", err)
-	}
-	adminLn, err := net.Listen("tcp", f.adminListen)
-	if err != nil {
-		deviceLn.Close()
-		return fmt.Errorf("admin listener: %w", err)
-	}
-	scheme := "ws"
-	if f.tlsCert != "" {
-		cert, err := tls.LoadX509KeyPair(f.tlsCert, f.tlsKey)
-		if err != nil {
-			deviceLn.Close()
-			adminLn.Close()
-			return fmt.Errorf("tls: %w", err)
-		}
-		deviceLn = tls.NewListener(deviceLn, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
-		scheme = "wss"
-	}
-	deviceHTTP := &http.Server{
-		Handler: srv.Handler(),
-		// Without these, stuck TLS handshakes and slow request headers
-		// pile up goroutines; the WebSocket itself has its own deadlines.
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          nil,
-	}
-	adminHTTP := &http.Server{Handler: srv.AdminHandler(token), ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 2)
-	go func() { errc <- deviceHTTP.Serve(deviceLn) }()
-	go func() { errc <- adminHTTP.Serve(adminLn) }()
-	srv.SetReady(true)
 	log.Info().
-		Str("devices", fmt.Sprintf("%s://%s/", scheme, deviceLn.Addr())).
-		Str("admin", fmt.Sprintf("http://%s/", adminLn.Addr())).
+		Str("devices", d.DeviceURL+"/").
+		Str("admin", fmt.Sprintf("http://%s/", d.AdminAddr)).
 		Str("data", f.data).
-		Str("chat_server", f.cfg.ChatServer).
+		Str("chat_server", d.ChatServer).
 		Msg("mediator listening")
 
 	var serveErr error
 	select {
 	case <-ctx.Done():
 		log.Info().Msg("shutting down: closing devices with 1001")
-	case serveErr = <-errc:
+	case serveErr = <-d.Err():
 	}
-	srv.SetReady(false)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	deviceHTTP.Shutdown(shutdownCtx)
-	srv.Shutdown(shutdownCtx)
-	adminHTTP.Shutdown(shutdownCtx)
-	if err := store.Close(); err != nil {
-		log.Error().Err(err).Msg("closing database")
+	if err := d.Shutdown(shutdownCtx); err != nil {
+		log.Error().Err(err).Msg("shutdown")
 	}
 	log.Info().Msg("stopped")
-	if serveErr != nil && !errors.Is(serveErr, http.ErrServerClosed) {
-		return serveErr
-	}
-	return nil
-}
-
-func startChatStub(dataDir string, log zerolog.Logger) (*chatstub.Server, string, error) {
-	key, err := chatstub.LoadOrCreateKey(filepath.Join(dataDir, "chatstub.key"))
-	if err != nil {
-		return nil, "", fmt.Errorf("stand-in chat server key: %w", err)
-	}
-	stub, err := chatstub.New(chatstub.Config{SecretKey: key, Logger: log.With().Str("component", "chatstub").Logger()})
-	if err != nil {
-		return nil, "", err
-	}
-	addr, err := stub.Start("127.0.0.1:0")
-	if err != nil {
-		return nil, "", err
-	}
-	return stub, addr.String(), nil
+	return serveErr
 }

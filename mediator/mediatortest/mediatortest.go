@@ -11,11 +11,7 @@ package mediatortest
 import (
 	"bytes"
 	"context"
-	"errors"
 	"io"
-	"net"
-	"net/http"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -24,6 +20,7 @@ import (
 
 	"d2m-mediator/chatproxy/chatstub"
 	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/reflection"
 )
 
@@ -42,13 +39,11 @@ type Server struct {
 	DBPath string
 	// ChatStub is the in-process stand-in chat server (WithChatStub), or nil.
 	ChatStub *chatstub.Server
-	// HTTP is the device listener's http.Server.
-	HTTP *http.Server
+	// Daemon is the process wiring cmd/mediator uses, running here.
+	Daemon *daemon.Daemon
 
 	t         testing.TB
 	logs      *LogBuffer
-	ownsStore bool
-	serveDone chan struct{}
 	closeOnce sync.Once
 }
 
@@ -97,10 +92,13 @@ func WithReadHeaderTimeout(d time.Duration) Option {
 	return func(s *settings) { s.readHeaderTTL = d }
 }
 
-// NewServer starts a mediator with cfg on 127.0.0.1:0 and registers its
-// teardown (Shutdown, listener close, store close) with t.Cleanup. A zero
-// cfg.ShutdownSpread becomes 1ms so that teardown does not wait the
-// production default of 2s. It fails the test if anything cannot start.
+// NewServer starts a mediator with cfg on 127.0.0.1:0 through
+// daemon.Start, the wiring cmd/mediator uses, and registers its teardown
+// (daemon Shutdown: devices, goroutines, store) with t.Cleanup; the
+// teardown fails the test if the server's goroutines do not end within its
+// deadline. A zero cfg.ShutdownSpread becomes 1ms so that teardown does not
+// wait the production default of 2s. It fails the test if anything cannot
+// start.
 func NewServer(t testing.TB, cfg mediator.Config, opts ...Option) *Server {
 	t.Helper()
 	set := settings{logLevel: zerolog.DebugLevel, readHeaderTTL: 10 * time.Second}
@@ -114,76 +112,42 @@ func NewServer(t testing.TB, cfg mediator.Config, opts ...Option) *Server {
 	}
 	log := zerolog.New(out).Level(set.logLevel).With().Timestamp().Logger()
 
-	s := &Server{t: t, logs: logs, serveDone: make(chan struct{})}
-	var srv *mediator.Server // read by the commit hook once it exists
-	if set.store != nil {
-		s.Store = set.store
-	} else {
-		dir := set.dataDir
-		if dir == "" {
-			dir = t.TempDir()
-		}
-		s.DBPath = filepath.Join(dir, "mediator.db")
-		so := set.storeOpts
-		so.Logger = log
-		if so.OnCommit == nil {
-			so.OnCommit = func(n int, took time.Duration, err error) { srv.ObserveCommit(n, took, err) }
-		}
-		db, err := reflection.Open(s.DBPath, so)
-		if err != nil {
-			t.Fatalf("mediatortest: open store: %v", err)
-		}
-		s.Store, s.ownsStore = db, true
+	if cfg.ShutdownSpread == 0 {
+		cfg.ShutdownSpread = time.Millisecond
 	}
-
+	dc := daemon.Config{
+		Server:            cfg,
+		Store:             set.store,
+		StoreOptions:      set.storeOpts,
+		DeviceListen:      "127.0.0.1:0",
+		NoChatStub:        !set.chatStub,
+		ReadHeaderTimeout: set.readHeaderTTL,
+		Logger:            log,
+	}
 	if set.chatStub {
 		var key [32]byte
 		for i := range key {
 			key[i] = byte(i + 1)
 		}
-		stub, err := chatstub.New(chatstub.Config{SecretKey: &key, Logger: log.With().Str("component", "chatstub").Logger()})
-		if err != nil {
-			s.closeStore()
-			t.Fatalf("mediatortest: chatstub: %v", err)
-		}
-		addr, err := stub.Start("127.0.0.1:0")
-		if err != nil {
-			s.closeStore()
-			t.Fatalf("mediatortest: chatstub: %v", err)
-		}
-		s.ChatStub = stub
-		if cfg.ChatServer == "" {
-			cfg.ChatServer = addr.String()
+		dc.ChatStubKey = &key
+	}
+	if set.store == nil {
+		dc.DataDir = set.dataDir
+		if dc.DataDir == "" {
+			dc.DataDir = t.TempDir()
 		}
 	}
-
-	if cfg.ShutdownSpread == 0 {
-		cfg.ShutdownSpread = time.Millisecond
-	}
-	var err error
-	srv, err = mediator.New(cfg, s.Store, log)
+	d, err := daemon.Start(dc)
 	if err != nil {
-		s.closeAux()
 		t.Fatalf("mediatortest: %v", err)
 	}
-	s.Server = srv
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		srv.Shutdown(context.Background())
-		s.closeAux()
-		t.Fatalf("mediatortest: listen: %v", err)
+	s := &Server{
+		Server: d.Server, URL: d.DeviceURL, Addr: d.DeviceAddr.String(),
+		Store: d.Store, ChatStub: d.ChatStub, Daemon: d, t: t, logs: logs,
 	}
-	s.Addr = ln.Addr().String()
-	s.URL = "ws://" + s.Addr
-	s.HTTP = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: set.readHeaderTTL}
-	go func() {
-		defer close(s.serveDone)
-		if err := s.HTTP.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error().Err(err).Msg("mediatortest: serve ended")
-		}
-	}()
-	srv.SetReady(true)
+	if d.DB != nil {
+		s.DBPath = d.DB.Path()
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("mediatortest: server log (tail):\n%s", tail(s.Logs(), 16<<10))
@@ -198,29 +162,12 @@ func NewServer(t testing.TB, cfg mediator.Config, opts ...Option) *Server {
 // it; calling it earlier is allowed, and later calls do nothing.
 func (s *Server) Close() {
 	s.closeOnce.Do(func() {
-		s.Server.SetReady(false)
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
-		s.HTTP.Shutdown(ctx)
-		s.Server.Shutdown(ctx)
-		<-s.serveDone
-		s.closeAux()
-	})
-}
-
-func (s *Server) closeAux() {
-	if s.ChatStub != nil {
-		s.ChatStub.Close()
-	}
-	s.closeStore()
-}
-
-func (s *Server) closeStore() {
-	if s.ownsStore {
-		if err := s.Store.Close(); err != nil {
-			s.t.Errorf("mediatortest: close store: %v", err)
+		if err := s.Daemon.Shutdown(ctx); err != nil {
+			s.t.Errorf("mediatortest: shutdown: %v", err)
 		}
-	}
+	})
 }
 
 // Logs returns what the server logged so far (JSON lines; the oldest part

@@ -1,0 +1,264 @@
+// Package daemon assembles one mediator process: it opens the store,
+// starts the stand-in chat server when no upstream is configured, builds
+// the server and serves the device and admin listeners, and takes all of
+// it down again in the right order. cmd/mediator and mediatortest both use
+// it, so the tests run exactly the wiring production runs.
+//
+// It holds no logic of its own beyond that order: configuration is
+// validated by mediator.Config, storage is package reflection's, and the
+// admin API is the server's.
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"d2m-mediator/chatproxy/chatstub"
+	"d2m-mediator/mediator"
+	"d2m-mediator/reflection"
+)
+
+// Config describes one process. Zero values select the defaults noted.
+type Config struct {
+	Server mediator.Config
+
+	// DataDir holds mediator.db (and, for the stand-in, chatstub.key).
+	DataDir string
+	// Store, if set, is used instead of opening DataDir/mediator.db; the
+	// caller owns it (tests with fault-injecting stores).
+	Store        reflection.Store
+	StoreOptions reflection.Options // OnCommit and Logger are filled in
+
+	DeviceListen string // default 127.0.0.1:8765
+	AdminListen  string // "" = no admin listener
+	AdminToken   string // required for a non-loopback AdminListen
+	TLSCert      string // with TLSKey: serve wss://
+	TLSKey       string
+
+	// ChatStubKey is the stand-in chat server's secret key when
+	// Server.ChatServer is empty; nil loads or creates DataDir/chatstub.key.
+	ChatStubKey *[32]byte
+	// NoChatStub leaves Server.ChatServer empty (Proxy is refused with
+	// 4001) instead of starting the stand-in.
+	NoChatStub bool
+
+	ReadHeaderTimeout time.Duration // device and admin listeners; default 10s
+	Logger            zerolog.Logger
+}
+
+// Daemon is a running mediator process.
+type Daemon struct {
+	Server   *mediator.Server
+	Store    reflection.Store
+	DB       *reflection.DB   // nil when Config.Store was given
+	ChatStub *chatstub.Server // nil when an upstream is configured
+	// ChatServer is the upstream address template in use (the stand-in's
+	// address when it runs).
+	ChatServer string
+	// DeviceURL is ws://ADDR or wss://ADDR (no trailing slash).
+	DeviceURL  string
+	DeviceAddr net.Addr
+	AdminAddr  net.Addr // nil without an admin listener
+
+	log       zerolog.Logger
+	device    *http.Server
+	admin     *http.Server
+	errc      chan error
+	serving   sync.WaitGroup // the listeners' Serve goroutines
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// ErrLocked is returned by Start when another process holds the database.
+var ErrLocked = reflection.ErrLocked
+
+// Start builds and starts everything; on error, whatever was started is
+// closed again.
+func Start(cfg Config) (d *Daemon, err error) {
+	log := cfg.Logger
+	if cfg.DeviceListen == "" {
+		cfg.DeviceListen = "127.0.0.1:8765"
+	}
+	if cfg.ReadHeaderTimeout == 0 {
+		cfg.ReadHeaderTimeout = 10 * time.Second
+	}
+	if err := cfg.Server.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.AdminListen != "" {
+		if err := mediator.CheckAdminExposure(cfg.AdminListen, cfg.AdminToken); err != nil {
+			return nil, err
+		}
+	}
+	d = &Daemon{log: log, errc: make(chan error, 2)}
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+			d = nil
+		}
+	}()
+
+	// The committer may report a commit (trash collection at open) before
+	// the server exists: the hook reads the server through an atomic.
+	var srv atomic.Pointer[mediator.Server]
+	if cfg.Store != nil {
+		d.Store = cfg.Store
+	} else {
+		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("data directory: %w", err)
+		}
+		so := cfg.StoreOptions
+		so.Logger = log
+		if so.OnCommit == nil {
+			so.OnCommit = func(n int, took time.Duration, err error) {
+				if s := srv.Load(); s != nil {
+					s.ObserveCommit(n, took, err)
+				}
+			}
+		}
+		path := filepath.Join(cfg.DataDir, "mediator.db")
+		db, err := reflection.Open(path, so)
+		if err != nil {
+			if errors.Is(err, reflection.ErrLocked) {
+				return nil, fmt.Errorf("open database %s: %w (is another mediator running?)", path, err)
+			}
+			return nil, fmt.Errorf("open database in %s: %w", cfg.DataDir, err)
+		}
+		d.Store, d.DB = db, db
+		undo = append(undo, func() { db.Close() })
+	}
+
+	if cfg.Server.ChatServer == "" && !cfg.NoChatStub {
+		stub, addr, err := startChatStub(cfg, log)
+		if err != nil {
+			return nil, err
+		}
+		d.ChatStub = stub
+		undo = append(undo, func() { stub.Close() })
+		cfg.Server.ChatServer = addr
+		pub := stub.PublicKey()
+		log.Info().Str("address", addr).Hex("public_key", pub[:]).
+			Msg("no --chat-server given: started the local stand-in chat server (development and tests only)")
+	}
+
+	d.ChatServer = cfg.Server.ChatServer
+	s, err := mediator.New(cfg.Server, d.Store, log)
+	if err != nil {
+		return nil, err
+	}
+	srv.Store(s)
+	d.Server = s
+	undo = append(undo, func() { s.Shutdown(context.Background()) })
+
+	deviceLn, err := net.Listen("tcp", cfg.DeviceListen)
+	if err != nil {
+		return nil, fmt.Errorf("device listener: %w", err)
+	}
+	undo = append(undo, func() { deviceLn.Close() })
+	d.DeviceAddr = deviceLn.Addr()
+	scheme := "ws"
+	if cfg.TLSCert != "" || cfg.TLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		deviceLn = tls.NewListener(deviceLn, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+		scheme = "wss"
+	}
+	d.DeviceURL = scheme + "://" + d.DeviceAddr.String()
+	var adminLn net.Listener
+	if cfg.AdminListen != "" {
+		adminLn, err = net.Listen("tcp", cfg.AdminListen)
+		if err != nil {
+			return nil, fmt.Errorf("admin listener: %w", err)
+		}
+		undo = append(undo, func() { adminLn.Close() })
+		d.AdminAddr = adminLn.Addr()
+	}
+
+	// Without ReadHeaderTimeout, stuck TLS handshakes and slow request
+	// headers pile up goroutines; the WebSocket has its own deadlines.
+	d.device = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+	d.serve(d.device, deviceLn)
+	if adminLn != nil {
+		d.admin = &http.Server{Handler: s.AdminHandler(cfg.AdminToken), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+		d.serve(d.admin, adminLn)
+	}
+	s.SetReady(true)
+	return d, nil
+}
+
+func (d *Daemon) serve(hs *http.Server, ln net.Listener) {
+	d.serving.Add(1)
+	go func() {
+		defer d.serving.Done()
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.errc <- err
+		}
+	}()
+}
+
+// Err yields an error if a listener stops serving on its own.
+func (d *Daemon) Err() <-chan error { return d.errc }
+
+// Shutdown stops the process as SIGTERM does (protocol.md §18 row 15):
+// stop accepting, close every device with 1001 (spread), wait for the
+// server's goroutines, stop the admin listener and the stand-in, and close
+// the store it opened. It returns the server's Shutdown error (ctx.Err()
+// when the deadline passed) or the store's Close error. Later calls return
+// the first result.
+func (d *Daemon) Shutdown(ctx context.Context) error {
+	d.closeOnce.Do(func() {
+		d.Server.SetReady(false)
+		d.device.Shutdown(ctx)
+		err := d.Server.Shutdown(ctx)
+		if d.admin != nil {
+			d.admin.Shutdown(ctx)
+		}
+		d.serving.Wait()
+		if d.ChatStub != nil {
+			d.ChatStub.Close()
+		}
+		if d.DB != nil {
+			if cerr := d.DB.Close(); cerr != nil && err == nil {
+				err = fmt.Errorf("closing the database: %w", cerr)
+			}
+		}
+		d.closeErr = err
+	})
+	return d.closeErr
+}
+
+func startChatStub(cfg Config, log zerolog.Logger) (*chatstub.Server, string, error) {
+	key := cfg.ChatStubKey
+	if key == nil {
+		var err error
+		key, err = chatstub.LoadOrCreateKey(filepath.Join(cfg.DataDir, "chatstub.key"))
+		if err != nil {
+			return nil, "", fmt.Errorf("stand-in chat server key: %w", err)
+		}
+	}
+	stub, err := chatstub.New(chatstub.Config{SecretKey: key, Logger: log.With().Str("component", "chatstub").Logger()})
+	if err != nil {
+		return nil, "", err
+	}
+	addr, err := stub.Start("127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	return stub, addr.String(), nil
+}
