@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest clean
+.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest deploy-check clean
 
 all: build
 
@@ -73,6 +73,15 @@ bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
 
 crashtest: ## long SIGKILL crash loop
 	CRASH_ITERATIONS=200 $(GO) test -count=1 -timeout=60m -run 'TestCrashLoop' ./integration/
+
+# deploy-check checks deploy/ with the tools that read those files
+# (systemd-analyze, nginx, haproxy, caddy, promtool; Debian packages
+# systemd, nginx, haproxy, caddy, prometheus). Missing tools are skipped
+# with a message; CI installs them and sets DEPLOY_CHECK_STRICT=1. The metric
+# names in the rules and dashboard are checked by TestDeployMetricsExist in
+# make test.
+deploy-check: ## check deploy/: systemd unit, nginx/haproxy/caddy configs, Prometheus rules (~5 s)
+	deploy/check.sh
 
 clean:
 	rm -rf $(BIN)
