@@ -5,18 +5,28 @@ BIN           := $(CURDIR)/bin
 PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 FUZZTIME      ?= 60s
 TEST_TIMEOUT  ?= 20m
+# The toolchain stamps vcs.revision only where .git is a directory (not in a
+# git worktree); `mediator version` falls back to this.
+REVISION      := $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -modified)
+LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest clean
+.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest deploy-check clean
 
 all: build
 
 build: ## binaries into ./bin
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build $(LDFLAGS) -o $(BIN)/ ./cmd/...
 
-run: ## the mediator with local defaults (./data, stand-in chat server)
-	$(GO) run ./cmd/mediator serve
+# run builds the mediator and execs it: the shell make starts is replaced by
+# the server, so the SIGTERM make forwards to its child and the SIGINT of
+# Ctrl-C reach the server itself (`go run` would not pass them on and leave
+# the server holding its ports and the database lock). Flags: RUN_ARGS or
+# MEDIATOR_<FLAG> variables, e.g. MEDIATOR_DATA=/tmp/d make run.
+run: ## build and exec the mediator with local defaults (./data, stand-in chat server)
+	$(GO) build $(LDFLAGS) -o $(BIN)/mediator ./cmd/mediator
+	exec $(BIN)/mediator serve $(RUN_ARGS)
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -63,6 +73,15 @@ bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
 
 crashtest: ## long SIGKILL crash loop
 	CRASH_ITERATIONS=200 $(GO) test -count=1 -timeout=60m -run 'TestCrashLoop' ./integration/
+
+# deploy-check checks deploy/ with the tools that read those files
+# (systemd-analyze, nginx, haproxy, caddy, promtool; Debian packages
+# systemd, nginx, haproxy, caddy, prometheus). Missing tools are skipped
+# with a message; CI installs them and sets DEPLOY_CHECK_STRICT=1. The metric
+# names in the rules and dashboard are checked by TestDeployMetricsExist in
+# make test.
+deploy-check: ## check deploy/: systemd unit, nginx/haproxy/caddy configs, Prometheus rules (~5 s)
+	deploy/check.sh
 
 clean:
 	rm -rf $(BIN)

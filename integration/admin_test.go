@@ -18,6 +18,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -176,8 +177,8 @@ func TestAdminListsGroupsAndQueues(t *testing.T) {
 		t.Fatalf("groups table:\n%s", out)
 	}
 	out = s.adminCLI(t, "slots", "list", gid[:12])
-	if !regexp.MustCompile(`(?m)^3\s+persistent\s+offline\s+\S+ ago\s+7\s+`+fmt.Sprint(bytesQueued)+` B\s+`).MatchString(out) ||
-		!regexp.MustCompile(`(?m)^1\s+persistent\s+online\s+.*\s+leader$`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^0x0000000000000003\s+persistent\s+offline\s+\S+ ago\s+7\s+`+fmt.Sprint(bytesQueued)+` B\s+`).MatchString(out) ||
+		!regexp.MustCompile(`(?m)^0x0000000000000001\s+persistent\s+online\s+.*\s+leader$`).MatchString(out) {
 		t.Fatalf("slots table:\n%s", out)
 	}
 	out = s.adminCLI(t, "slots", "show", gid, "0x3")
@@ -197,9 +198,11 @@ func TestAdminListsGroupsAndQueues(t *testing.T) {
 		unknown = strings.Repeat("f", 64)
 	}
 	adminCLIFail(t, s.adminEnv(), "unknown group", "slots", "list", unknown)
-	adminCLIFail(t, s.adminEnv(), "has no slot for device 77", "slots", "show", gid[:12], "77")
+	adminCLIFail(t, s.adminEnv(), "has no slot for device 0x000000000000004d", "slots", "show", gid[:12], "dec:77")
 	adminCLIFail(t, s.adminEnv(), "device id", "slots", "show", gid[:12], "0xZZ")
-	adminCLIFail(t, s.adminEnv(), "put flags first", "slots", "list", gid[:12], "--json")
+	// A bare short number is neither guessed as decimal nor as hex.
+	adminCLIFail(t, s.adminEnv(), `device id "3": want 0x`, "slots", "show", gid[:12], "3")
+	adminCLIFail(t, s.adminEnv(), "flag provided but not defined: -jsn", "slots", "list", gid[:12], "--jsn")
 }
 
 func TestAdminDropClosesDevice(t *testing.T) {
@@ -215,8 +218,8 @@ func TestAdminDropClosesDevice(t *testing.T) {
 	id, _ := b.Reflect(ctxT(t, time.Second), []byte("held"), 0)
 	expectAck(t, b, id)
 
-	out := s.adminCLI(t, "slots", "drop", gid[:16], "2")
-	if !strings.Contains(out, "dropped device 2") || !strings.Contains(out, "4113") {
+	out := s.adminCLI(t, "slots", "drop", gid[:16], "0x2")
+	if !strings.Contains(out, "dropped device 0x0000000000000002") || !strings.Contains(out, "4113") {
 		t.Fatalf("drop output %q", out)
 	}
 	expectClose(t, b.Conn, d2m.CloseDropped)
@@ -230,14 +233,14 @@ func TestAdminDropClosesDevice(t *testing.T) {
 		t.Fatalf("after drop %+v", d)
 	}
 	out = s.adminCLI(t, "slots", "list", gid)
-	if !regexp.MustCompile(`(?m)^2\s+dropped\s+`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^0x0000000000000002\s+dropped\s+`).MatchString(out) {
 		t.Fatalf("tombstone not listed:\n%s", out)
 	}
 	// The device learns why when it comes back expecting its slot.
 	cfg := g.config(s, 2)
 	cfg.ExpectedState = d2mpb.DeviceSlotState_EXISTING.Enum()
 	expectRejected(t, cfg, d2m.CloseDropped)
-	adminCLIFail(t, s.adminEnv(), "has no slot for device 2", "slots", "drop", gid, "2")
+	adminCLIFail(t, s.adminEnv(), "has no slot for device 0x0000000000000002", "slots", "drop", gid, "0x0000000000000002")
 
 	// An offline device's slot can be dropped too.
 	c, _ := connectReady(t, s, g.config(s, 3))
@@ -246,7 +249,7 @@ func TestAdminDropClosesDevice(t *testing.T) {
 		s.adminCLIJSON(t, &d, "slots", "list", gid)
 		return slotOf(d, 3) != nil && !slotOf(d, 3).Connected
 	})
-	if out := s.adminCLI(t, "slots", "drop", gid, "3"); !strings.Contains(out, "offline") {
+	if out := s.adminCLI(t, "slots", "drop", gid, "dec:3"); !strings.Contains(out, "offline") {
 		t.Fatalf("drop output %q", out)
 	}
 	if info := devicesInfo(t, a); len(info) != 1 {
@@ -275,11 +278,11 @@ func TestAdminPurgeQueue(t *testing.T) {
 	})
 
 	var pr mediator.PurgeResult
-	s.adminCLIJSON(t, &pr, "queue", "purge", gid[:10], "3")
+	s.adminCLIJSON(t, &pr, "queue", "purge", gid[:10], "0x3")
 	if pr.PurgedCount != 5 || pr.Connected {
 		t.Fatalf("purge offline %+v", pr)
 	}
-	out := s.adminCLI(t, "queue", "purge", gid[:10], "2")
+	out := s.adminCLI(t, "queue", "purge", gid[:10], "0000000000000002")
 	if !strings.Contains(out, "purged 5 reflection(s)") {
 		t.Fatalf("purge output %q", out)
 	}
@@ -330,7 +333,7 @@ func TestAdminLockShowAndRelease(t *testing.T) {
 	if !l.Held || l.Holder == nil || *l.Holder != 1 || l.Ending || l.ScopeBytes != len(scope) || l.HeldSeconds == nil {
 		t.Fatalf("lock %+v", l)
 	}
-	if out := s.adminCLI(t, "lock", "show", gid); !strings.Contains(out, "held by device 1") {
+	if out := s.adminCLI(t, "lock", "show", gid); !strings.Contains(out, "held by device 0x0000000000000001") {
 		t.Fatalf("lock show %q", out)
 	}
 	var list mediator.GroupList
@@ -340,7 +343,7 @@ func TestAdminLockShowAndRelease(t *testing.T) {
 	}
 
 	out := s.adminCLI(t, "lock", "release", gid[:8])
-	if !strings.Contains(out, "held by device 1") || !strings.Contains(out, "TransactionEnded") {
+	if !strings.Contains(out, "held by device 0x0000000000000001") || !strings.Contains(out, "TransactionEnded") {
 		t.Fatalf("release output %q", out)
 	}
 	// As if the holder had gone: its held reflection first, then the end.
@@ -391,10 +394,25 @@ func TestAdminBackupAndOfflineDB(t *testing.T) {
 	}
 
 	// The copy is a sound database with the same state.
+	if out := runCLI(t, nil, "db", "check", file); out.code != 0 || out.stdout != "ok: "+file+" is consistent\n" {
+		t.Fatalf("db check of the backup file: %+v", out)
+	}
 	restored := t.TempDir()
 	copyFile(t, file, filepath.Join(restored, "mediator.db"))
 	if out := runCLI(t, nil, "db", "check", "--data", restored); out.code != 0 || !strings.Contains(out.stdout, "ok:") {
 		t.Fatalf("db check of the backup: %+v", out)
+	}
+	if out := runCLI(t, nil, "db", "check", restored); out.code != 0 || !strings.Contains(out.stdout, filepath.Join(restored, "mediator.db")) {
+		t.Fatalf("db check DIR: %+v", out)
+	}
+	adminCLIFail(t, nil, "give FILE or --data, not both", "db", "check", file, "--data", restored)
+	adminCLIFail(t, nil, "no database at "+file+".missing", "db", "check", file+".missing")
+	// A damaged copy fails the check: the check reads the file it is given.
+	damaged := filepath.Join(dir, "damaged.db")
+	copyFile(t, file, damaged)
+	corruptPage(t, damaged)
+	if r := adminCLIFail(t, nil, "problem(s)", "db", "check", damaged); !strings.Contains(r.stdout, "invalid") {
+		t.Fatalf("db check of a damaged file: %+v", r)
 	}
 	db, err := reflection.Open(file, reflection.Options{})
 	if err != nil {
@@ -426,12 +444,30 @@ func TestAdminBackupAndOfflineDB(t *testing.T) {
 		t.Fatalf("db check after stop: %+v", out)
 	}
 	var compact struct {
-		Before int64 `json:"bytes_before"`
-		After  int64 `json:"bytes_after"`
+		Before     int64 `json:"bytes_before"`
+		After      int64 `json:"bytes_after"`
+		DiskBefore int64 `json:"disk_bytes_before"`
+		DiskAfter  int64 `json:"disk_bytes_after"`
+		DataBefore int64 `json:"data_bytes_before"`
+		DataAfter  int64 `json:"data_bytes_after"`
 	}
+	dbFile := filepath.Join(s.dataDir, "mediator.db")
+	lenBefore, diskBefore := fileSizes(t, dbFile)
 	r := runCLI(t, []string{"MEDIATOR_DATA=" + s.dataDir}, "db", "compact", "--json")
-	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &compact) != nil || compact.After == 0 || compact.Before == 0 {
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &compact) != nil {
 		t.Fatalf("db compact: %+v", r)
+	}
+	// The sizes it reports are the file's, before and after.
+	lenAfter, diskAfter := fileSizes(t, dbFile)
+	if compact.Before != lenBefore || compact.DiskBefore != diskBefore || compact.After != lenAfter || compact.DiskAfter != diskAfter ||
+		compact.DataAfter <= 0 || compact.DataAfter > compact.After || compact.DataBefore > compact.Before {
+		t.Fatalf("db compact reported %+v; the file was %d bytes (%d on disk), is %d (%d on disk)",
+			compact, lenBefore, diskBefore, lenAfter, diskAfter)
+	}
+	r = runCLI(t, nil, "db", "compact", "--data", s.dataDir)
+	if r.code != 0 || !regexp.MustCompile(`(?m)^file length\s+\S+ \S+\s+\S+ \S+$`).MatchString(r.stdout) ||
+		!regexp.MustCompile(`(?m)^on disk\s+`).MatchString(r.stdout) {
+		t.Fatalf("db compact table: %+v", r)
 	}
 	if out := runCLI(t, nil, "db", "check", "--data", s.dataDir); out.code != 0 {
 		t.Fatalf("db check after compact: %+v", out)
@@ -443,6 +479,31 @@ func TestAdminBackupAndOfflineDB(t *testing.T) {
 	_, backlog := connectReady(t, s, g.config(s, 3))
 	if len(backlog) != 3 {
 		t.Fatalf("backlog after compact: %d", len(backlog))
+	}
+}
+
+// fileSizes is a file's length and the disk space its blocks take.
+func fileSizes(t testing.TB, path string) (length, disk int64) {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size(), fi.Sys().(*syscall.Stat_t).Blocks * 512
+}
+
+// corruptPage overwrites both meta pages of a bbolt file with garbage.
+// (A damaged data page makes bbolt panic in a goroutine of its own while it
+// opens the file, which no caller can recover.)
+func corruptPage(t testing.TB, path string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 2*4096), 0); err != nil {
+		t.Fatal(err)
 	}
 }
 

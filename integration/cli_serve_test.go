@@ -40,6 +40,7 @@ func TestServeRejectsBadFlags(t *testing.T) {
 		{[]string{"serve"}, []string{"MEDIATOR_MAX_QUEUE_LENGTH=-1"}, "max-queue-length"},
 		{[]string{"serve"}, []string{"MEDIATOR_HANDSHAKE_TIMEOUT=bogus"}, "MEDIATOR_HANDSHAKE_TIMEOUT"},
 		{[]string{"nonsense"}, nil, "unknown command"},
+		{[]string{"--listen", ":1", "serve"}, nil, "unknown flag --listen before the command"},
 	} {
 		out, code := runMediator(t, tc.env, append(tc.args, "--data", t.TempDir())...)
 		if code == 0 || !strings.Contains(out, tc.want) {
@@ -51,7 +52,7 @@ func TestServeRejectsBadFlags(t *testing.T) {
 func TestServeLockedDatabase(t *testing.T) {
 	s := startServer(t)
 	out, code := runMediator(t, nil, "serve", "--data", s.dataDir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
-	if code == 0 || !strings.Contains(out, "locked") {
+	if code == 0 || !strings.Contains(out, "locked") || !strings.Contains(out, "is another mediator running with --data "+s.dataDir+"?") {
 		t.Fatalf("second server on the same data: exit %d, %q", code, out)
 	}
 }

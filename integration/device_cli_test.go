@@ -199,7 +199,7 @@ func TestDeviceCLIEndToEnd(t *testing.T) {
 	}
 
 	// X1 first: it becomes leader and unblocks; X2 joins as a sibling.
-	x1 := deviceX("X1", "1", "phone X1")
+	x1 := deviceX("X1", "0x0000000000000001", "phone X1")
 	x1.expect(`^server info: slot state NEW, max slots \d+, reflection queue length 0`)
 	x1.expect(`^promoted to leader$`)
 	x1.expect(`^csp: unblocked incoming messages`)

@@ -558,7 +558,7 @@ func TestSlowConsumerClosed(t *testing.T) {
 	// Its one log line says why, and it is counted as a slow consumer.
 	logged := false
 	for _, l := range strings.Split(srv.Logs(), "\n") {
-		if strings.Contains(l, `"device":"0000000000000003"`) && strings.Contains(l, `"device disconnected"`) {
+		if strings.Contains(l, `"device":"0x0000000000000003"`) && strings.Contains(l, `"device disconnected"`) {
 			logged = strings.Contains(l, `"code":1011`) && strings.Contains(l, "a write blocked for")
 			if !logged {
 				t.Errorf("slow consumer logged as: %s", l)

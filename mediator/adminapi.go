@@ -39,6 +39,7 @@ import (
 	"strings"
 	"time"
 
+	"d2m-mediator/d2m"
 	"d2m-mediator/reflection"
 )
 
@@ -280,7 +281,7 @@ func (s *Server) withGroup(h func(http.ResponseWriter, *http.Request, reflection
 
 func (s *Server) withSlot(h func(http.ResponseWriter, *http.Request, reflection.GroupID, reflection.DeviceID)) http.HandlerFunc {
 	return s.withGroup(func(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
-		dev, err := ParseDeviceID(r.PathValue("device"))
+		dev, err := parsePathDeviceID(r.PathValue("device"))
 		if err != nil {
 			writeError(w, http.StatusBadRequest, "%v", err)
 			return
@@ -289,23 +290,19 @@ func (s *Server) withSlot(h func(http.ResponseWriter, *http.Request, reflection.
 	})
 }
 
-// ParseDeviceID reads a device id in decimal or as 0x-prefixed hex.
-// FormatDeviceID is the one printed form of a device id: 16 lowercase hex
-// digits, as the logs, the CLI and the device tools show it.
-func FormatDeviceID(d reflection.DeviceID) string { return fmt.Sprintf("%016x", uint64(d)) }
+// deviceStr is a device id in its one printed form (d2m.FormatDeviceID),
+// as logs, API error texts, the CLI and the device tools show it.
+func deviceStr(d reflection.DeviceID) string { return d2m.FormatDeviceID(uint64(d)) }
 
-func ParseDeviceID(s string) (reflection.DeviceID, error) {
-	var v uint64
-	var err error
-	if rest, ok := strings.CutPrefix(strings.ToLower(s), "0x"); ok {
-		v, err = strconv.ParseUint(rest, 16, 64)
-	} else {
-		v, err = strconv.ParseUint(s, 10, 64)
+// parsePathDeviceID reads the {device} of an API path: decimal, the API's
+// own form (ids travel as decimal JSON strings, see JSONDeviceID), or any
+// form a person types that d2m.ParseDeviceID reads.
+func parsePathDeviceID(s string) (reflection.DeviceID, error) {
+	if v, err := strconv.ParseUint(s, 10, 64); err == nil {
+		return reflection.DeviceID(v), nil
 	}
-	if err != nil {
-		return 0, fmt.Errorf("device id %q: want a decimal or 0x-hex 64-bit number", s)
-	}
-	return reflection.DeviceID(v), nil
+	v, err := d2m.ParseDeviceID(s)
+	return reflection.DeviceID(v), err
 }
 
 // resolveGroup finds the group a full hex id or a unique hex prefix names.
@@ -611,7 +608,7 @@ func (s *Server) storedSlot(id reflection.GroupID, dev reflection.DeviceID) (ref
 			return slot, nil
 		}
 	}
-	return reflection.Slot{}, errorf(http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
+	return reflection.Slot{}, errorf(http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 }
 
 func (s *Server) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
@@ -663,12 +660,12 @@ func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (
 	}
 	g.mu.Unlock()
 	if !exists {
-		return res, errorf(http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
+		return res, errorf(http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 	}
 	if err := <-done; err != nil {
 		return res, fmt.Errorf("deleting the slot: %w", err)
 	}
-	s.log.Info().Str("group", shortID(id)).Str("device", FormatDeviceID(dev)).Bool("was_connected", res.WasConnected).
+	s.log.Info().Str("group", shortID(id)).Str("device", deviceStr(dev)).Bool("was_connected", res.WasConnected).
 		Msg("admin dropped slot")
 	return res, nil
 }
@@ -681,7 +678,7 @@ func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (
 func (s *Server) apiPurgeQueue(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
 	qs, ok := s.store.QueueStats(id, dev)
 	if !ok {
-		writeError(w, http.StatusNotFound, "group %s has no slot for device %d", shortID(id), dev)
+		writeError(w, http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 		return
 	}
 	err := reflection.Sync(func(done func(error)) { s.store.PurgeQueue(id, dev, done) })
@@ -731,7 +728,7 @@ func (s *Server) apiReleaseLock(w http.ResponseWriter, r *http.Request, id refle
 	res := LockReleaseResult{Group: id.String(), Holder: JSONDeviceID(t.holder.deviceID), HeldSeconds: time.Since(t.started).Seconds()}
 	g.endTransactionLocked(false)
 	g.mu.Unlock()
-	s.log.Info().Str("group", shortID(id)).Str("holder", FormatDeviceID(t.holder.deviceID)).Msg("admin released transaction lock")
+	s.log.Info().Str("group", shortID(id)).Str("holder", deviceStr(t.holder.deviceID)).Msg("admin released transaction lock")
 
 	// The lock is free once the held reflections are durable in the other
 	// queues (endTransactionLocked's callback closes t.ended).

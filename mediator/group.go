@@ -254,7 +254,7 @@ func (g *group) dropSlotLocked(dev reflection.DeviceID, reason reflection.Tombst
 	}
 	g.srv.store.DeleteSlot(g.id, dev, &t, g.tracked(func(err error) {
 		if err != nil {
-			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Str("device", FormatDeviceID(dev)).Msg("deleting slot failed")
+			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Str("device", deviceStr(dev)).Msg("deleting slot failed")
 		}
 		if done != nil {
 			done(err)

@@ -83,6 +83,6 @@ func (g *group) expireSlotLocked(dev reflection.DeviceID, now time.Time) {
 		return
 	}
 	delete(g.slots, dev)
-	g.srv.log.Info().Str("group", shortID(g.id)).Str("device", FormatDeviceID(dev)).Msg("slot expired")
+	g.srv.log.Info().Str("group", shortID(g.id)).Str("device", deviceStr(dev)).Msg("slot expired")
 	g.srv.store.DeleteSlot(g.id, dev, nil, g.tracked(g.srv.logStoreErr("expiring slot")))
 }

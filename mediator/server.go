@@ -448,7 +448,7 @@ func (c *deviceConn) logEnd(err error, start time.Time) {
 		cause = err
 	}
 	ev = ev.Int("code", int(code)).Str("reason", code.String()).
-		Float64("duration_s", time.Since(start).Seconds())
+		Dur("duration", time.Since(start))
 	if cause != nil {
 		ev = ev.Str("cause", describeCause(cause))
 	}
@@ -625,7 +625,7 @@ func (c *deviceConn) handshake() (uint64, error) {
 		return 0, d2m.Close(d2m.CloseProtocolError, err)
 	}
 	c.deviceID = reflection.DeviceID(ch.DeviceId)
-	c.log = c.log.With().Str("device", FormatDeviceID(c.deviceID)).Logger()
+	c.log = c.log.With().Str("device", deviceStr(c.deviceID)).Logger()
 	c.group = s.acquireGroup(c.groupID)
 	if err := c.group.load(); err != nil {
 		return 0, d2m.Close(d2m.CloseInternalError, err)

@@ -273,7 +273,7 @@ func TestOpenFailsWhenLocked(t *testing.T) {
 	if err := Check(path); !errors.Is(err, ErrLocked) {
 		t.Fatalf("Check on an open database: %v", err)
 	}
-	if _, _, err := Compact(path); !errors.Is(err, ErrLocked) {
+	if _, err := Compact(path); !errors.Is(err, ErrLocked) {
 		t.Fatalf("Compact on an open database: %v", err)
 	}
 }

@@ -201,45 +201,98 @@ func checkQueue(g GroupID, d DeviceID, m queueMeta, qb *bbolt.Bucket, bad func(s
 	return true
 }
 
-// Compact rewrites the file without free pages (bbolt never shrinks a file
-// by itself) and replaces the original atomically. It needs as much free
-// disk space as the live data.
-func Compact(path string) (before, after int64, err error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return 0, 0, fmt.Errorf("reflection: compact: %w", err)
+// FileUsage is how much a database file takes, three ways.
+type FileUsage struct {
+	FileBytes int64 // the file's length (ls -l); bbolt grows it in steps ahead of the data
+	DiskBytes int64 // blocks allocated on disk (du); less than FileBytes for a sparse tail
+	DataBytes int64 // pages that hold data (meta, buckets, keys, values); the rest is free pages
+}
+
+// CompactResult is what Compact did: the file before and after.
+type CompactResult struct {
+	Before, After FileUsage
+}
+
+// Compact rewrites the file at path without free pages (bbolt never
+// shrinks a file on its own) into path+".compact" and renames it over path.
+// It needs free disk space for the live data.
+func Compact(path string) (CompactResult, error) {
+	var res CompactResult
+	if _, err := os.Stat(path); err != nil {
+		return res, fmt.Errorf("reflection: compact: %w", err)
 	}
-	before = fi.Size()
 	src, err := openOffline(path)
 	if err != nil {
-		return before, 0, err
+		return res, err
+	}
+	if res.Before, err = fileUsage(path, src); err != nil {
+		_ = src.Close()
+		return res, fmt.Errorf("reflection: compact: %w", err)
 	}
 	tmp := path + ".compact"
 	_ = os.Remove(tmp) // left over from an interrupted run
 	dst, err := bbolt.Open(tmp, 0o600, boltOptions(Options{}, false))
 	if err != nil {
 		_ = src.Close()
-		return before, 0, fmt.Errorf("reflection: compact: create %s: %w", tmp, err)
+		return res, fmt.Errorf("reflection: compact: create %s: %w", tmp, err)
 	}
 	// 64 MiB per transaction bounds memory on large files.
 	err = bbolt.Compact(dst, src, 64<<20)
 	err = errors.Join(err, dst.Close(), src.Close())
 	if err != nil {
 		_ = os.Remove(tmp)
-		return before, 0, fmt.Errorf("reflection: compact: %w", err)
+		return res, fmt.Errorf("reflection: compact: %w", err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return before, 0, fmt.Errorf("reflection: compact: %w", err)
+		return res, fmt.Errorf("reflection: compact: %w", err)
 	}
 	if d, err := os.Open(filepath.Dir(path)); err == nil {
 		_ = d.Sync() // make the rename durable
 		_ = d.Close()
 	}
-	fi, err = os.Stat(path)
+	after, err := openOffline(path)
 	if err != nil {
-		return before, 0, fmt.Errorf("reflection: compact: %w", err)
+		return res, err
 	}
-	return before, fi.Size(), nil
+	res.After, err = fileUsage(path, after)
+	if err = errors.Join(err, after.Close()); err != nil {
+		return res, fmt.Errorf("reflection: compact: %w", err)
+	}
+	return res, nil
+}
+
+// Usage measures the database file at path (no server may have it open).
+func Usage(path string) (FileUsage, error) {
+	b, err := openOffline(path)
+	if err != nil {
+		return FileUsage{}, err
+	}
+	u, err := fileUsage(path, b)
+	return u, errors.Join(err, b.Close())
+}
+
+func fileUsage(path string, b *bbolt.DB) (FileUsage, error) {
+	var u FileUsage
+	fi, err := os.Stat(path)
+	if err != nil {
+		return u, err
+	}
+	u.FileBytes = fi.Size()
+	u.DiskBytes = diskBytes(fi)
+	err = b.View(func(tx *bbolt.Tx) error {
+		// Two meta pages and the root bucket's page, then every bucket's
+		// pages (Stats counts nested buckets too; inline buckets live in
+		// their parent's page).
+		pages := 3
+		err := tx.ForEach(func(_ []byte, bk *bbolt.Bucket) error {
+			st := bk.Stats()
+			pages += st.BranchPageN + st.BranchOverflowN + st.LeafPageN + st.LeafOverflowN
+			return nil
+		})
+		u.DataBytes = int64(pages) * int64(b.Info().PageSize)
+		return err
+	})
+	return u, err
 }
 
 func openOffline(path string) (*bbolt.DB, error) {

@@ -68,13 +68,26 @@ func TestCompactShrinksAndKeepsCounters(t *testing.T) {
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
 	}
-	before, after, err := Compact(path)
+	usage, err := Usage(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("Compact: %d → %d bytes", before, after)
-	if after >= before {
-		t.Fatalf("Compact did not shrink: %d → %d", before, after)
+	cres, err := Compact(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Compact: %+v → %+v", cres.Before, cres.After)
+	if cres.Before != usage {
+		t.Fatalf("Compact reports %+v before, Usage measured %+v", cres.Before, usage)
+	}
+	if cres.After.FileBytes >= cres.Before.FileBytes || cres.After.DataBytes > cres.Before.DataBytes {
+		t.Fatalf("Compact did not shrink: %+v → %+v", cres.Before, cres.After)
+	}
+	// What it reports after is what the file is.
+	fi, err := os.Stat(path)
+	if err != nil || fi.Size() != cres.After.FileBytes || diskBytes(fi) != cres.After.DiskBytes ||
+		cres.After.DataBytes > cres.After.FileBytes || cres.After.DataBytes <= 0 {
+		t.Fatalf("after compaction: file %d bytes (%d on disk), reported %+v", fi.Size(), diskBytes(fi), cres.After)
 	}
 	if err := Check(path); err != nil {
 		t.Fatal(err)

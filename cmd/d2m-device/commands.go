@@ -23,7 +23,7 @@ import (
 const help = `commands:
   send ID TEXT           reflect an outgoing message, wait for its ReflectAck, send it to identity ID
   devices                list the group's devices (GetDevicesInfo, device info decrypted)
-  drop DEVICE            drop a device of the group (decimal or 0x hex id) and wait for DropDeviceAck
+  drop DEVICE            drop a device of the group (id as printed, 0x-hex or dec:N) and wait for DropDeviceAck
   begin [SCOPE] [TTL]    begin a transaction (scope default DROP_DEVICE, ttl seconds, 0 = server max)
   commit                 commit the transaction
   shared VERSION         set the shared device data (d2d protocol version)

@@ -26,11 +26,11 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 
 	"d2m-mediator/chatproxy/cspclient"
 	"d2m-mediator/d2d"
+	"d2m-mediator/d2m"
 	"d2m-mediator/proto/d2dpb"
 	"d2m-mediator/proto/d2mpb"
 )
@@ -94,7 +94,7 @@ func parseFlags(args []string) (*options, error) {
 	url := fs.String("url", "ws://127.0.0.1:8765", "mediator base `URL`")
 	key := fs.String("key", "", "device group key, 64 hex digits (all devices of a user share it)")
 	newGroup := fs.Bool("new", false, "create a new device group key (and identity key, identity) and print them")
-	device := fs.String("device", "", "mediator device `ID`, decimal or 0x hex; random if empty")
+	device := fs.String("device", "", "mediator device `ID` as printed (0x and 16 hex digits), 0x-hex or dec:N; random if empty")
 	identity := fs.String("identity", "", "Threema identity, 8 characters of 0-9 A-Z *; random with --new")
 	identityKey := fs.String("identity-key", "", "identity secret key, 64 hex digits; generated with --new")
 	chatKey := fs.String("chat-server-key", "", "chat server public key, 64 hex digits (the stand-in's public_key)")
@@ -224,16 +224,10 @@ func parseKey(s string) ([32]byte, error) {
 	return k, nil
 }
 
-// parseDeviceID accepts decimal or 0x-prefixed hex (a leading 0 is not
-// octal). Zero is refused: the protocol uses random non-zero ids.
+// parseDeviceID reads an id in d2m.ParseDeviceID's forms (as printed,
+// 0x-hex, or dec:N). Zero is refused: the protocol uses random non-zero ids.
 func parseDeviceID(s string) (uint64, error) {
-	var id uint64
-	var err error
-	if h, ok := strings.CutPrefix(strings.ToLower(s), "0x"); ok {
-		id, err = strconv.ParseUint(h, 16, 64)
-	} else {
-		id, err = strconv.ParseUint(s, 10, 64)
-	}
+	id, err := d2m.ParseDeviceID(s)
 	if err == nil && id == 0 {
 		err = errors.New("device id 0 is not allowed")
 	}
@@ -256,8 +250,8 @@ func randomIdentity() string {
 	return string(b)
 }
 
-// fmtID formats a device id as the tool prints it everywhere.
-func fmtID(id uint64) string { return fmt.Sprintf("0x%016x", id) }
+// fmtID formats a device id the way the mediator CLI and README do.
+func fmtID(id uint64) string { return d2m.FormatDeviceID(id) }
 
 // slotPolicies returns the ClientHello slot policies the flags select.
 func (o *options) slotPolicies() (d2mpb.ClientHello_DeviceSlotsExhaustedPolicy, d2mpb.DeviceSlotExpirationPolicy) {

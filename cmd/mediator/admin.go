@@ -1,8 +1,9 @@
 package main
 
 // Operator commands that talk to a running server's admin API (see
-// mediator/adminapi.go for the endpoints). Flags come before the
-// positional arguments: `mediator slots list --json GROUP`.
+// mediator/adminapi.go for the endpoints). Flags may stand before the
+// command (`mediator --json slots list GROUP`), before or after its
+// arguments (`mediator slots list GROUP --json`).
 
 import (
 	"context"
@@ -20,6 +21,7 @@ import (
 	"syscall"
 	"time"
 
+	"d2m-mediator/d2m"
 	"d2m-mediator/mediator"
 )
 
@@ -46,31 +48,68 @@ func addAdminFlags(fs *flag.FlagSet) *adminOptions {
 func newCommandFlags(name, args, help string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: mediator %s [flags] %s\n\n%s\n\nFlags go before the arguments; each can also be set as MEDIATOR_<FLAG>:\n", name, args, help)
+		fmt.Fprintf(fs.Output(), "usage: mediator %s [flags] %s\n\n%s\n\nFlags go before or after the arguments; each can also be set as MEDIATOR_<FLAG>:\n", name, args, help)
 		fs.PrintDefaults()
 	}
 	return fs
 }
 
-// parseCommandFlags parses args, applies the environment and checks the
-// number of positional arguments.
+// parseCommandFlags parses args with flags and positional arguments in any
+// order, applies the environment and checks the number of positional
+// arguments.
 func parseCommandFlags(fs *flag.FlagSet, args []string, nargs int) ([]string, error) {
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
 		return nil, err
 	}
 	if err := applyEnv(fs); err != nil {
 		return nil, err
 	}
-	if fs.NArg() != nargs {
+	if len(pos) != nargs {
 		fs.Usage()
-		for _, a := range fs.Args() {
-			if strings.HasPrefix(a, "-") {
-				return nil, fmt.Errorf("%s: flag %s after the arguments: put flags first", fs.Name(), a)
-			}
-		}
-		return nil, fmt.Errorf("%s: want %d argument(s), got %d", fs.Name(), nargs, fs.NArg())
+		return nil, fmt.Errorf("%s: want %d argument(s), got %d", fs.Name(), nargs, len(pos))
 	}
-	return fs.Args(), nil
+	return pos, nil
+}
+
+// parseInterspersed parses fs's flags wherever they stand among the
+// positional arguments (`slots list GROUP --json` as well as `slots list
+// --json GROUP`), the way kubectl, docker and gh read their command lines;
+// the standard flag package stops at the first positional argument. "--"
+// ends the flags. It returns the positional arguments in order; an unknown
+// flag is the flag package's error ("flag provided but not defined").
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var flags, pos []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i+1:]...)
+			break
+		}
+		if len(a) < 2 || a[0] != '-' {
+			pos = append(pos, a)
+			continue
+		}
+		flags = append(flags, a)
+		name := strings.TrimLeft(a, "-")
+		if strings.Contains(name, "=") {
+			continue
+		}
+		// A flag that takes a value takes the next argument with it.
+		if f := fs.Lookup(name); f != nil && !isBoolFlag(f) && i+1 < len(args) {
+			i++
+			flags = append(flags, args[i])
+		}
+	}
+	if err := fs.Parse(flags); err != nil {
+		return nil, err
+	}
+	return pos, nil
+}
+
+func isBoolFlag(f *flag.Flag) bool {
+	b, ok := f.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
 }
 
 // adminClient calls the admin API with the bearer token.
@@ -195,7 +234,7 @@ type opCommand struct {
 var opCommands = map[string]opCommand{
 	"groups list":  {"", "Lists every device group: slots, connected devices, queued reflections, lock holder.", runGroupsList},
 	"slots list":   {"GROUP", "Lists a group's slots (state, queue, leader, lock) and tombstones.\nGROUP is the hex group id or a unique prefix of it.", runSlotsList},
-	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is a decimal or 0x-hex device id.", runSlotsShow},
+	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is the device id as printed (0x and 16 hex digits),\n0x-hex (0xa3) or decimal with dec: (dec:163, as in --json output).", runSlotsShow},
 	"slots drop":   {"GROUP DEVICE", "Drops a slot as a device's DropDevice would: a connected device is closed\nwith 4113, slot and queue are deleted, a lock it holds ends.", runSlotsDrop},
 	"queue purge":  {"GROUP DEVICE", "Empties a slot's reflection queue (the slot stays). Reflections already\nin a connected device's delivery window may still reach it.", runQueuePurge},
 	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow},
@@ -203,8 +242,9 @@ var opCommands = map[string]opCommand{
 	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.", runStats},
 }
 
-// adminCommand runs `mediator groups|slots|queue|lock|stats …`.
-func adminCommand(ctx context.Context, args []string) error {
+// adminCommand runs `mediator groups|slots|queue|lock|stats …`; globals
+// are the flags given before the command.
+func adminCommand(ctx context.Context, args, globals []string) error {
 	name, rest := args[0], args[1:]
 	if name != "stats" {
 		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
@@ -219,7 +259,7 @@ func adminCommand(ctx context.Context, args []string) error {
 	fs := newCommandFlags(name, cmd.args, cmd.help)
 	o := addAdminFlags(fs)
 	nargs := len(strings.Fields(cmd.args))
-	pos, err := parseCommandFlags(fs, rest, nargs)
+	pos, err := parseCommandFlags(fs, append(globals, rest...), nargs)
 	if err != nil {
 		return err
 	}
@@ -243,9 +283,11 @@ func subcommands(prefix string) []string {
 
 func groupPath(group string) string { return "/api/v1/groups/" + url.PathEscape(group) }
 
-// slotPath checks DEVICE locally, so a typo does not need a round trip.
+// slotPath checks DEVICE locally (d2m.ParseDeviceID: as printed, 0x-hex or
+// dec:N), so a typo does not need a round trip. The API takes the id in
+// decimal.
 func slotPath(group, device string) (string, error) {
-	d, err := mediator.ParseDeviceID(device)
+	d, err := d2m.ParseDeviceID(device)
 	if err != nil {
 		return "", err
 	}
@@ -296,8 +338,8 @@ func runSlotsDrop(ctx context.Context, op *operation) error {
 	if r.WasConnected {
 		how = "its connection was closed with 4113"
 	}
-	fmt.Fprintf(stdout, "dropped device %d from group %s: %s, %d queued reflection(s) deleted\n",
-		r.DeviceID, r.Group, how, r.QueueLength)
+	fmt.Fprintf(stdout, "dropped device %s from group %s: %s, %d queued reflection(s) deleted\n",
+		fmtID(r.DeviceID), r.Group, how, r.QueueLength)
 	return nil
 }
 
@@ -310,8 +352,8 @@ func runQueuePurge(ctx context.Context, op *operation) error {
 	if printed, err := op.call(ctx, "DELETE", p+"/queue", &r); printed || err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "purged %d reflection(s) (%s) from the queue of device %d in group %s\n",
-		r.PurgedCount, fmtBytes(r.PurgedBytes), r.DeviceID, r.Group)
+	fmt.Fprintf(stdout, "purged %d reflection(s) (%s) from the queue of device %s in group %s\n",
+		r.PurgedCount, fmtBytes(r.PurgedBytes), fmtID(r.DeviceID), r.Group)
 	return nil
 }
 
@@ -333,8 +375,8 @@ func runLockRelease(ctx context.Context, op *operation) error {
 	if !r.Released {
 		state = "TransactionEnded goes out once the held reflections are stored"
 	}
-	fmt.Fprintf(stdout, "released the transaction lock of group %s held by device %d for %s; %s\n",
-		r.Group, r.Holder, fmtDuration(secs(r.HeldSeconds)), state)
+	fmt.Fprintf(stdout, "released the transaction lock of group %s held by device %s for %s; %s\n",
+		r.Group, fmtID(r.Holder), fmtDuration(secs(r.HeldSeconds)), state)
 	return nil
 }
 

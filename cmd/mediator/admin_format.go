@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"d2m-mediator/d2m"
 	"d2m-mediator/mediator"
 )
 
@@ -48,8 +49,8 @@ func printGroup(w io.Writer, g mediator.GroupDetail, now time.Time) {
 			if s.Connected {
 				state, since = "online", s.ConnectedSinceMS
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
-				s.DeviceID, s.Policy, state, fmtAgo(since, now), s.QueueLength, fmtBytes(s.QueueBytes),
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
+				fmtID(s.DeviceID), s.Policy, state, fmtAgo(since, now), s.QueueLength, fmtBytes(s.QueueBytes),
 				fmtAge(s.OldestQueuedAgeSeconds), roles(s))
 		}
 		tw.Flush()
@@ -59,7 +60,7 @@ func printGroup(w io.Writer, g mediator.GroupDetail, now time.Time) {
 		tw := newTable(w)
 		fmt.Fprintln(tw, "TOMBSTONE\tREASON\tAT")
 		for _, t := range g.Tombstones {
-			fmt.Fprintf(tw, "%d\t%s\t%s\n", t.DeviceID, t.Reason, fmtWhen(t.AtMS, now))
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", fmtID(t.DeviceID), t.Reason, fmtWhen(t.AtMS, now))
 		}
 		tw.Flush()
 	}
@@ -82,7 +83,7 @@ func roles(s mediator.SlotInfo) string {
 func printSlot(w io.Writer, s mediator.SlotDetail, now time.Time) {
 	tw := newTable(w)
 	fmt.Fprintf(tw, "group\t%s\n", s.Group)
-	fmt.Fprintf(tw, "device\t%d (0x%016x)\n", s.DeviceID, uint64(s.DeviceID))
+	fmt.Fprintf(tw, "device\t%s (dec:%d in --json output)\n", fmtID(s.DeviceID), uint64(s.DeviceID))
 	fmt.Fprintf(tw, "policy\t%s\n", s.Policy)
 	if s.Connected {
 		fmt.Fprintf(tw, "state\tonline since %s\n", fmtWhen(s.ConnectedSinceMS, now))
@@ -144,12 +145,16 @@ func yesNo(b bool) string {
 	return "no"
 }
 
+// fmtDevice is a device id in the one printed form (d2m.FormatDeviceID),
+// or "-" for none.
 func fmtDevice(d *mediator.JSONDeviceID) string {
 	if d == nil {
 		return "-"
 	}
-	return fmt.Sprint(uint64(*d))
+	return fmtID(*d)
 }
+
+func fmtID(d mediator.JSONDeviceID) string { return d2m.FormatDeviceID(uint64(d)) }
 
 func secs(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
 

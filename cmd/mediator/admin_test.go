@@ -88,7 +88,7 @@ func TestAdminClientErrors(t *testing.T) {
 
 func TestAdminCommandUsage(t *testing.T) {
 	for _, args := range [][]string{{"slots"}, {"slots", "bogus"}, {"lock", "--json"}} {
-		err := adminCommand(context.Background(), args)
+		err := adminCommand(context.Background(), args, nil)
 		if err == nil || !strings.Contains(err.Error(), "mediator "+args[0]) {
 			t.Errorf("%v: %v", args, err)
 		}

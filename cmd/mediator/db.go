@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -18,21 +19,23 @@ import (
 )
 
 const dbUsage = `usage:
-  mediator db backup [flags] FILE      hot backup of the running server's database
-  mediator db check [--data DIR]       consistency check (server stopped)
-  mediator db compact [--data DIR]     rewrite the file without free pages (server stopped)`
+  mediator db backup [flags] FILE        hot backup of the running server's database
+  mediator db check [FILE | --data DIR]  consistency check of a backup FILE or <DIR>/mediator.db (server stopped)
+  mediator db compact [--data DIR]       rewrite <DIR>/mediator.db without free pages (server stopped)`
 
-func dbCommand(ctx context.Context, args []string) error {
+// dbCommand runs `mediator db …`; globals are the flags given before `db`.
+func dbCommand(ctx context.Context, args, globals []string) error {
 	if len(args) == 0 {
 		return errors.New(dbUsage)
 	}
+	rest := append(globals, args[1:]...)
 	switch args[0] {
 	case "backup":
-		return dbBackup(ctx, args[1:])
+		return dbBackup(ctx, rest)
 	case "check":
-		return dbCheck(args[1:])
+		return dbCheck(rest)
 	case "compact":
-		return dbCompact(args[1:])
+		return dbCompact(rest)
 	case "help", "-h", "--help":
 		fmt.Fprintln(stdout, dbUsage)
 		return nil
@@ -122,18 +125,42 @@ func printJSON(v any) error {
 	return err
 }
 
-// offlineFlags parses --data and --json of check and compact and returns
-// the database path.
-func offlineFlags(name, help string, args []string) (string, bool, error) {
-	fs := newCommandFlags(name, "", help)
+// offlineFlags parses the flags of check and compact and returns the
+// database path: FILE if the command takes one and it is given (a directory
+// means <DIR>/mediator.db), else <--data>/mediator.db.
+func offlineFlags(name, args, help string, argv []string) (string, bool, error) {
+	fs := newCommandFlags(name, args, help)
 	data := fs.String("data", "./data", "data `directory` of the stopped server (the database is <DIR>/mediator.db)")
 	jsonOut := fs.Bool("json", false, "print the result as JSON")
-	if _, err := parseCommandFlags(fs, args, 0); err != nil {
+	pos, err := parseInterspersed(fs, argv)
+	if err != nil {
 		return "", false, err
 	}
+	dataGiven := false
+	fs.Visit(func(f *flag.Flag) { dataGiven = dataGiven || f.Name == "data" })
+	if err := applyEnv(fs); err != nil {
+		return "", false, err
+	}
+	maxArgs := len(strings.Fields(args))
+	if len(pos) > maxArgs {
+		fs.Usage()
+		return "", false, fmt.Errorf("%s: want at most %d argument(s), got %d", name, maxArgs, len(pos))
+	}
 	path := filepath.Join(*data, "mediator.db")
+	if len(pos) == 1 {
+		if dataGiven {
+			return "", false, fmt.Errorf("%s: give FILE or --data, not both", name)
+		}
+		path = pos[0]
+		if st, err := os.Stat(path); err == nil && st.IsDir() {
+			path = filepath.Join(path, "mediator.db")
+		}
+	}
 	if _, err := os.Stat(path); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
+			if len(pos) == 1 {
+				return "", false, fmt.Errorf("no database at %s", path)
+			}
 			return "", false, fmt.Errorf("no database at %s (set --data or MEDIATOR_DATA)", path)
 		}
 		return "", false, err
@@ -150,9 +177,11 @@ func offlineErr(path string, err error) error {
 }
 
 func dbCheck(args []string) error {
-	path, jsonOut, err := offlineFlags("db check",
-		"Checks the stopped server's database: bbolt's page-level check, then every\n"+
-			"slot, queue and counter. Exits non-zero if it finds a problem.", args)
+	path, jsonOut, err := offlineFlags("db check", "[FILE]",
+		"Checks a database file: bbolt's page-level check, then every slot, queue and\n"+
+			"counter. FILE is a backup (or any copy) of the database; without it the\n"+
+			"stopped server's <--data>/mediator.db is checked. Exits non-zero if it\n"+
+			"finds a problem.", args)
 	if err != nil {
 		return err
 	}
@@ -182,20 +211,37 @@ func dbCheck(args []string) error {
 }
 
 func dbCompact(args []string) error {
-	path, jsonOut, err := offlineFlags("db compact",
+	path, jsonOut, err := offlineFlags("db compact", "",
 		"Rewrites the stopped server's database without free pages (bbolt never\n"+
 			"shrinks its file) and replaces it atomically. Needs free disk space for the\n"+
-			"live data.", args)
+			"live data. It reports the file's length, the disk space it takes and the\n"+
+			"data in it, before and after.", args)
 	if err != nil {
 		return err
 	}
-	before, after, err := reflection.Compact(path)
+	res, err := reflection.Compact(path)
 	if err != nil {
 		return offlineErr(path, err)
 	}
+	b, a := res.Before, res.After
 	if jsonOut {
-		return printJSON(map[string]any{"path": path, "bytes_before": before, "bytes_after": after})
+		return printJSON(map[string]any{"path": path,
+			"bytes_before": b.FileBytes, "bytes_after": a.FileBytes,
+			"disk_bytes_before": b.DiskBytes, "disk_bytes_after": a.DiskBytes,
+			"data_bytes_before": b.DataBytes, "data_bytes_after": a.DataBytes})
 	}
-	fmt.Fprintf(stdout, "compacted %s: %s → %s\n", path, fmtBytes(before), fmtBytes(after))
+	fmt.Fprintf(stdout, "compacted %s\n", path)
+	tw := newTable(stdout)
+	fmt.Fprintf(tw, "\tbefore\tafter\n")
+	fmt.Fprintf(tw, "file length\t%s\t%s\n", fmtBytes(b.FileBytes), fmtBytes(a.FileBytes))
+	fmt.Fprintf(tw, "on disk\t%s\t%s\n", fmtBytes(b.DiskBytes), fmtBytes(a.DiskBytes))
+	fmt.Fprintf(tw, "data\t%s\t%s\n", fmtBytes(b.DataBytes), fmtBytes(a.DataBytes))
+	tw.Flush()
+	switch {
+	case a.DiskBytes < b.DiskBytes:
+		fmt.Fprintf(stdout, "freed %s of disk space\n", fmtBytes(b.DiskBytes-a.DiskBytes))
+	default:
+		fmt.Fprintln(stdout, "freed no disk space: the file had no free pages worth dropping")
+	}
 	return nil
 }

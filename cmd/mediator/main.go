@@ -14,7 +14,7 @@ import (
 	"syscall"
 )
 
-const usage = `usage: mediator <command> [flags]
+const usage = `usage: mediator [flags] <command> [flags] [arguments]
 
 Server:
   serve                      run the mediator (see: mediator serve --help)
@@ -30,14 +30,19 @@ Operations (talk to the running server's admin API):
   stats                      connections, groups, goroutines, memory, database
   db backup FILE             hot, consistent copy of the database into FILE
 
-  Flags (before the arguments): --admin ADDR (default 127.0.0.1:8766),
-  --admin-token-file FILE (default ./data/admin.token), --json (raw API JSON).
-  Example: mediator slots list --json 3fa2
-  GROUP is the hex group id or a unique prefix; DEVICE is decimal or 0x-hex.
+  Flags (before the command, before or after the arguments): --admin ADDR
+  (default 127.0.0.1:8766), --admin-token-file FILE (default
+  ./data/admin.token), --json (raw API JSON).
+  Example: mediator slots list 3fa2 --json
+  GROUP is the hex group id or a unique prefix. DEVICE is the id as printed
+  (0x and 16 hex digits, e.g. 0x1f00aa42c0ffee01), 0x-hex (0xa3), or decimal
+  with dec: (dec:163, as --json prints ids).
 
-Offline (server stopped; they open <DIR>/mediator.db directly):
-  db check [--data DIR]      consistency check
-  db compact [--data DIR]    rewrite the file without free pages
+Offline (server stopped, or on a backup file):
+  db check [FILE | --data DIR]    consistency check of FILE or <DIR>/mediator.db
+  db compact [--data DIR]         rewrite <DIR>/mediator.db without free pages
+
+  version                    module version, VCS revision, Go version
 
 Every flag of a command can also be set by an environment variable
 MEDIATOR_<FLAG> (upper case, dashes as underscores); flags win.
@@ -54,6 +59,11 @@ func main() {
 }
 
 func run(args []string) error {
+	globals, args, err := splitGlobalFlags(args)
+	if err != nil {
+		fmt.Fprint(os.Stderr, usage)
+		return err
+	}
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
 		return errors.New("missing command")
@@ -62,17 +72,49 @@ func run(args []string) error {
 	defer stop()
 	switch args[0] {
 	case "serve":
-		return serve(ctx, args[1:])
+		return serve(ctx, append(globals, args[1:]...))
 	case "groups", "slots", "queue", "lock", "stats":
-		return adminCommand(ctx, args)
+		return adminCommand(ctx, args, globals)
 	case "db":
-		return dbCommand(ctx, args[1:])
+		return dbCommand(ctx, args[1:], globals)
+	case "version":
+		return versionCommand(append(globals, args[1:]...))
 	case "help", "-h", "--help":
 		fmt.Fprint(os.Stdout, usage)
 		return nil
 	}
 	fmt.Fprint(os.Stderr, usage)
 	return fmt.Errorf("unknown command %q", strings.Join(args, " "))
+}
+
+// globalValueFlags are the flags that may stand before the command
+// (`mediator --admin-token-file F groups list`) and take a value; --json is
+// the boolean one. They are handed to the command's own flag set, so a
+// command that has no such flag rejects it there.
+var globalValueFlags = map[string]bool{"admin": true, "admin-token-file": true, "data": true}
+
+// splitGlobalFlags takes the flags before the command off args.
+func splitGlobalFlags(args []string) (globals, rest []string, err error) {
+	for len(args) > 0 && len(args[0]) > 1 && args[0][0] == '-' {
+		a := args[0]
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		switch {
+		case name == "h" || name == "help":
+			return nil, []string{"help"}, nil
+		case name == "json":
+			globals, args = append(globals, a), args[1:]
+		case globalValueFlags[name] && hasValue:
+			globals, args = append(globals, a), args[1:]
+		case globalValueFlags[name]:
+			if len(args) < 2 {
+				return nil, nil, fmt.Errorf("flag %s needs a value", a)
+			}
+			globals, args = append(globals, a, args[1]), args[2:]
+		default:
+			return nil, nil, fmt.Errorf("unknown flag %s before the command (there: --admin, --admin-token-file, --data, --json; other flags go after the command)", a)
+		}
+	}
+	return globals, args, nil
 }
 
 // applyEnv sets every flag not given on the command line from

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/mattn/go-isatty"
 	"github.com/rs/zerolog"
 
 	"d2m-mediator/mediator"
@@ -49,7 +51,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.cfg.PersistentSlotExpiry, "persistent-slot-expiry", mediator.DefaultPersistentSlotExpiry, "PERSISTENT slots are removed after this long without a connection")
 	fs.DurationVar(&f.cfg.HandshakeTimeout, "handshake-timeout", mediator.DefaultHandshakeTimeout, "time from upgrade to a verified ClientHello")
 	fs.DurationVar(&f.cfg.IdleTimeout, "idle-timeout", mediator.DefaultIdleTimeout, "close a device (4013) after this long without an inbound frame")
-	fs.StringVar(&f.logFormat, "log-format", "console", "log format: json or console")
+	fs.StringVar(&f.logFormat, "log-format", "auto", "log format: json, console, or auto (console when stderr is a terminal, json otherwise)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -63,8 +65,8 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if (f.tlsCert == "") != (f.tlsKey == "") {
 		return nil, errors.New("--tls-cert and --tls-key go together")
 	}
-	if f.logFormat != "json" && f.logFormat != "console" {
-		return nil, fmt.Errorf("--log-format must be json or console, not %q", f.logFormat)
+	if f.logFormat != "json" && f.logFormat != "console" && f.logFormat != "auto" {
+		return nil, fmt.Errorf("--log-format must be auto, json or console, not %q", f.logFormat)
 	}
 	// Zero means "default" inside mediator.Config; on the command line it
 	// is a mistake.
@@ -93,16 +95,33 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	return f, nil
 }
 
+// newLogger writes to stderr. "auto" is console for a person at a terminal
+// and json for everything else (journald, docker, a file, a pipe); the
+// console format has ANSI colours only on a terminal and never with NO_COLOR
+// set (non-empty). Durations are Go duration strings ("220.5µs", "1.5s") so a value
+// carries its unit.
 func newLogger(format, level string) (zerolog.Logger, error) {
+	return newLoggerTo(os.Stderr, isatty.IsTerminal(os.Stderr.Fd()), format, level)
+}
+
+func newLoggerTo(w io.Writer, terminal bool, format, level string) (zerolog.Logger, error) {
 	lvl, err := zerolog.ParseLevel(level)
 	if err != nil || level == "" {
 		return zerolog.Logger{}, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
+	zerolog.DurationFieldFormat = zerolog.DurationFormatString
+	if format == "auto" {
+		format = "json"
+		if terminal {
+			format = "console"
+		}
+	}
 	var log zerolog.Logger
 	if format == "json" {
-		log = zerolog.New(os.Stderr)
+		log = zerolog.New(w)
 	} else {
-		log = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339})
+		noColor := os.Getenv("NO_COLOR") != "" // https://no-color.org
+		log = zerolog.New(zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339, NoColor: noColor || !terminal})
 	}
 	return log.Level(lvl).With().Timestamp().Logger(), nil
 }

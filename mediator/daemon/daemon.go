@@ -134,7 +134,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 		db, err := reflection.Open(path, so)
 		if err != nil {
 			if errors.Is(err, reflection.ErrLocked) {
-				return nil, fmt.Errorf("open database %s: %w (is another mediator running?)", path, err)
+				return nil, fmt.Errorf("open database in %s: %w: is another mediator running with --data %s? Stop it first", cfg.DataDir, err, cfg.DataDir)
 			}
 			return nil, fmt.Errorf("open database in %s: %w", cfg.DataDir, err)
 		}
