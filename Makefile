@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest deploy-check clean
+.PHONY: bench-smoke all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest deploy-check clean
 
 all: build
 
@@ -80,6 +80,9 @@ crashtest: ## long SIGKILL crash loop
 # with a message; CI installs them and sets DEPLOY_CHECK_STRICT=1. The metric
 # names in the rules and dashboard are checked by TestDeployMetricsExist in
 # make test.
+bench-smoke: ## every Go benchmark once, so none can rot (CI, ~30 s)
+	$(GO) test -run '^$$' -bench=. -benchtime=1x ./...
+
 deploy-check: ## check deploy/: systemd unit, nginx/haproxy/caddy configs, Prometheus rules (~5 s)
 	deploy/check.sh
 

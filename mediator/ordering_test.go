@@ -21,11 +21,10 @@ import (
 // numbered before it (protocol.md §18 row 4).
 type relayStore struct {
 	reflection.Store
-	mu      sync.Mutex
-	paused  bool
-	held    []func()
-	heldCh  chan struct{} // a completion was held
-	resumed chan struct{}
+	mu     sync.Mutex
+	paused bool
+	held   []func()
+	heldCh chan struct{} // a completion was held
 }
 
 func (s *relayStore) Append(r reflection.AppendRequest, done func(reflection.AppendResult, error)) {
