@@ -20,6 +20,7 @@ import (
 	"d2m-mediator/d2d"
 	"d2m-mediator/d2m"
 	"d2m-mediator/d2m/d2mclient"
+	"d2m-mediator/mediator/mediatortest"
 	"d2m-mediator/proto/d2mpb"
 )
 
@@ -44,6 +45,14 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
+	if code == 0 {
+		// In-process servers (mediatortest) are shut down by their tests'
+		// cleanups; none of their goroutines may be left.
+		if err := mediatortest.CheckNoServerGoroutines(5 * time.Second); err != nil {
+			fmt.Fprintln(os.Stderr, "goroutine leak:", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }
 

@@ -36,6 +36,9 @@ func (s *Server) sweep(now time.Time) {
 		for _, slot := range st.Slots {
 			if st, ok := s.store.QueueStats(g, slot.DeviceID); ok {
 				s.metrics.queueDepth.Observe(float64(st.Length))
+				if st.Length > 0 {
+					s.observeQueueAge(g, slot.DeviceID, nowMs)
+				}
 			}
 			if slot.ConnectedSince != 0 {
 				continue
@@ -66,6 +69,15 @@ func (s *Server) sweep(now time.Time) {
 		s.releaseGroup(g)
 	}
 	s.store.PruneTombstones(now.Add(-s.cfg.TombstoneTTL).UnixMilli(), s.logStoreErr("pruning tombstones"))
+}
+
+// observeQueueAge samples the age of the slot's oldest queued reflection.
+func (s *Server) observeQueueAge(g reflection.GroupID, d reflection.DeviceID, nowMs int64) {
+	oldest, err := s.store.ReadQueue(g, d, 0, 1)
+	if err != nil || len(oldest) == 0 {
+		return
+	}
+	s.metrics.queueAge.Observe(max(float64(nowMs-int64(oldest[0].Timestamp))/1000, 0))
 }
 
 // expireSlot removes an offline slot whose time ran out; it rechecks under

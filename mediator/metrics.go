@@ -15,6 +15,7 @@ type metrics struct {
 	connections      *prometheus.GaugeVec   // by state: handshake, authenticated
 	handshakes       *prometheus.CounterVec // by outcome
 	closes           *prometheus.CounterVec // close codes sent, by code
+	timeouts         *prometheus.CounterVec // 4013 closes, by phase: handshake, idle
 	reflects         *prometheus.CounterVec // by kind: durable, ephemeral
 	reflectedSent    prometheus.Counter
 	reflectedAcked   prometheus.Counter
@@ -41,6 +42,7 @@ func newMetrics() *metrics {
 	m.connections = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mediator_connections", Help: "Open device connections by state."}, []string{"state"})
 	m.handshakes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_handshakes_total", Help: "Device handshakes by outcome."}, []string{"outcome"})
 	m.closes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_close_codes_total", Help: "Connections ended, by the close code the server sent."}, []string{"code"})
+	m.timeouts = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_timeouts_total", Help: "Connections closed with 4013, by phase: handshake (no verified ClientHello in time) or idle (no inbound frame in time)."}, []string{"phase"})
 	m.reflects = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_reflects_total", Help: "Reflect messages received, by kind."}, []string{"kind"})
 	m.reflectedSent = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_reflected_sent_total", Help: "Reflected messages written to devices."})
 	m.reflectedAcked = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_reflected_acked_total", Help: "ReflectedAck messages that removed a queue entry."})
@@ -58,7 +60,7 @@ func newMetrics() *metrics {
 	m.leaderPromotions = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_leader_promotions_total", Help: "RolePromotedToLeader messages sent."})
 	m.queueDepth = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mediator_queue_depth", Help: "Reflection queue lengths per slot, sampled periodically.", Buckets: prometheus.ExponentialBuckets(1, 4, 9)})
 	m.queueAge = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mediator_queue_oldest_age_seconds", Help: "Age of the oldest queued reflection per non-empty slot, sampled periodically.", Buckets: prometheus.ExponentialBuckets(1, 4, 12)})
-	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.reflects, m.reflectedSent, m.reflectedAcked,
+	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.reflects, m.reflectedSent, m.reflectedAcked,
 		m.framesIn, m.framesOut, m.commitBatch, m.commitLatency, m.commitErrors, m.lockHold, m.upstreams, m.upstreamBytes,
 		m.ephemeralDrops, m.slowConsumers, m.queueLimitDrops, m.leaderPromotions, m.queueDepth, m.queueAge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
@@ -70,6 +72,8 @@ func newMetrics() *metrics {
 	m.reflects.WithLabelValues("durable")
 	m.reflects.WithLabelValues("ephemeral")
 	m.handshakes.WithLabelValues("ok")
+	m.timeouts.WithLabelValues("handshake")
+	m.timeouts.WithLabelValues("idle")
 	m.upstreamBytes.WithLabelValues("to_device")
 	m.upstreamBytes.WithLabelValues("to_chat_server")
 	m.upstreams.WithLabelValues("opened")

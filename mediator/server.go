@@ -440,6 +440,12 @@ func (c *deviceConn) logEnd(err error, start time.Time) {
 	c.closeMu.Lock()
 	cause := c.closeCause
 	c.closeMu.Unlock()
+	switch {
+	case errors.Is(cause, errHandshakeTimeout):
+		c.srv.metrics.timeouts.WithLabelValues("handshake").Inc()
+	case errors.Is(cause, errIdleTimeout):
+		c.srv.metrics.timeouts.WithLabelValues("idle").Inc()
+	}
 	ev := c.log.Info()
 	if code == d2m.CloseInternalError || code == d2m.CloseProtocolError || code == d2m.CloseUpstreamError {
 		ev = c.log.Warn()

@@ -1,0 +1,5 @@
+//go:build race
+
+package mediator_test
+
+const raceEnabled = true
