@@ -32,11 +32,15 @@ func (s *Server) sweep(now time.Time) {
 	}
 	var victims []expired
 	nowMs := now.UnixMilli()
+	ageSamples := 0
 	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
 		for _, slot := range st.Slots {
 			if st, ok := s.store.QueueStats(g, slot.DeviceID); ok {
 				s.metrics.queueDepth.Observe(float64(st.Length))
-				if st.Length > 0 {
+				// The age needs a queue read: sample a bounded number
+				// of slots per sweep, enough for the distribution.
+				if st.Length > 0 && ageSamples < maxQueueAgeSamples {
+					ageSamples++
 					s.observeQueueAge(g, slot.DeviceID, nowMs)
 				}
 			}
@@ -70,6 +74,10 @@ func (s *Server) sweep(now time.Time) {
 	}
 	s.store.PruneTombstones(now.Add(-s.cfg.TombstoneTTL).UnixMilli(), s.logStoreErr("pruning tombstones"))
 }
+
+// maxQueueAgeSamples bounds the queue reads one sweep makes for
+// mediator_queue_oldest_age_seconds.
+const maxQueueAgeSamples = 256
 
 // observeQueueAge samples the age of the slot's oldest queued reflection.
 func (s *Server) observeQueueAge(g reflection.GroupID, d reflection.DeviceID, nowMs int64) {
