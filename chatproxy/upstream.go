@@ -61,8 +61,6 @@ type Upstream struct {
 	// later write may pretend otherwise. Only the writing goroutine uses it.
 	writeErr error
 
-	bytesIn   atomic.Uint64
-	bytesOut  atomic.Uint64
 	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
@@ -108,7 +106,6 @@ func (u *Upstream) Write(p []byte) error {
 		return u.writeErr
 	}
 	n, err := u.conn.Write(p)
-	u.bytesOut.Add(uint64(n))
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			err = fmt.Errorf("%w after %v (%d of %d bytes written): %w", ErrWriteTimeout, u.writeTimeout, n, len(p), err)
@@ -133,7 +130,6 @@ func (u *Upstream) ReadUnit() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	u.bytesIn.Add(uint64(len(unit)))
 	return unit, nil
 }
 
@@ -148,13 +144,3 @@ func (u *Upstream) Close() error {
 	return u.closeErr
 }
 
-// BytesIn returns the number of bytes ReadUnit has returned so far
-// (server→device), for metrics.
-func (u *Upstream) BytesIn() uint64 { return u.bytesIn.Load() }
-
-// BytesOut returns the number of bytes written to the chat server so far
-// (device→server), for metrics.
-func (u *Upstream) BytesOut() uint64 { return u.bytesOut.Load() }
-
-// RemoteAddr returns the chat server's address, for logs.
-func (u *Upstream) RemoteAddr() net.Addr { return u.conn.RemoteAddr() }

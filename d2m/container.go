@@ -106,12 +106,6 @@ func DecodeContainer(frame []byte) (PayloadType, []byte, error) {
 	return t, frame[HeaderSize:], nil
 }
 
-// AppendHeader appends a container header with zero reserved bytes, which
-// iOS requires of server frames (§3).
-func AppendHeader(dst []byte, t PayloadType) []byte {
-	return append(dst, byte(t), 0, 0, 0)
-}
-
 // EncodeRaw returns a container of type t around payload (one allocation).
 func EncodeRaw(t PayloadType, payload []byte) []byte {
 	b := make([]byte, HeaderSize+len(payload))

@@ -2,6 +2,7 @@ package d2m
 
 import (
 	"bytes"
+	"crypto/ecdh"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -311,10 +312,12 @@ func TestClientURLInfoInvalid(t *testing.T) {
 
 func TestVerifyChallengeResponse(t *testing.T) {
 	dgpkPub, dgpkSec, _ := box.GenerateKey(rand.Reader)
-	esk, challenge, err := NewChallenge()
+	esk, err := ecdh.X25519().GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
+	challenge := make([]byte, ChallengeSize)
+	rand.Read(challenge)
 	var eskPub [32]byte
 	copy(eskPub[:], esk.PublicKey().Bytes())
 	var nonce [24]byte

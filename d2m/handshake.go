@@ -2,7 +2,6 @@ package d2m
 
 import (
 	"crypto/ecdh"
-	"crypto/rand"
 	"crypto/subtle"
 	"errors"
 
@@ -23,20 +22,6 @@ var (
 	ErrLowOrderKey    = errors.New("d2m: low-order public key")
 	ErrBadResponse    = errors.New("d2m: challenge response does not verify")
 )
-
-// NewChallenge returns a fresh ephemeral server key ESK and a 32-byte random
-// challenge, one of each per connection.
-func NewChallenge() (*ecdh.PrivateKey, []byte, error) {
-	esk, err := ecdh.X25519().GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	challenge := make([]byte, ChallengeSize)
-	if _, err := rand.Read(challenge); err != nil {
-		return nil, nil, err
-	}
-	return esk, challenge, nil
-}
 
 // SharedKey computes the NaCl box key X25519HSalsa20(priv, peer), the same
 // bytes as box.Precompute. crypto/ecdh with a cached private key costs half

@@ -46,9 +46,6 @@ func newMessage(t PayloadType) proto.Message {
 	return nil
 }
 
-// IsProtobuf reports whether t carries a protobuf payload.
-func IsProtobuf(t PayloadType) bool { return newMessage(t) != nil }
-
 // EncodeMessage returns a complete frame of type t with m as its protobuf
 // payload. An empty message encodes to the bare header, e.g.
 // ReflectionQueueDry is exactly 20 00 00 00 (§3).

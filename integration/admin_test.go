@@ -23,7 +23,7 @@ import (
 	"time"
 
 	"d2m-mediator/d2m"
-	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/proto/d2mpb"
 	"d2m-mediator/reflection"
 )
@@ -111,7 +111,7 @@ func eventually(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-func slotOf(d mediator.GroupDetail, dev uint64) *mediator.SlotInfo {
+func slotOf(d adminapi.GroupDetail, dev uint64) *adminapi.SlotInfo {
 	for i := range d.Slots {
 		if uint64(d.Slots[i].DeviceID) == dev {
 			return &d.Slots[i]
@@ -141,7 +141,7 @@ func TestAdminListsGroupsAndQueues(t *testing.T) {
 		r := expectReflected(t, b, envelope(i))
 		b.AckReflected(ctxT(t, time.Second), r.ID)
 	}
-	var d mediator.GroupDetail
+	var d adminapi.GroupDetail
 	eventually(t, "device 3 offline with a full queue and device 2's acks stored", func() bool {
 		s.adminCLIJSON(t, &d, "slots", "list", gid[:12])
 		s3, s2 := slotOf(d, 3), slotOf(d, 2)
@@ -158,9 +158,9 @@ func TestAdminListsGroupsAndQueues(t *testing.T) {
 		t.Fatalf("slot 1 %+v, leader %v", s1, d.Leader)
 	}
 
-	var list mediator.GroupList
+	var list adminapi.GroupList
 	s.adminCLIJSON(t, &list, "groups", "list")
-	var mine *mediator.GroupSummary
+	var mine *adminapi.GroupSummary
 	for i := range list.Groups {
 		if list.Groups[i].ID == gid {
 			mine = &list.Groups[i]
@@ -226,7 +226,7 @@ func TestAdminDropClosesDevice(t *testing.T) {
 	expectReflected(t, a, []byte("held"))
 	expectEnded(t, a, 2, []byte("scope"))
 
-	var d mediator.GroupDetail
+	var d adminapi.GroupDetail
 	s.adminCLIJSON(t, &d, "slots", "list", gid)
 	if len(d.Slots) != 1 || len(d.Tombstones) != 1 || d.Tombstones[0].DeviceID != 2 ||
 		d.Tombstones[0].Reason != "dropped" || d.Tombstones[0].AtMS == nil || d.Lock.Held {
@@ -271,13 +271,13 @@ func TestAdminPurgeQueue(t *testing.T) {
 		expectAck(t, a, id)
 		ids = append(ids, expectReflected(t, b, envelope(i)).ID) // in flight, not acked
 	}
-	var d mediator.GroupDetail
+	var d adminapi.GroupDetail
 	eventually(t, "device 3 offline", func() bool {
 		s.adminCLIJSON(t, &d, "slots", "list", gid)
 		return !slotOf(d, 3).Connected
 	})
 
-	var pr mediator.PurgeResult
+	var pr adminapi.PurgeResult
 	s.adminCLIJSON(t, &pr, "queue", "purge", gid[:10], "0x3")
 	if pr.PurgedCount != 5 || pr.Connected {
 		t.Fatalf("purge offline %+v", pr)
@@ -328,7 +328,7 @@ func TestAdminLockShowAndRelease(t *testing.T) {
 	id, _ := a.Reflect(ctxT(t, time.Second), []byte("held"), 0)
 	expectAck(t, a, id)
 
-	var l mediator.LockInfo
+	var l adminapi.LockInfo
 	s.adminCLIJSON(t, &l, "lock", "show", gid[:8])
 	if !l.Held || l.Holder == nil || *l.Holder != 1 || l.Ending || l.ScopeBytes != len(scope) || l.HeldSeconds == nil {
 		t.Fatalf("lock %+v", l)
@@ -336,7 +336,7 @@ func TestAdminLockShowAndRelease(t *testing.T) {
 	if out := s.adminCLI(t, "lock", "show", gid); !strings.Contains(out, "held by device 0x0000000000000001") {
 		t.Fatalf("lock show %q", out)
 	}
-	var list mediator.GroupList
+	var list adminapi.GroupList
 	s.adminCLIJSON(t, &list, "groups", "list")
 	if len(list.Groups) != 1 || list.Groups[0].LockHolder == nil || *list.Groups[0].LockHolder != 1 {
 		t.Fatalf("groups %+v", list.Groups)
@@ -373,7 +373,7 @@ func TestAdminBackupAndOfflineDB(t *testing.T) {
 		id, _ := a.Reflect(ctxT(t, time.Second), envelope(i), 0)
 		expectAck(t, a, id)
 	}
-	var live mediator.GroupDetail
+	var live adminapi.GroupDetail
 	eventually(t, "device 3 offline", func() bool {
 		s.adminCLIJSON(t, &live, "slots", "list", gid)
 		return !slotOf(live, 3).Connected
@@ -624,7 +624,7 @@ func TestAdminMetricsAndToken(t *testing.T) {
 	}
 
 	// stats agrees.
-	var st mediator.ServerStats
+	var st adminapi.ServerStats
 	s.adminCLIJSON(t, &st, "stats")
 	if st.Connections.Authenticated != 2 || st.Goroutines == 0 || st.Memory.HeapAllocBytes == 0 || st.UptimeSeconds <= 0 ||
 		!strings.HasSuffix(st.Store.Path, "mediator.db") || st.Store.FileBytes == 0 || !st.Ready {

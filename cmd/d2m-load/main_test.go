@@ -16,6 +16,7 @@ import (
 
 	"d2m-mediator/chatproxy/chatstub"
 	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/reflection"
 )
 
@@ -131,12 +132,12 @@ func startTestServer(t *testing.T) *testServer {
 		t.Fatal(err)
 	}
 	tokenFile := filepath.Join(dir, "admin.token")
-	token, err := mediator.LoadOrCreateToken(tokenFile)
+	token, err := adminapi.LoadOrCreateToken(tokenFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dev := httptest.NewServer(srv.Handler())
-	adm := httptest.NewServer(srv.AdminHandler(token))
+	adm := httptest.NewServer(adminapi.Handler(srv, token, zerolog.Nop()))
 	srv.SetReady(true)
 	t.Cleanup(func() {
 		dev.Close()

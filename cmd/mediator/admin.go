@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"d2m-mediator/d2m"
-	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 )
 
 // stdout is where commands print their results (tests replace it).
@@ -178,7 +178,7 @@ func (c *adminClient) statusError(status int, body []byte) error {
 	if status == http.StatusUnauthorized {
 		return fmt.Errorf("admin token rejected by %s (token file %s): use the token of the running server", c.addr, c.tokenFile)
 	}
-	var e mediator.APIError
+	var e adminapi.APIError
 	if json.Unmarshal(body, &e) != nil || e.Error == "" {
 		// Not the mediator's JSON error: something else answers there.
 		return fmt.Errorf("%s answered HTTP %d %s without an admin API error: is it the mediator's admin address?",
@@ -295,7 +295,7 @@ func slotPath(group, device string) (string, error) {
 }
 
 func runGroupsList(ctx context.Context, op *operation) error {
-	var list mediator.GroupList
+	var list adminapi.GroupList
 	if printed, err := op.call(ctx, "GET", "/api/v1/groups", &list); printed || err != nil {
 		return err
 	}
@@ -304,7 +304,7 @@ func runGroupsList(ctx context.Context, op *operation) error {
 }
 
 func runSlotsList(ctx context.Context, op *operation) error {
-	var g mediator.GroupDetail
+	var g adminapi.GroupDetail
 	if printed, err := op.call(ctx, "GET", groupPath(op.args[0]), &g); printed || err != nil {
 		return err
 	}
@@ -317,7 +317,7 @@ func runSlotsShow(ctx context.Context, op *operation) error {
 	if err != nil {
 		return err
 	}
-	var s mediator.SlotDetail
+	var s adminapi.SlotDetail
 	if printed, err := op.call(ctx, "GET", p, &s); printed || err != nil {
 		return err
 	}
@@ -330,7 +330,7 @@ func runSlotsDrop(ctx context.Context, op *operation) error {
 	if err != nil {
 		return err
 	}
-	var r mediator.DropResult
+	var r adminapi.DropResult
 	if printed, err := op.call(ctx, "DELETE", p, &r); printed || err != nil {
 		return err
 	}
@@ -348,7 +348,7 @@ func runQueuePurge(ctx context.Context, op *operation) error {
 	if err != nil {
 		return err
 	}
-	var r mediator.PurgeResult
+	var r adminapi.PurgeResult
 	if printed, err := op.call(ctx, "DELETE", p+"/queue", &r); printed || err != nil {
 		return err
 	}
@@ -358,7 +358,7 @@ func runQueuePurge(ctx context.Context, op *operation) error {
 }
 
 func runLockShow(ctx context.Context, op *operation) error {
-	var l mediator.LockInfo
+	var l adminapi.LockInfo
 	if printed, err := op.call(ctx, "GET", groupPath(op.args[0])+"/lock", &l); printed || err != nil {
 		return err
 	}
@@ -367,7 +367,7 @@ func runLockShow(ctx context.Context, op *operation) error {
 }
 
 func runLockRelease(ctx context.Context, op *operation) error {
-	var r mediator.LockReleaseResult
+	var r adminapi.LockReleaseResult
 	if printed, err := op.call(ctx, "DELETE", groupPath(op.args[0])+"/lock", &r); printed || err != nil {
 		return err
 	}
@@ -381,7 +381,7 @@ func runLockRelease(ctx context.Context, op *operation) error {
 }
 
 func runStats(ctx context.Context, op *operation) error {
-	var st mediator.ServerStats
+	var st adminapi.ServerStats
 	if printed, err := op.call(ctx, "GET", "/api/v1/stats", &st); printed || err != nil {
 		return err
 	}

@@ -12,12 +12,12 @@ import (
 	"time"
 
 	"d2m-mediator/d2m"
-	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 )
 
 func newTable(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 0, 0, 2, ' ', 0) }
 
-func printGroups(w io.Writer, list mediator.GroupList) {
+func printGroups(w io.Writer, list adminapi.GroupList) {
 	if len(list.Groups) == 0 {
 		fmt.Fprintln(w, "no device groups")
 		return
@@ -32,7 +32,7 @@ func printGroups(w io.Writer, list mediator.GroupList) {
 	fmt.Fprintf(w, "%d group(s)\n", len(list.Groups))
 }
 
-func printGroup(w io.Writer, g mediator.GroupDetail, now time.Time) {
+func printGroup(w io.Writer, g adminapi.GroupDetail, now time.Time) {
 	kv := newTable(w)
 	fmt.Fprintf(kv, "group\t%s\n", g.ID)
 	fmt.Fprintf(kv, "slots\t%d (%d connected)\n", len(g.Slots), g.Connected)
@@ -66,7 +66,7 @@ func printGroup(w io.Writer, g mediator.GroupDetail, now time.Time) {
 	}
 }
 
-func roles(s mediator.SlotInfo) string {
+func roles(s adminapi.SlotInfo) string {
 	var r []string
 	if s.Leader {
 		r = append(r, "leader")
@@ -80,7 +80,7 @@ func roles(s mediator.SlotInfo) string {
 	return strings.Join(r, ", ")
 }
 
-func printSlot(w io.Writer, s mediator.SlotDetail, now time.Time) {
+func printSlot(w io.Writer, s adminapi.SlotDetail, now time.Time) {
 	tw := newTable(w)
 	fmt.Fprintf(tw, "group\t%s\n", s.Group)
 	fmt.Fprintf(tw, "device\t%s (dec:%d in --json output)\n", fmtID(s.DeviceID), uint64(s.DeviceID))
@@ -101,7 +101,7 @@ func printSlot(w io.Writer, s mediator.SlotDetail, now time.Time) {
 	tw.Flush()
 }
 
-func describeLock(l mediator.LockInfo) string {
+func describeLock(l adminapi.LockInfo) string {
 	if !l.Held {
 		return "none"
 	}
@@ -119,7 +119,7 @@ func describeLock(l mediator.LockInfo) string {
 	return s
 }
 
-func printStats(w io.Writer, st mediator.ServerStats) {
+func printStats(w io.Writer, st adminapi.ServerStats) {
 	tw := newTable(w)
 	fmt.Fprintf(tw, "uptime\t%s (since %s)\n", fmtDuration(secs(st.UptimeSeconds)), st.StartedAt)
 	fmt.Fprintf(tw, "ready\t%s\n", yesNo(st.Ready))
@@ -147,14 +147,14 @@ func yesNo(b bool) string {
 
 // fmtDevice is a device id in the one printed form (d2m.FormatDeviceID),
 // or "-" for none.
-func fmtDevice(d *mediator.JSONDeviceID) string {
+func fmtDevice(d *adminapi.JSONDeviceID) string {
 	if d == nil {
 		return "-"
 	}
 	return fmtID(*d)
 }
 
-func fmtID(d mediator.JSONDeviceID) string { return d2m.FormatDeviceID(uint64(d)) }
+func fmtID(d adminapi.JSONDeviceID) string { return d2m.FormatDeviceID(uint64(d)) }
 
 func secs(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/reflection"
 )
@@ -138,7 +139,7 @@ func serve(ctx context.Context, args []string) error {
 	if err := os.MkdirAll(f.data, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	token, err := mediator.LoadOrCreateToken(f.adminTokenFile)
+	token, err := adminapi.LoadOrCreateToken(f.adminTokenFile)
 	if err != nil {
 		return err
 	}

@@ -26,6 +26,7 @@ import (
 
 	"d2m-mediator/chatproxy/chatstub"
 	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/reflection"
 )
 
@@ -97,7 +98,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 		return nil, err
 	}
 	if cfg.AdminListen != "" {
-		if err := mediator.CheckAdminExposure(cfg.AdminListen, cfg.AdminToken); err != nil {
+		if err := adminapi.CheckAdminExposure(cfg.AdminListen, cfg.AdminToken); err != nil {
 			return nil, err
 		}
 	}
@@ -195,7 +196,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 	d.device = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 	d.serve(d.device, deviceLn)
 	if adminLn != nil {
-		d.admin = &http.Server{Handler: s.AdminHandler(cfg.AdminToken), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+		d.admin = &http.Server{Handler: adminapi.Handler(s, cfg.AdminToken, log), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 		d.serve(d.admin, adminLn)
 	}
 	s.SetReady(true)

@@ -1,8 +1,8 @@
-package mediator
-
-// The admin API: JSON endpoints under /api/v1/ behind the admin token (see
-// AdminHandler). cmd/mediator's operator commands are its client and decode
-// the exported types below.
+// Package adminapi is the mediator's admin HTTP API: health and readiness,
+// /metrics, pprof and JSON endpoints under /api/v1/ behind a bearer token
+// (Handler), with the wire types cmd/mediator's operator commands decode.
+// It talks to the server only through the narrow Backend interface and
+// holds no server state of its own.
 //
 //	GET    /api/v1/stats                                  ServerStats
 //	GET    /api/v1/groups                                 GroupList
@@ -15,17 +15,19 @@ package mediator
 //	GET    /api/v1/backup                                 the database file (hot snapshot)
 //
 // {group} is the full hex group id or a unique hex prefix of it; {device}
-// is a decimal or 0x-hex u64. Errors are {"error": "..."} with a 4xx/5xx
+// is decimal (the API's own form) or any form d2m.ParseDeviceID reads. Errors are {"error": "..."} with a 4xx/5xx
 // status. Device ids are JSON strings (decimal) because they are random
 // u64 values that JavaScript and jq would round as numbers.
 //
 // Reads combine the store (slots, tombstones, queues: also of groups no
 // device has touched since the start) with the in-memory group (who is
 // connected, the leader, the transaction lock).
+package adminapi
 
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -40,6 +42,7 @@ import (
 	"time"
 
 	"d2m-mediator/d2m"
+	"d2m-mediator/mediator"
 	"d2m-mediator/reflection"
 )
 
@@ -215,17 +218,17 @@ type APIError struct {
 	Error string `json:"error"`
 }
 
-// registerAdminAPI adds the JSON admin endpoints to the token-protected mux.
-func (s *Server) registerAdminAPI(mux *http.ServeMux) {
-	mux.HandleFunc("GET /api/v1/stats", s.apiStats)
-	mux.HandleFunc("GET /api/v1/groups", s.apiGroups)
-	mux.HandleFunc("GET /api/v1/groups/{group}", s.withGroup(s.apiGroup))
-	mux.HandleFunc("GET /api/v1/groups/{group}/slots/{device}", s.withSlot(s.apiSlot))
-	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}", s.withSlot(s.apiDropSlot))
-	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}/queue", s.withSlot(s.apiPurgeQueue))
-	mux.HandleFunc("GET /api/v1/groups/{group}/lock", s.withGroup(s.apiLock))
-	mux.HandleFunc("DELETE /api/v1/groups/{group}/lock", s.withGroup(s.apiReleaseLock))
-	mux.HandleFunc("GET /api/v1/backup", s.apiBackup)
+// register adds the JSON admin endpoints to the token-protected mux.
+func (a *API) register(mux *http.ServeMux) {
+	mux.HandleFunc("GET /api/v1/stats", a.apiStats)
+	mux.HandleFunc("GET /api/v1/groups", a.apiGroups)
+	mux.HandleFunc("GET /api/v1/groups/{group}", a.withGroup(a.apiGroup))
+	mux.HandleFunc("GET /api/v1/groups/{group}/slots/{device}", a.withSlot(a.apiSlot))
+	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}", a.withSlot(a.apiDropSlot))
+	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}/queue", a.withSlot(a.apiPurgeQueue))
+	mux.HandleFunc("GET /api/v1/groups/{group}/lock", a.withGroup(a.apiLock))
+	mux.HandleFunc("DELETE /api/v1/groups/{group}/lock", a.withGroup(a.apiReleaseLock))
+	mux.HandleFunc("GET /api/v1/backup", a.apiBackup)
 	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no admin endpoint %s %s", r.Method, r.URL.Path)
 	})
@@ -258,29 +261,29 @@ func writeError(w http.ResponseWriter, status int, format string, a ...any) {
 	writeJSON(w, status, APIError{Error: fmt.Sprintf(format, a...)})
 }
 
-func (s *Server) writeErr(w http.ResponseWriter, err error) {
+func (a *API) writeErr(w http.ResponseWriter, err error) {
 	var he *httpError
 	if errors.As(err, &he) {
 		writeError(w, he.status, "%s", he.msg)
 		return
 	}
-	s.log.Error().Err(err).Msg("admin API")
+	a.log.Error().Err(err).Msg("admin API")
 	writeError(w, http.StatusInternalServerError, "%v", err)
 }
 
-func (s *Server) withGroup(h func(http.ResponseWriter, *http.Request, reflection.GroupID)) http.HandlerFunc {
+func (a *API) withGroup(h func(http.ResponseWriter, *http.Request, reflection.GroupID)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		id, err := s.resolveGroup(r.PathValue("group"))
+		id, err := a.resolveGroup(r.PathValue("group"))
 		if err != nil {
-			s.writeErr(w, err)
+			a.writeErr(w, err)
 			return
 		}
 		h(w, r, id)
 	}
 }
 
-func (s *Server) withSlot(h func(http.ResponseWriter, *http.Request, reflection.GroupID, reflection.DeviceID)) http.HandlerFunc {
-	return s.withGroup(func(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+func (a *API) withSlot(h func(http.ResponseWriter, *http.Request, reflection.GroupID, reflection.DeviceID)) http.HandlerFunc {
+	return a.withGroup(func(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
 		dev, err := parsePathDeviceID(r.PathValue("device"))
 		if err != nil {
 			writeError(w, http.StatusBadRequest, "%v", err)
@@ -308,7 +311,7 @@ func parsePathDeviceID(s string) (reflection.DeviceID, error) {
 // resolveGroup finds the group a full hex id or a unique hex prefix names.
 // A group is known if the store has state for it or a device is connected
 // to it.
-func (s *Server) resolveGroup(param string) (reflection.GroupID, error) {
+func (a *API) resolveGroup(param string) (reflection.GroupID, error) {
 	var id reflection.GroupID
 	p := strings.ToLower(param)
 	if p == "" || len(p) > 2*len(id) || strings.Trim(p, "0123456789abcdef") != "" {
@@ -316,18 +319,18 @@ func (s *Server) resolveGroup(param string) (reflection.GroupID, error) {
 	}
 	if len(p) == 2*len(id) {
 		hex.Decode(id[:], []byte(p))
-		st, err := s.store.Group(id)
+		st, err := a.store().Group(id)
 		if err != nil {
 			return id, err
 		}
-		if groupStateEmpty(st) && s.liveConnections(id) == 0 {
+		if groupStateEmpty(st) && a.liveConnections(id) == 0 {
 			return id, errorf(http.StatusNotFound, "unknown group %s", p)
 		}
 		return id, nil
 	}
 	var matches []reflection.GroupID
 	seen := make(map[reflection.GroupID]bool)
-	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
+	err := a.store().ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
 		if !groupStateEmpty(st) && strings.HasPrefix(g.String(), p) {
 			matches = append(matches, g)
 			seen[g] = true
@@ -337,7 +340,7 @@ func (s *Server) resolveGroup(param string) (reflection.GroupID, error) {
 	if err != nil {
 		return id, err
 	}
-	for _, g := range s.liveGroupIDs() {
+	for _, g := range a.b.LiveGroupIDs() {
 		if !seen[g] && strings.HasPrefix(g.String(), p) {
 			matches = append(matches, g)
 		}
@@ -365,28 +368,8 @@ func groupStateEmpty(st reflection.GroupState) bool {
 	return len(st.Slots) == 0 && len(st.Tombstones) == 0 && len(st.SharedDeviceData) == 0
 }
 
-// liveGroupIDs lists the in-memory groups that have a connection.
-func (s *Server) liveGroupIDs() []reflection.GroupID {
-	s.mu.Lock()
-	groups := make([]*group, 0, len(s.groups))
-	for _, g := range s.groups {
-		groups = append(groups, g)
-	}
-	s.mu.Unlock()
-	var ids []reflection.GroupID
-	for _, g := range groups {
-		g.mu.Lock()
-		n := len(g.conns)
-		g.mu.Unlock()
-		if n > 0 {
-			ids = append(ids, g.id)
-		}
-	}
-	return ids
-}
-
-func (s *Server) liveConnections(id reflection.GroupID) int {
-	return len(s.live(id, time.Now()).conns)
+func (a *API) liveConnections(id reflection.GroupID) int {
+	return len(a.live(id, time.Now()).conns)
 }
 
 // liveGroup is a snapshot of a group's in-memory state.
@@ -399,31 +382,21 @@ type liveGroup struct {
 
 // live snapshots the in-memory state of group id; a group that is not in
 // memory has no connections, leader or lock.
-func (s *Server) live(id reflection.GroupID, now time.Time) liveGroup {
-	s.mu.Lock()
-	g := s.groups[id]
-	s.mu.Unlock()
-	if g == nil {
-		return liveGroup{}
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	l := liveGroup{loaded: g.loaded, conns: make(map[reflection.DeviceID]int64, len(g.conns))}
-	for dev, c := range g.conns {
-		l.conns[dev] = c.connectedSince
-	}
-	if g.leader != nil {
-		d := JSONDeviceID(g.leader.deviceID)
+func (a *API) live(id reflection.GroupID, now time.Time) liveGroup {
+	g := a.b.LiveGroup(id)
+	l := liveGroup{loaded: g.Loaded, conns: g.Conns}
+	if g.Leader != nil {
+		d := JSONDeviceID(*g.Leader)
 		l.leader = &d
 	}
-	if t := g.txn; t != nil {
-		holder := JSONDeviceID(t.holder.deviceID)
-		held := now.Sub(t.started).Seconds()
+	if t := g.Lock; t != nil {
+		holder := JSONDeviceID(t.Holder)
+		held := now.Sub(t.Since).Seconds()
 		l.lock = LockInfo{
-			Held: true, Holder: &holder, Ending: t.ending, ScopeBytes: len(t.scope),
+			Held: true, Holder: &holder, Ending: t.Ending, ScopeBytes: t.ScopeBytes,
 			HeldSeconds: &held,
 		}
-		l.lock.Since, l.lock.SinceMS = isoMillis(t.started.UnixMilli())
+		l.lock.Since, l.lock.SinceMS = isoMillis(t.Since.UnixMilli())
 	}
 	return l
 }
@@ -458,7 +431,7 @@ func tombstoneReason(r reflection.TombstoneReason) string {
 
 // slotInfo describes one stored slot; withOldest reads the first queue
 // entry for the age of the oldest reflection.
-func (s *Server) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGroup, now time.Time, withOldest bool) (SlotInfo, error) {
+func (a *API) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGroup, now time.Time, withOldest bool) (SlotInfo, error) {
 	dev := slot.DeviceID
 	si := SlotInfo{
 		DeviceID:        JSONDeviceID(dev),
@@ -476,11 +449,11 @@ func (s *Server) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGro
 	} else {
 		si.LastDisconnectAt, si.LastDisconnectAtMS = isoMillis(slot.LastDisconnectAt)
 	}
-	if qs, ok := s.store.QueueStats(id, dev); ok {
+	if qs, ok := a.store().QueueStats(id, dev); ok {
 		si.QueueLength, si.QueueBytes = qs.Length, qs.Bytes
 	}
 	if withOldest && si.QueueLength > 0 {
-		entries, err := s.store.ReadQueue(id, dev, 0, 1)
+		entries, err := a.store().ReadQueue(id, dev, 0, 1)
 		if err != nil {
 			return si, err
 		}
@@ -494,7 +467,7 @@ func (s *Server) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGro
 	return si, nil
 }
 
-func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
+func (a *API) apiGroups(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
 	// Collect first, then look at memory: group.mu must not be taken inside
 	// the walk's read transaction (a holder of group.mu may be waiting for
@@ -506,7 +479,7 @@ func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
 	}
 	var groups []stored
 	seen := make(map[reflection.GroupID]bool)
-	err := s.store.ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
+	err := a.store().ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
 		seen[g] = true
 		sg := stored{id: g, empty: groupStateEmpty(st)}
 		for _, slot := range st.Slots {
@@ -516,18 +489,18 @@ func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
 		return nil
 	})
 	if err != nil {
-		s.writeErr(w, err)
+		a.writeErr(w, err)
 		return
 	}
 	// A group whose first slot is still being stored.
-	for _, g := range s.liveGroupIDs() {
+	for _, g := range a.b.LiveGroupIDs() {
 		if !seen[g] {
 			groups = append(groups, stored{id: g})
 		}
 	}
 	list := GroupList{Groups: []GroupSummary{}}
 	for _, sg := range groups {
-		l := s.live(sg.id, now)
+		l := a.live(sg.id, now)
 		if sg.empty && len(l.conns) == 0 {
 			continue
 		}
@@ -536,7 +509,7 @@ func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
 			Connected: len(l.conns), LockHolder: l.lock.Holder, Loaded: l.loaded,
 		}
 		for _, dev := range sg.slots {
-			if qs, ok := s.store.QueueStats(sg.id, dev); ok {
+			if qs, ok := a.store().QueueStats(sg.id, dev); ok {
 				sum.Queued += qs.Length
 				sum.QueuedBytes += qs.Bytes
 			}
@@ -547,20 +520,20 @@ func (s *Server) apiGroups(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, list)
 }
 
-func (s *Server) groupDetail(id reflection.GroupID) (GroupDetail, error) {
+func (a *API) groupDetail(id reflection.GroupID) (GroupDetail, error) {
 	now := time.Now()
-	st, err := s.store.Group(id)
+	st, err := a.store().Group(id)
 	if err != nil {
 		return GroupDetail{}, err
 	}
-	l := s.live(id, now)
+	l := a.live(id, now)
 	d := GroupDetail{
 		ID: id.String(), Prefix: shortID(id), Loaded: l.loaded, Connected: len(l.conns),
 		Leader: l.leader, Lock: l.lock, SharedDeviceDataBytes: len(st.SharedDeviceData),
 		Slots: []SlotInfo{}, Tombstones: []TombstoneInfo{},
 	}
 	for _, slot := range st.Slots {
-		si, err := s.slotInfo(id, slot, l, now, true)
+		si, err := a.slotInfo(id, slot, l, now, true)
 		if err != nil {
 			return d, err
 		}
@@ -588,18 +561,18 @@ func cmpU64(a, b uint64) int {
 	return 0
 }
 
-func (s *Server) apiGroup(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
-	d, err := s.groupDetail(id)
+func (a *API) apiGroup(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+	d, err := a.groupDetail(id)
 	if err != nil {
-		s.writeErr(w, err)
+		a.writeErr(w, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, d)
 }
 
 // storedSlot returns the slot as stored, or a 404.
-func (s *Server) storedSlot(id reflection.GroupID, dev reflection.DeviceID) (reflection.Slot, error) {
-	st, err := s.store.Group(id)
+func (a *API) storedSlot(id reflection.GroupID, dev reflection.DeviceID) (reflection.Slot, error) {
+	st, err := a.store().Group(id)
 	if err != nil {
 		return reflection.Slot{}, err
 	}
@@ -611,16 +584,16 @@ func (s *Server) storedSlot(id reflection.GroupID, dev reflection.DeviceID) (ref
 	return reflection.Slot{}, errorf(http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 }
 
-func (s *Server) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
-	slot, err := s.storedSlot(id, dev)
+func (a *API) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
+	slot, err := a.storedSlot(id, dev)
 	if err != nil {
-		s.writeErr(w, err)
+		a.writeErr(w, err)
 		return
 	}
 	now := time.Now()
-	si, err := s.slotInfo(id, slot, s.live(id, now), now, true)
+	si, err := a.slotInfo(id, slot, a.live(id, now), now, true)
 	if err != nil {
-		s.writeErr(w, err)
+		a.writeErr(w, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, SlotDetail{Group: id.String(), Prefix: shortID(id), SlotInfo: si})
@@ -630,44 +603,24 @@ func (s *Server) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.G
 // device does (§12): the connected device gets 4113, a lock it holds ends
 // (TransactionEnded to the others), slot and queue are deleted and a
 // tombstone written. It answers once the deletion is durable.
-func (s *Server) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
-	res, err := s.adminDropSlot(id, dev)
+func (a *API) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
+	res, err := a.adminDropSlot(id, dev)
 	if err != nil {
-		s.writeErr(w, err)
+		a.writeErr(w, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, res)
 }
 
 // adminDropSlot is the admin's DropDevice (see apiDropSlot).
-func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
+func (a *API) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
 	res := DropResult{Group: id.String(), DeviceID: JSONDeviceID(dev)}
-	done := make(chan error, 1)
-	g, err := s.acquireLoadedGroup(id)
-	if err != nil {
-		return res, err
-	}
-	// Loaded for this drop alone if no device holds it: let it go again.
-	defer s.releaseGroup(g)
-	g.mu.Lock()
-	_, exists := g.slots[dev]
-	if exists {
-		res.WasConnected = g.conns[dev] != nil
-		if qs, ok := s.store.QueueStats(id, dev); ok {
-			res.QueueLength = qs.Length
-		}
-		g.dropSlotLocked(dev, reflection.Dropped, func(err error) { done <- err })
-	}
-	g.mu.Unlock()
-	if !exists {
+	var err error
+	res.WasConnected, res.QueueLength, err = a.b.DropSlot(id, dev)
+	if errors.Is(err, mediator.ErrNoSlot) {
 		return res, errorf(http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 	}
-	if err := <-done; err != nil {
-		return res, fmt.Errorf("deleting the slot: %w", err)
-	}
-	s.log.Info().Str("group", shortID(id)).Str("device", deviceStr(dev)).Bool("was_connected", res.WasConnected).
-		Msg("admin dropped slot")
-	return res, nil
+	return res, err
 }
 
 // apiPurgeQueue empties a slot's reflection queue, keeping the slot and its
@@ -675,28 +628,25 @@ func (s *Server) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (
 // window (in flight or read ahead): they may still be delivered, and its
 // ReflectedAck for them stays valid (the id is in flight; acking an entry
 // that is gone from disk is a no-op), so the connection is not broken.
-func (s *Server) apiPurgeQueue(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
-	qs, ok := s.store.QueueStats(id, dev)
+func (a *API) apiPurgeQueue(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
+	qs, ok := a.store().QueueStats(id, dev)
 	if !ok {
 		writeError(w, http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 		return
 	}
-	err := reflection.Sync(func(done func(error)) { s.store.PurgeQueue(id, dev, done) })
-	if err != nil {
-		s.writeErr(w, fmt.Errorf("purging the queue: %w", err))
+	if err := a.b.PurgeQueue(id, dev); err != nil {
+		a.writeErr(w, fmt.Errorf("purging the queue: %w", err))
 		return
 	}
-	_, connected := s.live(id, time.Now()).conns[dev]
-	s.log.Info().Str("group", shortID(id)).Uint64("device", uint64(dev)).Int("entries", qs.Length).
-		Msg("admin purged reflection queue")
+	_, connected := a.live(id, time.Now()).conns[dev]
 	writeJSON(w, http.StatusOK, PurgeResult{
 		Group: id.String(), DeviceID: JSONDeviceID(dev), Connected: connected,
 		PurgedCount: qs.Length, PurgedBytes: qs.Bytes,
 	})
 }
 
-func (s *Server) apiLock(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
-	writeJSON(w, http.StatusOK, s.live(id, time.Now()).lock)
+func (a *API) apiLock(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+	writeJSON(w, http.StatusOK, a.live(id, time.Now()).lock)
 }
 
 // apiReleaseLock ends the group's transaction as if its holder had
@@ -704,62 +654,37 @@ func (s *Server) apiLock(w http.ResponseWriter, r *http.Request, id reflection.G
 // other devices get TransactionEnded. The holder stays connected and is
 // not told; a CommitTransaction it sends later is a protocol error (4010),
 // after which it reconnects.
-func (s *Server) apiReleaseLock(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
-	s.mu.Lock()
-	g := s.groups[id]
-	s.mu.Unlock()
-	noLock := errorf(http.StatusConflict, "no transaction lock is held in group %s", shortID(id))
-	if g == nil {
-		s.writeErr(w, noLock)
+func (a *API) apiReleaseLock(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {
+	// Wait briefly for the held reflections to be durable in the other
+	// queues; the release completes regardless.
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	holder, heldFor, released, err := a.b.ReleaseLock(ctx, id)
+	switch {
+	case errors.Is(err, mediator.ErrNoLock):
+		writeError(w, http.StatusConflict, "no transaction lock is held in group %s", shortID(id))
 		return
-	}
-	g.mu.Lock()
-	t := g.txn
-	if t == nil {
-		g.mu.Unlock()
-		s.writeErr(w, noLock)
-		return
-	}
-	if t.ending {
-		g.mu.Unlock()
+	case errors.Is(err, mediator.ErrLockEnding):
 		writeError(w, http.StatusConflict, "the transaction lock of group %s is already being released", shortID(id))
 		return
+	case err != nil:
+		a.writeErr(w, err)
+		return
 	}
-	res := LockReleaseResult{Group: id.String(), Holder: JSONDeviceID(t.holder.deviceID), HeldSeconds: time.Since(t.started).Seconds()}
-	g.endTransactionLocked(false)
-	g.mu.Unlock()
-	s.log.Info().Str("group", shortID(id)).Str("holder", deviceStr(t.holder.deviceID)).Msg("admin released transaction lock")
-
-	// The lock is free once the held reflections are durable in the other
-	// queues (endTransactionLocked's callback closes t.ended).
-	timer := time.NewTimer(10 * time.Second)
-	defer timer.Stop()
-	select {
-	case <-t.ended:
-		res.Released = true
-	case <-timer.C:
-	case <-r.Context().Done():
-	}
-	writeJSON(w, http.StatusOK, res)
+	writeJSON(w, http.StatusOK, LockReleaseResult{
+		Group: id.String(), Holder: JSONDeviceID(holder), HeldSeconds: heldFor.Seconds(), Released: released,
+	})
 }
 
-func (s *Server) apiStats(w http.ResponseWriter, r *http.Request) {
+func (a *API) apiStats(w http.ResponseWriter, r *http.Request) {
 	var st ServerStats
 	now := time.Now()
 	st.StartedAt = processStart.UTC().Format(time.RFC3339)
 	st.UptimeSeconds = now.Sub(processStart).Seconds()
-	st.Ready = s.Ready()
-	s.mu.Lock()
-	st.GroupsLoaded = len(s.groups)
-	for c := range s.conns {
-		st.Connections.Open++
-		if c.authed.Load() {
-			st.Connections.Authenticated++
-		} else {
-			st.Connections.Handshake++
-		}
-	}
-	s.mu.Unlock()
+	st.Ready = a.b.Ready()
+	st.GroupsLoaded = a.b.GroupsLoaded()
+	st.Connections.Handshake, st.Connections.Authenticated = a.b.ConnectionCounts()
+	st.Connections.Open = st.Connections.Handshake + st.Connections.Authenticated
 	st.Goroutines = runtime.NumGoroutine()
 	st.GoVersion = runtime.Version()
 	st.GOMAXPROCS = runtime.GOMAXPROCS(0)
@@ -771,16 +696,17 @@ func (s *Server) apiStats(w http.ResponseWriter, r *http.Request) {
 	st.Memory.SysBytes = ms.Sys
 	st.Memory.NumGC = ms.NumGC
 	st.Memory.RSSBytes = readRSS()
-	if p, ok := s.store.(interface{ Path() string }); ok {
+	if p, ok := a.store().(interface{ Path() string }); ok {
 		st.Store.Path = p.Path()
 		if fi, err := os.Stat(st.Store.Path); err == nil {
 			st.Store.FileBytes = fi.Size()
 		}
 	}
-	st.Config.MaxDeviceSlots = s.cfg.MaxDeviceSlots
-	st.Config.MaxTransactionTTL = s.cfg.MaxTransactionTTL.Seconds()
-	st.Config.DeliveryWindow = s.cfg.DeliveryWindow
-	st.Config.MaxConnections = s.cfg.MaxConnections
+	cfg := a.b.Config()
+	st.Config.MaxDeviceSlots = cfg.MaxDeviceSlots
+	st.Config.MaxTransactionTTL = cfg.MaxTransactionTTL.Seconds()
+	st.Config.DeliveryWindow = cfg.DeliveryWindow
+	st.Config.MaxConnections = cfg.MaxConnections
 	writeJSON(w, http.StatusOK, st)
 }
 
@@ -821,8 +747,8 @@ type backuper interface {
 // transaction). The byte count follows as the trailer X-Backup-Bytes so a
 // client can tell a complete copy from a cut one; a failure after the
 // first byte aborts the response.
-func (s *Server) apiBackup(w http.ResponseWriter, r *http.Request) {
-	b, ok := s.store.(backuper)
+func (a *API) apiBackup(w http.ResponseWriter, r *http.Request) {
+	b, ok := a.store().(backuper)
 	if !ok {
 		writeError(w, http.StatusNotImplemented, "this store does not support hot backups")
 		return
@@ -835,7 +761,7 @@ func (s *Server) apiBackup(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	n, err := b.Backup(cw)
 	if err != nil {
-		s.log.Error().Err(err).Int64("bytes", cw.n).Msg("admin backup failed")
+		a.log.Error().Err(err).Int64("bytes", cw.n).Msg("admin backup failed")
 		if cw.n == 0 {
 			w.Header().Del("Trailer")
 			w.Header().Del("Content-Disposition")
@@ -845,7 +771,7 @@ func (s *Server) apiBackup(w http.ResponseWriter, r *http.Request) {
 		panic(http.ErrAbortHandler) // the client sees a cut stream, never a short "success"
 	}
 	w.Header().Set("X-Backup-Bytes", strconv.FormatInt(n, 10))
-	s.log.Info().Int64("bytes", n).Dur("took", time.Since(start)).Msg("admin backup streamed")
+	a.log.Info().Int64("bytes", n).Dur("took", time.Since(start)).Msg("admin backup streamed")
 }
 
 type countingWriter struct {

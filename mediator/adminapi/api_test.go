@@ -1,4 +1,4 @@
-package mediator
+package adminapi
 
 import (
 	"bytes"
@@ -16,6 +16,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"d2m-mediator/mediator"
 	"d2m-mediator/reflection"
 )
 
@@ -24,7 +25,7 @@ const testToken = "test-token"
 type adminFixture struct {
 	t     *testing.T
 	db    *reflection.DB
-	srv   *Server
+	srv   *mediator.Server
 	http  *httptest.Server
 	store reflection.Store
 }
@@ -41,11 +42,11 @@ func newAdminFixture(t *testing.T, wrap func(reflection.Store) reflection.Store)
 	if wrap != nil {
 		st = wrap(db)
 	}
-	srv, err := New(Config{}, st, zerolog.Nop())
+	srv, err := mediator.New(mediator.Config{}, st, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(srv.AdminHandler(testToken))
+	hs := httptest.NewServer(Handler(srv, testToken, zerolog.Nop()))
 	t.Cleanup(func() {
 		hs.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -185,11 +186,11 @@ func TestAdminAPIGroupsAndResolution(t *testing.T) {
 		t.Fatalf("drop %+v", dr)
 	}
 	f.want("DELETE", "/api/v1/groups/ab01/slots/1", http.StatusNotFound, &e)
-	f.srv.mu.Lock()
-	loaded := len(f.srv.groups)
-	f.srv.mu.Unlock()
-	if loaded != 0 {
-		t.Fatalf("admin drops left %d idle group(s) in memory", loaded)
+	// The group leaves memory once the drop's store write has completed.
+	for deadline := time.Now().Add(5 * time.Second); f.srv.GroupsLoaded() != 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("admin drops left %d idle group(s) in memory", f.srv.GroupsLoaded())
+		}
 	}
 	f.want("GET", "/api/v1/groups/ab01", 200, &d)
 	if len(d.Slots) != 1 || len(d.Tombstones) != 1 || d.Tombstones[0].DeviceID != 1 || d.Tombstones[0].Reason != "dropped" {

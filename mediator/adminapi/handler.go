@@ -1,6 +1,7 @@
-package mediator
+package adminapi
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
@@ -12,8 +13,15 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+
+	"d2m-mediator/d2m"
+	"d2m-mediator/mediator"
+	"d2m-mediator/reflection"
 )
 
 // LoadOrCreateToken reads the admin bearer token from path, generating a
@@ -58,32 +66,63 @@ func CheckAdminExposure(addr, token string) error {
 	return nil
 }
 
-// AdminHandler serves health and readiness without authentication and
+// Backend is what the admin API needs from the server; *mediator.Server
+// implements it. Stored state is read from Store; in-memory state comes as
+// snapshots; the operator actions go through the server so that they
+// follow the protocol exactly as a device's request would.
+type Backend interface {
+	Ready() bool
+	Registry() *prometheus.Registry
+	Store() reflection.Store
+	Config() mediator.Config
+	LiveGroup(id reflection.GroupID) mediator.LiveGroup
+	LiveGroupIDs() []reflection.GroupID
+	ConnectionCounts() (handshake, authenticated int)
+	GroupsLoaded() int
+	DropSlot(id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error)
+	PurgeQueue(id reflection.GroupID, dev reflection.DeviceID) error
+	ReleaseLock(ctx context.Context, id reflection.GroupID) (holder reflection.DeviceID, heldFor time.Duration, released bool, err error)
+}
+
+var _ Backend = (*mediator.Server)(nil)
+
+// API serves the admin endpoints over a Backend.
+type API struct {
+	b   Backend
+	log zerolog.Logger
+}
+
+func (a *API) store() reflection.Store { return a.b.Store() }
+
+// Handler serves health and readiness without authentication and
 // everything else (admin API, /metrics, /debug/pprof/) behind the bearer
 // token.
-func (s *Server) AdminHandler(token string) http.Handler {
+func Handler(b Backend, token string, log zerolog.Logger) http.Handler {
+	a := &API{b: b, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		if !s.Ready() {
+		if !b.Ready() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ready\n"))
 	})
 	private := http.NewServeMux()
-	private.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	private.Handle("GET /metrics", promhttp.HandlerFor(b.Registry(), promhttp.HandlerOpts{}))
 	private.HandleFunc("/debug/pprof/", pprof.Index)
 	private.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	private.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	private.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	private.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	s.registerAdminAPI(private)
+	a.register(private)
 	mux.Handle("/", requireToken(token, private))
 	return mux
 }
+
+func shortID(g reflection.GroupID) string { return d2m.DeviceGroupID(g).Short() }
 
 func requireToken(token string, next http.Handler) http.Handler {
 	want := []byte("Bearer " + token)
