@@ -143,4 +143,3 @@ func (u *Upstream) Close() error {
 	})
 	return u.closeErr
 }
-
