@@ -3,6 +3,7 @@ package reflection
 import (
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -207,4 +208,26 @@ func SyncAppend(fn func(done func(AppendResult, error))) (AppendResult, error) {
 	fn(func(res AppendResult, err error) { ch <- out{res, err} })
 	o := <-ch
 	return o.res, o.err
+}
+
+// String names the policy as the admin API and the CLI show it.
+func (p ExpirationPolicy) String() string {
+	switch p {
+	case Volatile:
+		return "volatile"
+	case Persistent:
+		return "persistent"
+	}
+	return fmt.Sprintf("unknown(%d)", uint8(p))
+}
+
+// String names the reason as the admin API and the CLI show it.
+func (r TombstoneReason) String() string {
+	switch r {
+	case Dropped:
+		return "dropped"
+	case QueueLimit:
+		return "queue_limit"
+	}
+	return fmt.Sprintf("unknown(%d)", uint8(r))
 }

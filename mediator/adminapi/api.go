@@ -409,33 +409,13 @@ func isoMillis(ms int64) (*string, *int64) {
 	return &s, &ms
 }
 
-func policyName(p reflection.ExpirationPolicy) string {
-	switch p {
-	case reflection.Volatile:
-		return "volatile"
-	case reflection.Persistent:
-		return "persistent"
-	}
-	return fmt.Sprintf("unknown(%d)", p)
-}
-
-func tombstoneReason(r reflection.TombstoneReason) string {
-	switch r {
-	case reflection.Dropped:
-		return "dropped"
-	case reflection.QueueLimit:
-		return "queue_limit"
-	}
-	return fmt.Sprintf("unknown(%d)", r)
-}
-
 // slotInfo describes one stored slot; withOldest reads the first queue
 // entry for the age of the oldest reflection.
 func (a *API) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGroup, now time.Time, withOldest bool) (SlotInfo, error) {
 	dev := slot.DeviceID
 	si := SlotInfo{
 		DeviceID:        JSONDeviceID(dev),
-		Policy:          policyName(slot.Policy),
+		Policy:          slot.Policy.String(),
 		DeviceInfoBytes: len(slot.DeviceInfo),
 		Leader:          l.leader != nil && *l.leader == JSONDeviceID(dev),
 		LockHolder:      l.lock.Holder != nil && *l.lock.Holder == JSONDeviceID(dev),
@@ -543,7 +523,7 @@ func (a *API) groupDetail(id reflection.GroupID) (GroupDetail, error) {
 	}
 	slices.SortFunc(d.Slots, func(a, b SlotInfo) int { return cmpU64(uint64(a.DeviceID), uint64(b.DeviceID)) })
 	for _, t := range st.Tombstones {
-		ti := TombstoneInfo{DeviceID: JSONDeviceID(t.DeviceID), Reason: tombstoneReason(t.Reason)}
+		ti := TombstoneInfo{DeviceID: JSONDeviceID(t.DeviceID), Reason: t.Reason.String()}
 		ti.At, ti.AtMS = isoMillis(t.At)
 		d.Tombstones = append(d.Tombstones, ti)
 	}
