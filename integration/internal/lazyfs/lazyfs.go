@@ -85,16 +85,11 @@ func Mount(backing, mountPoint string) (*FS, error) {
 		return nil, err
 	}
 	lfs := &FS{backing: backing, mountPoint: mountPoint, files: map[uint64]*fileData{}}
-	var st syscall.Stat_t
-	if err := syscall.Stat(backing, &st); err != nil {
+	loopback, err := fs.NewLoopbackRoot(backing)
+	if err != nil {
 		return nil, err
 	}
-	root := &fs.LoopbackRoot{Path: backing, Dev: uint64(st.Dev)}
-	root.NewNode = func(r *fs.LoopbackRoot, _ *fs.Inode, _ string, _ *syscall.Stat_t) fs.InodeEmbedder {
-		return &node{LoopbackNode: fs.LoopbackNode{RootData: r}, lfs: lfs}
-	}
-	rootNode := root.NewNode(root, nil, "", &st)
-	root.RootNode = rootNode
+	rootNode := &node{LoopbackNode: loopback.(*fs.LoopbackNode), lfs: lfs}
 	server, err := fs.Mount(mountPoint, rootNode, &fs.Options{
 		MountOptions: fuse.MountOptions{
 			FsName:        "lazyfs:" + backing,
@@ -382,22 +377,29 @@ type handle struct {
 // node is a file or directory of the mount: the loopback node for the
 // namespace, with file data and size routed through fileData.
 type node struct {
-	fs.LoopbackNode
+	*fs.LoopbackNode
 	lfs *FS
 }
 
+// WrapChild makes every node the loopback creates (lookup, create, mkdir,
+// …) a lazy one.
+func (n *node) WrapChild(ctx context.Context, ops fs.InodeEmbedder) fs.InodeEmbedder {
+	return &node{LoopbackNode: ops.(*fs.LoopbackNode), lfs: n.lfs}
+}
+
 var (
-	_ fs.NodeOpener    = (*node)(nil)
-	_ fs.NodeCreater   = (*node)(nil)
-	_ fs.NodeReader    = (*node)(nil)
-	_ fs.NodeWriter    = (*node)(nil)
-	_ fs.NodeFsyncer   = (*node)(nil)
-	_ fs.NodeFlusher   = (*node)(nil)
-	_ fs.NodeReleaser  = (*node)(nil)
-	_ fs.NodeGetattrer = (*node)(nil)
-	_ fs.NodeSetattrer = (*node)(nil)
-	_ fs.NodeLookuper  = (*node)(nil)
-	_ fs.NodeAllocater = (*node)(nil)
+	_ fs.NodeOpener      = (*node)(nil)
+	_ fs.NodeCreater     = (*node)(nil)
+	_ fs.NodeReader      = (*node)(nil)
+	_ fs.NodeWriter      = (*node)(nil)
+	_ fs.NodeFsyncer     = (*node)(nil)
+	_ fs.NodeFlusher     = (*node)(nil)
+	_ fs.NodeReleaser    = (*node)(nil)
+	_ fs.NodeGetattrer   = (*node)(nil)
+	_ fs.NodeSetattrer   = (*node)(nil)
+	_ fs.NodeLookuper    = (*node)(nil)
+	_ fs.NodeAllocater   = (*node)(nil)
+	_ fs.NodeWrapChilder = (*node)(nil)
 )
 
 func (n *node) path() string {
