@@ -71,8 +71,9 @@ bench: ## short benchmark run: Go benchmarks + every d2m-load scenario (<5 min)
 bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
 	FULL=1 cmd/d2m-load/bench.sh
 
-crashtest: ## long SIGKILL crash loop
+crashtest: ## long SIGKILL crash loop, then 50 power cuts (needs FUSE: root and /dev/fuse)
 	CRASH_ITERATIONS=200 $(GO) test -count=1 -timeout=60m -run 'TestCrashLoop' ./integration/
+	POWERCUT_ITERATIONS=50 $(GO) test -count=1 -timeout=60m -run 'TestPowerCut' ./integration/...
 
 # deploy-check checks deploy/ with the tools that read those files
 # (systemd-analyze, nginx, haproxy, caddy, promtool; Debian packages

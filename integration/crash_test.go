@@ -24,7 +24,29 @@ import (
 // reflect load from every device of a few groups, is killed with SIGKILL
 // after a random 50–300 ms, restarted on the same data directory, and the
 // devices reconnect; CRASH_ITERATIONS times (20 by default, 3 with -short;
-// `make crashtest` runs 200). It asserts that
+// `make crashtest` runs 200). runCrashLoop says what is asserted.
+func TestCrashLoop(t *testing.T) {
+	iterations := envIterations("CRASH_ITERATIONS", 20, 3)
+	s := startServer(t)
+	runCrashLoop(t, s, iterations, "SIGKILLs", s.kill)
+}
+
+// envIterations reads a loop count from the environment variable name,
+// else def (short with -short).
+func envIterations(name string, def, short int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	if testing.Short() {
+		return short
+	}
+	return def
+}
+
+// runCrashLoop runs reflect load from every device of a few groups on s,
+// crashes the server with crash after a random 50–300 ms (crash must leave
+// it stopped, its data where s.start finds it), restarts it and lets the
+// devices reconnect, iterations times. It asserts that
 //   - every reflection whose ReflectAck a sender received is delivered to
 //     every other device of its group, in the sender's order (unacked
 //     entries may come again after a crash: de-duplicated by envelope, a
@@ -36,16 +58,10 @@ import (
 //   - slots stay intact: every reconnect expects EXISTING and
 //     GetDevicesInfo lists the whole group;
 //   - after a final clean stop, `mediator db check` passes.
-func TestCrashLoop(t *testing.T) {
-	iterations := 20
-	if testing.Short() {
-		iterations = 3
-	}
-	if v, err := strconv.Atoi(os.Getenv("CRASH_ITERATIONS")); err == nil && v > 0 {
-		iterations = v
-	}
+//
+// crashes names the crashes in the summary line ("SIGKILLs").
+func runCrashLoop(t *testing.T, s *server, iterations int, crashes string, crash func()) {
 	const groups, perGroup, window = 2, 3, 8
-	s := startServer(t)
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 8))
 
 	var devs []*crashDevice
@@ -72,7 +88,7 @@ func TestCrashLoop(t *testing.T) {
 		load := time.Duration(50+rng.IntN(251)) * time.Millisecond
 		totalLoad += load
 		time.Sleep(load)
-		s.kill() // SIGKILL: no cleanup at all
+		crash()
 		wg.Wait()
 		if t.Failed() {
 			t.Fatalf("iteration %d failed", it)
@@ -154,8 +170,8 @@ func TestCrashLoop(t *testing.T) {
 	if strings.Contains(s.Logs(), "panic") {
 		t.Errorf("the server logged a panic:\n%s", tailString(s.Logs(), 8000))
 	}
-	t.Logf("%d SIGKILLs in %v (%v of load): %d reflections sent, %d acked, all delivered; %d redeliveries of unacked entries",
-		iterations, time.Since(start).Round(time.Millisecond), totalLoad, sent, acked, redelivered)
+	t.Logf("%d %s in %v (%v of load): %d reflections sent, %d acked, all delivered; %d redeliveries of unacked entries",
+		iterations, crashes, time.Since(start).Round(time.Millisecond), totalLoad, sent, acked, redelivered)
 }
 
 // dbCheck runs `mediator db check --data DIR` on the stopped server's

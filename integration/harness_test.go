@@ -70,10 +70,16 @@ type server struct {
 }
 
 // startServer runs `mediator serve` on loopback ports with a fresh data
-// directory (or the given one) and waits for its startup line.
+// directory and waits for its startup line.
 func startServer(t testing.TB, extra ...string) *server {
 	t.Helper()
-	s := &server{t: t, dataDir: t.TempDir()}
+	return startServerAt(t, t.TempDir(), extra...)
+}
+
+// startServerAt is startServer with the data directory dataDir.
+func startServerAt(t testing.TB, dataDir string, extra ...string) *server {
+	t.Helper()
+	s := &server{t: t, dataDir: dataDir}
 	s.args = extra
 	t.Cleanup(func() {
 		if t.Failed() {

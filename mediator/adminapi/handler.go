@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -46,10 +47,51 @@ func LoadOrCreateToken(path string) (string, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return "", fmt.Errorf("admin token: %w", err)
 	}
-	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+	if err := writeFileDurably(path, []byte(tok+"\n")); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return LoadOrCreateToken(path) // another process won the race
+		}
 		return "", fmt.Errorf("admin token: %w", err)
 	}
 	return tok, nil
+}
+
+// writeFileDurably creates path (mode 0600) holding data, or fails with
+// fs.ErrExist. The data is synced before the name appears, and the
+// directory after: a power cut leaves either no file or the whole file,
+// never the empty one os.WriteFile can leave (the server would refuse to
+// start on it).
+func writeFileDurably(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o600); err != nil {
+		tmp.Close()
+		return err
+	}
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Link(tmp.Name(), path); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // CheckAdminExposure refuses a non-loopback admin listener without a token.
