@@ -81,7 +81,7 @@ func TestCompactShrinksAndKeepsCounters(t *testing.T) {
 	}
 	db = openAt(t, path, Options{})
 	wantStats(t, db, g, 2, QueueStats{NextSeq: 5001})
-	// New slots get fresh queue buckets: the incarnation sequence survived.
+	// New slots start at seq 1 and see only their own entries.
 	putSlots(t, db, g, 1, 3)
 	res := appendSync(t, db, AppendRequest{Group: g, Sender: 2, Envelope: []byte("z")})
 	if len(res.Delivered) != 2 || res.Delivered[0] != (Delivery{1, 1}) || res.Delivered[1] != (Delivery{3, 1}) {
@@ -112,13 +112,11 @@ func TestCheckFindsSchemaProblems(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = b.Update(func(tx *bbolt.Tx) error {
-		if _, err := tx.Bucket(bucketQueues).CreateBucket(queueName(gid(63), 1, 999)); err != nil {
+		other := gid(63)
+		if err := tx.Bucket(bucketCursors).Put(other[:], encodeCursors([]slotCursor{{d: 1, counter: 3, acked: 5}})); err != nil {
 			return err
 		}
-		qm := tx.Bucket(bucketQMeta)
-		m, _ := decodeQueueMeta(qm.Get(qmetaKey(g, 2)))
-		m.length = 7
-		return qm.Put(qmetaKey(g, 2), m.encode())
+		return tx.Bucket(bucketLog).Put(u64key(1<<40), []byte("not a log record"))
 	})
 	if cerr := b.Close(); err == nil {
 		err = cerr
@@ -127,7 +125,7 @@ func TestCheckFindsSchemaProblems(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = Check(path)
-	if err == nil || !strings.Contains(err.Error(), "orphan queue bucket") || !strings.Contains(err.Error(), "meta says 7 entries") {
+	if err == nil || !strings.Contains(err.Error(), "cursor for missing slot 1") || !strings.Contains(err.Error(), "log entry 1099511627776") {
 		t.Fatalf("Check: %v", err)
 	}
 	if err := Check(filepath.Join(t.TempDir(), "missing.db")); err == nil {
