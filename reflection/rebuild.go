@@ -117,7 +117,14 @@ func rebuild(tx *bbolt.Tx, mem *memIndex) (rebuildResult, error) {
 			}
 			st.last = seq
 			s.counter = max(s.counter, seq)
-			if seq <= st.acked || st.above[seq] {
+			if seq <= st.acked {
+				continue
+			}
+			if st.above[seq] {
+				// Acked out of order while an earlier entry is not: keep
+				// it in the deque, marked, so the slot's next cursor
+				// record still lists it.
+				s.q = append(s.q, qent{seq: seq, lsn: lsn, size: size, acked: true})
 				continue
 			}
 			s.q = append(s.q, qent{seq: seq, lsn: lsn, size: size})
@@ -130,6 +137,11 @@ func rebuild(tx *bbolt.Tx, mem *memIndex) (rebuildResult, error) {
 			res.entries++
 		} else {
 			mem.dead = append(mem.dead, lsn)
+		}
+	}
+	for _, gm := range mem.groups {
+		for _, s := range gm.slots {
+			s.popAcked()
 		}
 	}
 	res.nextLSN = max(lb.Sequence(), lastKey) + 1
