@@ -3,6 +3,7 @@ package reflection
 import (
 	"bytes"
 	"fmt"
+	"slices"
 
 	"go.etcd.io/bbolt"
 )
@@ -188,8 +189,7 @@ func (bt *batchTx) groupCursors(g GroupID) []slotCursor {
 			// the committed queue unless reset, else in the batch's.
 			first := uint64(0)
 			if !bs.reset && ms != nil {
-				mc := ms.cursor(d)
-				cur.above = mc.above
+				cur.above = slices.Clone(ms.above)
 				if ms.head < len(ms.q) {
 					first = ms.q[ms.head].seq
 				}

@@ -150,24 +150,26 @@ func (r logRecord) recipient(i int) (DeviceID, uint64) {
 
 // Cursor record, version 1: version u8 ‖ n u16 ‖ n × slot cursor, sorted by
 // device id, where a slot cursor is device u64 ‖ counter u64 ‖ watermark
-// u64 ‖ k u32 ‖ k × acked seq u64. counter is the last Seq handed out (a
-// lower bound: appends do not rewrite cursors, so Open takes the maximum
-// with the log); every entry with Seq ≤ watermark and every listed seq is
-// acked. Acks are persisted lazily (committer.go), so after a crash a
+// u64 ‖ k u32 ‖ k × (lo u64 ‖ hi u64). counter is the last Seq handed out
+// (a lower bound: appends do not rewrite cursors, so Open takes the maximum
+// with the log); every entry of the slot with Seq ≤ watermark or within one
+// of the ranges is acked. A range covers a run of acked entries with no
+// unacked one in between, so in-order acks above an old unacked entry
+// (a long backlog) cost one range, not one seq each. Acks are persisted lazily (committer.go), so after a crash a
 // cursor may be behind: that only re-delivers.
 const cursorRecordVersion = 1
 
 type slotCursor struct {
 	d       DeviceID
 	counter uint64
-	acked   uint64   // watermark
-	above   []uint64 // acked seqs > watermark, ascending
+	acked   uint64     // watermark
+	above   []seqRange // acked runs above the watermark, ascending
 }
 
 func encodeCursors(cs []slotCursor) []byte {
 	n := 3
 	for _, c := range cs {
-		n += 28 + 8*len(c.above)
+		n += 28 + 16*len(c.above)
 	}
 	b := make([]byte, n)
 	b[0] = cursorRecordVersion
@@ -179,9 +181,10 @@ func encodeCursors(cs []slotCursor) []byte {
 		binary.BigEndian.PutUint64(p[16:], c.acked)
 		binary.BigEndian.PutUint32(p[24:], uint32(len(c.above)))
 		p = p[28:]
-		for _, s := range c.above {
-			binary.BigEndian.PutUint64(p, s)
-			p = p[8:]
+		for _, r := range c.above {
+			binary.BigEndian.PutUint64(p, r.lo)
+			binary.BigEndian.PutUint64(p[8:], r.hi)
+			p = p[16:]
 		}
 	}
 	return b
@@ -202,16 +205,16 @@ func decodeCursors(v []byte) ([]slotCursor, error) {
 		c := slotCursor{d: DeviceID(beUint64(p)), counter: beUint64(p[8:]), acked: beUint64(p[16:])}
 		k := int(binary.BigEndian.Uint32(p[24:]))
 		p = p[28:]
-		if k > len(p)/8 {
+		if k > len(p)/16 {
 			return nil, bad
 		}
 		if k > 0 {
-			c.above = make([]uint64, k)
+			c.above = make([]seqRange, k)
 			for i := range c.above {
-				c.above[i] = beUint64(p[8*i:])
+				c.above[i] = seqRange{beUint64(p[16*i:]), beUint64(p[16*i+8:])}
 			}
 		}
-		p = p[8*k:]
+		p = p[16*k:]
 		out = append(out, c)
 	}
 	if len(p) != 0 {

@@ -34,6 +34,70 @@ type slotMem struct {
 	head    int
 	length  int   // unacked entries
 	bytes   int64 // their envelope bytes
+	// above: the runs of acked entries in q[head:] as seq ranges, so the
+	// cursor costs O(runs), not O(queue length).
+	above []seqRange
+}
+
+// seqRange is an inclusive range of seqs.
+type seqRange struct{ lo, hi uint64 }
+
+// searchRange returns the index of the first range with hi ≥ seq.
+func searchRange(rs []seqRange, seq uint64) int {
+	i, _ := slices.BinarySearchFunc(rs, seq, func(r seqRange, seq uint64) int {
+		if r.hi < seq {
+			return -1
+		}
+		return 1
+	})
+	return i
+}
+
+// inRanges reports whether seq lies in one of rs.
+func inRanges(rs []seqRange, seq uint64) bool {
+	i := searchRange(rs, seq)
+	return i < len(rs) && rs[i].lo <= seq
+}
+
+// ack marks q[i] acked and records it in above, merging with the runs of
+// its acked neighbours in the deque. The caller pops the head afterwards.
+func (s *slotMem) ack(i int) {
+	e := &s.q[i]
+	e.acked = true
+	s.length--
+	s.bytes -= int64(e.size)
+	left := i > s.head && s.q[i-1].acked
+	right := i+1 < len(s.q) && s.q[i+1].acked
+	switch {
+	case left && right:
+		j := searchRange(s.above, s.q[i-1].seq)
+		s.above[j].hi = s.above[j+1].hi
+		s.above = slices.Delete(s.above, j+1, j+2)
+	case left:
+		j := searchRange(s.above, s.q[i-1].seq)
+		s.above[j].hi = e.seq
+	case right:
+		j := searchRange(s.above, s.q[i+1].seq)
+		s.above[j].lo = e.seq
+	default:
+		j := searchRange(s.above, e.seq)
+		s.above = slices.Insert(s.above, j, seqRange{e.seq, e.seq})
+	}
+}
+
+// rebuildRanges recomputes above from the deque (after Open's scan).
+func (s *slotMem) rebuildRanges() {
+	s.above = nil
+	live := s.live()
+	for i, e := range live {
+		switch {
+		case !e.acked:
+		case i > 0 && live[i-1].acked:
+			s.above[len(s.above)-1].hi = e.seq
+		default:
+			s.above = append(s.above, seqRange{e.seq, e.seq})
+		}
+	}
 }
 
 func (s *slotMem) live() []qent { return s.q[s.head:] }
@@ -48,13 +112,7 @@ func (s *slotMem) watermark() uint64 {
 
 // cursor is the persisted form of the slot's ack state.
 func (s *slotMem) cursor(d DeviceID) slotCursor {
-	c := slotCursor{d: d, counter: s.counter, acked: s.watermark()}
-	for _, e := range s.live() {
-		if e.acked {
-			c.above = append(c.above, e.seq)
-		}
-	}
-	return c
+	return slotCursor{d: d, counter: s.counter, acked: s.watermark(), above: slices.Clone(s.above)}
 }
 
 // find returns the index in q of seq, or -1.
@@ -81,6 +139,15 @@ func (s *slotMem) find(seq uint64) int {
 func (s *slotMem) popAcked() {
 	for s.head < len(s.q) && s.q[s.head].acked {
 		s.head++
+	}
+	// Runs now below the watermark are implied by it.
+	w := s.watermark()
+	n := 0
+	for n < len(s.above) && s.above[n].hi <= w {
+		n++
+	}
+	if n > 0 {
+		s.above = slices.Delete(s.above, 0, n)
 	}
 	if s.head == len(s.q) {
 		s.q, s.head = s.q[:0], 0
@@ -171,7 +238,7 @@ func (m *memIndex) release(s *slotMem) {
 			m.unref(e.lsn)
 		}
 	}
-	s.q, s.head, s.length, s.bytes = nil, 0, 0, 0
+	s.q, s.head, s.length, s.bytes, s.above = nil, 0, 0, 0, nil
 }
 
 // cursors returns the group's cursor record, sorted by device id; nil if

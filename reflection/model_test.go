@@ -348,6 +348,18 @@ func (r *modelRun) compare() {
 			for _, e := range s.queue {
 				size += int64(len(e.Envelope))
 			}
+			// The incrementally kept ack ranges equal the ones computed
+			// from the deque.
+			db.mem.mu.Lock()
+			if ms := db.mem.slot(g, sl.DeviceID); ms != nil {
+				kept := slices.Clone(ms.above)
+				ms.rebuildRanges()
+				if !slices.Equal(kept, ms.above) {
+					db.mem.mu.Unlock()
+					t.Fatalf("group %x slot %d: ack ranges %v, from the deque %v", g[0], sl.DeviceID, kept, ms.above)
+				}
+			}
+			db.mem.mu.Unlock()
 			got := readAll(t, db, g, sl.DeviceID)
 			if want := (QueueStats{Length: len(s.queue), Bytes: size, NextSeq: s.counter + 1}); !ok || qs != want {
 				t.Fatalf("group %x slot %d: stats %+v, model %+v; queue %v, model %v", g[0], sl.DeviceID, qs, want, seqs(got), seqs(s.queue))

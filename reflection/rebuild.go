@@ -40,7 +40,7 @@ func rebuild(tx *bbolt.Tx, mem *memIndex) (rebuildResult, error) {
 	}
 	type ackState struct {
 		acked uint64
-		above map[uint64]bool
+		above []seqRange
 		last  uint64 // last seq seen in the log, for the order check
 	}
 	acks := make(map[*slotMem]*ackState)
@@ -66,15 +66,14 @@ func rebuild(tx *bbolt.Tx, mem *memIndex) (rebuildResult, error) {
 				finding("group %s: slot %d: watermark %d above counter %d", g, c.d, c.acked, c.counter)
 			}
 			st := &ackState{acked: c.acked}
-			for _, seq := range c.above {
-				if seq <= c.acked || seq > c.counter {
-					finding("group %s: slot %d: acked seq %d outside (%d, %d]", g, c.d, seq, c.acked, c.counter)
+			prev := c.acked
+			for _, r := range c.above {
+				if r.lo <= prev || r.hi < r.lo || r.hi > c.counter {
+					finding("group %s: slot %d: acked range %d-%d outside (%d, %d] or out of order", g, c.d, r.lo, r.hi, prev, c.counter)
 				}
-				if st.above == nil {
-					st.above = make(map[uint64]bool, len(c.above))
-				}
-				st.above[seq] = true
+				prev = r.hi
 			}
+			st.above = c.above
 			s.counter = c.counter
 			acks[s] = st
 		}
@@ -120,7 +119,7 @@ func rebuild(tx *bbolt.Tx, mem *memIndex) (rebuildResult, error) {
 			if seq <= st.acked {
 				continue
 			}
-			if st.above[seq] {
+			if inRanges(st.above, seq) {
 				// Acked out of order while an earlier entry is not: keep
 				// it in the deque, marked, so the slot's next cursor
 				// record still lists it.
@@ -142,6 +141,7 @@ func rebuild(tx *bbolt.Tx, mem *memIndex) (rebuildResult, error) {
 	for _, gm := range mem.groups {
 		for _, s := range gm.slots {
 			s.popAcked()
+			s.rebuildRanges()
 		}
 	}
 	res.nextLSN = max(lb.Sequence(), lastKey) + 1

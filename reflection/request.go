@@ -117,11 +117,8 @@ func (db *DB) Ack(g GroupID, d DeviceID, seq uint64, done func(error)) {
 	m.mu.Lock()
 	if s := m.slot(g, d); s != nil {
 		if i := s.find(seq); i >= 0 && !s.q[i].acked {
-			e := &s.q[i]
-			e.acked = true
-			s.length--
-			s.bytes -= int64(e.size)
-			m.unref(e.lsn)
+			s.ack(i)
+			m.unref(s.q[i].lsn)
 			s.popAcked()
 			m.dirty[g] = struct{}{}
 		}
