@@ -152,11 +152,13 @@ func offlineErr(path string, err error) error {
 func dbCheck(args []string) error {
 	path, jsonOut, err := offlineFlags("db check",
 		"Checks the stopped server's database: bbolt's page-level check, then every\n"+
-			"slot, queue and counter. Exits non-zero if it finds a problem.", args)
+			"slot, log entry, cursor and counter. Log entries no device needs any more\n"+
+			"are normal after a crash (the next start reclaims them), a problem after a\n"+
+			"clean stop. Exits non-zero if it finds a problem.", args)
 	if err != nil {
 		return err
 	}
-	err = reflection.Check(path)
+	res, err := reflection.CheckReport(path)
 	if errors.Is(err, reflection.ErrLocked) {
 		return offlineErr(path, err)
 	}
@@ -165,11 +167,14 @@ func dbCheck(args []string) error {
 		problems = strings.Split(err.Error(), "\n")
 	}
 	if jsonOut {
-		if err := printJSON(map[string]any{"path": path, "ok": err == nil, "problems": append([]string{}, problems...)}); err != nil {
+		if err := printJSON(map[string]any{"path": path, "ok": err == nil, "problems": append([]string{}, problems...),
+			"schema": res.Schema, "clean": res.Clean, "slots": res.Slots, "log_entries": res.LogEntries,
+			"reclaimable": res.Reclaimable}); err != nil {
 			return err
 		}
 	} else if err == nil {
-		fmt.Fprintf(stdout, "ok: %s is consistent\n", path)
+		fmt.Fprintf(stdout, "ok: %s is consistent (schema %d, %d slots, %d queued log entries, %d reclaimable at the next start)\n",
+			path, res.Schema, res.Slots, res.LogEntries, res.Reclaimable)
 	} else {
 		for _, p := range problems {
 			fmt.Fprintln(stdout, p)
