@@ -103,11 +103,11 @@ func (bt *batchTx) slot(g GroupID, d DeviceID) *bslot {
 	if !ok {
 		s = &bslot{}
 		m := bt.db.mem
-		m.mu.Lock()
+		m.mu.RLock()
 		if ms := m.slot(g, d); ms != nil {
 			s.present, s.born, s.counter, s.length, s.bytes = true, ms.born, ms.counter, ms.length, ms.bytes
 		}
-		m.mu.Unlock()
+		m.mu.RUnlock()
 		bt.slots[k] = s
 	}
 	return s
@@ -139,7 +139,7 @@ func (bt *batchTx) flush() error {
 	}
 	if len(bt.cursors) > 0 {
 		m := bt.db.mem
-		m.mu.Lock()
+		m.mu.RLock()
 		recs := make(map[GroupID][]byte, len(bt.cursors))
 		for g := range bt.cursors {
 			if cs := bt.groupCursors(g); len(cs) > 0 {
@@ -148,7 +148,7 @@ func (bt *batchTx) flush() error {
 				recs[g] = nil
 			}
 		}
-		m.mu.Unlock()
+		m.mu.RUnlock()
 		for g, rec := range recs {
 			var err error
 			if rec == nil {

@@ -89,8 +89,8 @@ func (db *DB) flushDue() bool {
 		return false
 	}
 	m := db.mem
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	if m.workSince.IsZero() {
 		return false
 	}
@@ -101,8 +101,8 @@ func (db *DB) flushDue() bool {
 // flushWait returns how long until the flush is due, if there is work.
 func (db *DB) flushWait() (time.Duration, bool) {
 	m := db.mem
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	if m.workSince.IsZero() {
 		return 0, false
 	}
@@ -299,9 +299,9 @@ func (db *DB) flush(clean bool) error {
 	start := time.Now()
 	fw := db.takeFlush()
 	if clean {
-		db.mem.mu.Lock()
+		db.mem.mu.RLock()
 		fw.clean = len(db.mem.dead) == 0
-		db.mem.mu.Unlock()
+		db.mem.mu.RUnlock()
 	}
 	err := db.bolt.Update(func(tx *bbolt.Tx) error {
 		if err := fw.write(tx); err != nil {
@@ -326,9 +326,9 @@ func (db *DB) flush(clean bool) error {
 // marks the file clean if nothing is left to reclaim.
 func (db *DB) closeFlush() {
 	for range closeReclaimChunks {
-		db.mem.mu.Lock()
+		db.mem.mu.RLock()
 		more := len(db.mem.dead) > db.opts.DeleteChunk
-		db.mem.mu.Unlock()
+		db.mem.mu.RUnlock()
 		if !more {
 			break
 		}

@@ -164,7 +164,9 @@ type groupMem struct {
 }
 
 type memIndex struct {
-	mu     sync.Mutex
+	// mu: readers (QueueStats, ReadQueue, the committer loading a slot)
+	// share it; Ack, publish and taking a flush hold it exclusively.
+	mu     sync.RWMutex
 	groups map[GroupID]*groupMem
 	refs   map[uint64]uint32 // lsn → slots that still need the entry
 	// dead lists log entries nobody needs any more; the committer deletes
@@ -317,7 +319,7 @@ func (m *memIndex) noteWork() {
 
 // reclaimPending reports whether dead log entries wait to be deleted.
 func (db *DB) reclaimPending() bool {
-	db.mem.mu.Lock()
-	defer db.mem.mu.Unlock()
+	db.mem.mu.RLock()
+	defer db.mem.mu.RUnlock()
 	return len(db.mem.dead) > 0
 }

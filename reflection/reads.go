@@ -60,8 +60,8 @@ func readGroupState(tx *bbolt.Tx, g GroupID) (GroupState, error) {
 // made so far.
 func (db *DB) QueueStats(g GroupID, d DeviceID) (QueueStats, bool) {
 	m := db.mem
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	s := m.slot(g, d)
 	if s == nil {
 		return QueueStats{}, false
@@ -84,7 +84,7 @@ func (db *DB) ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entr
 	var wants []want
 	missing := 0
 	m := db.mem
-	m.mu.Lock()
+	m.mu.RLock()
 	if s := m.slot(g, d); s != nil {
 		live := s.live()
 		i, _ := slices.BinarySearchFunc(live, afterSeq+1, func(e qent, seq uint64) int {
@@ -110,7 +110,7 @@ func (db *DB) ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entr
 			wants = append(wants, want{e.seq, e.lsn, rec})
 		}
 	}
-	m.mu.Unlock()
+	m.mu.RUnlock()
 	if missing > 0 {
 		err := db.bolt.View(func(tx *bbolt.Tx) error {
 			lb := tx.Bucket(bucketLog)
