@@ -138,7 +138,7 @@ func waitReclaimed(t testing.TB, db *DB) {
 	deadline := time.Now().Add(20 * time.Second)
 	for db.reclaimPending() {
 		if time.Now().After(deadline) {
-			t.Fatal("trash not emptied")
+			t.Fatal("dead log entries not reclaimed")
 		}
 		time.Sleep(2 * time.Millisecond)
 	}

@@ -83,8 +83,8 @@ func TestChunkedDeleteDoesNotStallOtherGroups(t *testing.T) {
 	}
 }
 
-// Deleting dropped queues continues after a restart.
-func TestTrashResumesAfterRestart(t *testing.T) {
+// Reclaiming dropped and purged queues continues after a restart.
+func TestReclaimResumesAfterRestart(t *testing.T) {
 	path := dbPath(t)
 	db := openAt(t, path, Options{DeleteChunk: 100})
 	paused := func(batch int) error {
@@ -101,7 +101,7 @@ func TestTrashResumesAfterRestart(t *testing.T) {
 	mustDo(t, func(done func(error)) { db.PurgeQueue(g, 3, done) })
 	wantStats(t, db, g, 3, QueueStats{NextSeq: 1001})
 	if !db.reclaimPending() {
-		t.Fatal("nothing in the trash")
+		t.Fatal("nothing to reclaim")
 	}
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
@@ -109,7 +109,7 @@ func TestTrashResumesAfterRestart(t *testing.T) {
 
 	db = openAt(t, path, Options{DeleteChunk: 100})
 	if !db.reclaimPending() {
-		t.Fatal("trash not noticed at Open")
+		t.Fatal("dead entries not found at Open")
 	}
 	waitReclaimed(t, db)
 	// PurgeQueue kept the counter.
