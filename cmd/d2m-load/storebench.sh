@@ -9,6 +9,10 @@
 #
 #   BIN=/tmp/sv2bin cmd/d2m-load/storebench.sh             # rate 1000, 5000 and pipeline 8
 #   RUNS="rate:1000" BIN=/tmp/sv2bin cmd/d2m-load/storebench.sh
+#   CURVE=1 LABEL=v2 BIN=/tmp/sv2bin cmd/d2m-load/storebench.sh
+#       latency against offered rate (1k, 2k, 5k, 10k, 20k/s and
+#       --pipeline 8) for 100 and 1000 groups; draws $OUT/curve.svg with
+#       `d2m-load curve` (several outputs can be drawn together the same way)
 #
 # Only the server this script started is stopped, by PID.
 set -euo pipefail
@@ -29,6 +33,16 @@ stop_server() {
 	fi
 }
 trap stop_server EXIT
+if [ "${CURVE:-0}" = 1 ]; then
+	specs=()
+	for g in 100 1000; do
+		mkdir -p "$OUT/g$g"
+		OUT="$OUT/g$g" GROUPS_N=$g CURVE=0 RUNS="rate:1000 rate:2000 rate:5000 rate:10000 rate:20000 pipeline:8" "$0"
+		specs+=("${LABEL:-} $g groups=$(ls "$OUT/g$g"/*.json | paste -sd,)")
+	done
+	"$BIN/d2m-load" curve "$OUT/curve.svg" "${specs[@]}"
+	exit 0
+fi
 wbytes() { awk '/^write_bytes/ {print $2}' /proc/$1/io; }
 cpu() { awk '{print $14 + $15}' /proc/$1/stat; } # utime + stime, clock ticks (100/s)
 echo "# bin=$BIN out=$OUT load=$(cut -d' ' -f1-3 /proc/loadavg)"
