@@ -135,6 +135,9 @@ type Store interface {
 	SetSharedDeviceData(g GroupID, data []byte, done func(error))
 	Append(r AppendRequest, done func(AppendResult, error))
 	ReleaseHeld(g GroupID, sender DeviceID, done func(AppendResult, error))
+	// Ack removes an entry. It takes effect for QueueStats and ReadQueue
+	// before it returns; the engine may persist it later (done then fires
+	// once it is durable), because losing an ack only re-delivers.
 	Ack(g GroupID, d DeviceID, seq uint64, done func(error))
 	PurgeQueue(g GroupID, d DeviceID, done func(error))
 	PruneTombstones(olderThan int64, done func(error))
