@@ -75,6 +75,7 @@ func writeCurve(out string, specs []string) error {
 	p.Add(plotter.NewGrid())
 	p.Legend.Top = true
 	p.Legend.Left = true
+	var maxX, minY, maxY float64 = 0, math.Inf(1), 0
 	for i, spec := range specs {
 		label, files, ok := strings.Cut(spec, "=")
 		if !ok {
@@ -96,6 +97,7 @@ func writeCurve(out string, specs []string) error {
 			xy := make(plotter.XYs, len(pts))
 			for k, pt := range pts {
 				xy[k] = plotter.XY{X: pt.rate, Y: math.Max(q.v(pt), 0.01)}
+				maxX, minY, maxY = max(maxX, xy[k].X), min(minY, xy[k].Y), max(maxY, xy[k].Y)
 			}
 			l, s, err := plotter.NewLinePoints(xy)
 			if err != nil {
@@ -112,5 +114,17 @@ func writeCurve(out string, specs []string) error {
 			p.Legend.Add(label+" "+q.name, l, s)
 		}
 	}
-	return p.Save(9*vg.Inch, 5.5*vg.Inch, out)
+	// Room above the data for the legend (log axis), round x ticks.
+	p.Y.Min, p.Y.Max = minY/2, maxY*math.Pow(10, 0.4*float64(len(specs)))
+	p.X.Min = 0
+	var ticks []plot.Tick
+	step := 5000.0
+	if maxX < 10000 {
+		step = 1000
+	}
+	for x := 0.0; x <= maxX*1.05; x += step {
+		ticks = append(ticks, plot.Tick{Value: x, Label: fmt.Sprintf("%.0f", x)})
+	}
+	p.X.Tick.Marker = plot.ConstantTicks(ticks)
+	return p.Save(9*vg.Inch, 6*vg.Inch, out)
 }
