@@ -204,7 +204,7 @@ func nextGroups(tx *bbolt.Tx, from []byte, n int) []GroupID {
 		} else {
 			k, _ = c.Seek(from)
 		}
-		for found := 0; k != nil && len(k) >= 32 && found < n; found++ {
+		for found := 0; len(k) >= 32 && found < n; found++ {
 			g := GroupID(k[:32])
 			ids = append(ids, g)
 			next := nextPrefix(g[:])

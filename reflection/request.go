@@ -17,8 +17,7 @@ const (
 type request struct {
 	op        opKind
 	g         GroupID
-	d         DeviceID // slot, sender (ReleaseHeld) or acking device
-	seq       uint64
+	d         DeviceID // slot or sender (ReleaseHeld)
 	slot      Slot
 	tomb      *Tombstone
 	data      []byte
