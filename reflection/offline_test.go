@@ -132,3 +132,55 @@ func TestCheckFindsSchemaProblems(t *testing.T) {
 		t.Fatal("Check of a missing file succeeded")
 	}
 }
+
+// A log entry no slot needs is normal after a crash (Open reclaims it) but
+// a leak after a clean close.
+func TestCheckLeakedAfterCleanClose(t *testing.T) {
+	path := dbPath(t)
+	db := openAt(t, path, Options{})
+	g := gid(64)
+	putSlots(t, db, g, 1, 2)
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := CheckReport(path)
+	if err != nil || !res.Clean || res.Slots != 2 {
+		t.Fatalf("clean file: %+v %v", res, err)
+	}
+	dead := encodeLog(1, g, 1, []Delivery{{DeviceID: 9, Seq: 1}}, []byte("x")) // slot 9 does not exist
+	put := func(clean bool) {
+		b, err := bbolt.Open(path, 0o600, boltOptions(Options{}, false))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = b.Update(func(tx *bbolt.Tx) error {
+			if !clean {
+				return tx.Bucket(bucketMeta).Delete(keyClean)
+			}
+			return tx.Bucket(bucketLog).Put(u64key(1000), dead)
+		})
+		if cerr := b.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(true)
+	if err := Check(path); err == nil || !strings.Contains(err.Error(), "1 leaked log entries") {
+		t.Fatalf("Check after a clean close with a dead entry: %v", err)
+	}
+	put(false) // as a crash leaves it
+	res, err = CheckReport(path)
+	if err != nil || res.Reclaimable != 1 {
+		t.Fatalf("after a crash: %+v %v", res, err)
+	}
+	db = openAt(t, path, Options{})
+	waitReclaimed(t, db)
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := CheckReport(path); err != nil || res.Reclaimable != 0 || !res.Clean {
+		t.Fatalf("after Open reclaimed it: %+v %v", res, err)
+	}
+}
