@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: bench-smoke all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full crashtest deploy-check clean
+.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke crashtest deploy-check clean
 
 all: build
 
@@ -70,6 +70,9 @@ bench: ## short benchmark run: Go benchmarks + every d2m-load scenario (<5 min)
 
 bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
 	FULL=1 cmd/d2m-load/bench.sh
+
+bench-store: build ## reflection-store figures: ReflectAck latency, CPU, commits, bytes per reflect (~2 min)
+	BIN=$(BIN) cmd/d2m-load/storebench.sh
 
 crashtest: ## long SIGKILL crash loop, then 50 power cuts (needs FUSE: root and /dev/fuse)
 	CRASH_ITERATIONS=200 $(GO) test -count=1 -timeout=60m -run 'TestCrashLoop' ./integration/

@@ -1,43 +1,77 @@
 package reflection
 
 import (
+	"bytes"
 	"fmt"
+	"slices"
 
 	"go.etcd.io/bbolt"
 )
 
 // batchTx applies requests inside one bbolt write transaction. It keeps the
-// batch's view of queue meta and tombstones in its own maps and only hands
-// them to the shared in-memory state in publish, which runs after the
-// commit succeeded; a failed commit just drops the batchTx.
+// batch's view of every slot it touches in its own overlay (bslot) and only
+// hands it to the in-memory index in publish, which runs after the commit
+// succeeded; a failed commit just drops the batchTx.
 type batchTx struct {
 	db  *DB
 	tx  *bbolt.Tx
 	now int64 // unix ms, one value per batch: "storage time" of every copy
 
-	queues        map[queueKey]*batchQueue
-	tombTouched   map[GroupID]bool
-	tombMin       map[GroupID]int64 // computed in flush; 0 = no tombstones left
-	groupsTouched map[GroupID]bool  // candidates for removing an empty group
-	trashed       int
+	slots   map[slotRef]*bslot
+	cursors map[GroupID]bool // groups whose cursor record is rewritten in flush
+	logs    []stagedLog
+	nextLSN uint64
+
+	tombTouched map[GroupID]bool
+	tombMin     map[GroupID]int64 // computed in flush; 0 = no tombstones left
+
+	slotsB, tombsB, sharedB, heldB, cursorsB, logB *bbolt.Bucket
 }
 
-// batchQueue is a queue's state within the batch; dirty ones are written to
-// qmeta in flush (once per batch, not once per reflection).
-type batchQueue struct {
-	queueChange
-	dirty bool
+type slotRef struct {
+	g GroupID
+	d DeviceID
+}
+
+// bslot is one slot's state within the batch.
+type bslot struct {
+	present bool // the slot exists at this point of the batch
+	// reset: the committed queue is gone (slot dropped, purged or created
+	// again); publish releases its entries. The new queue is appended.
+	reset    bool
+	born     uint64
+	counter  uint64
+	length   int   // for the limits: committed (as loaded) + appended
+	bytes    int64 // likewise
+	appended []qent
+}
+
+type stagedLog struct {
+	lsn uint64
+	rec []byte
 }
 
 func newBatchTx(db *DB, now int64) *batchTx {
 	return &batchTx{
-		db:            db,
-		now:           now,
-		queues:        make(map[queueKey]*batchQueue),
-		tombTouched:   make(map[GroupID]bool),
-		tombMin:       make(map[GroupID]int64),
-		groupsTouched: make(map[GroupID]bool),
+		db:          db,
+		now:         now,
+		slots:       make(map[slotRef]*bslot),
+		cursors:     make(map[GroupID]bool),
+		nextLSN:     db.nextLSN,
+		tombTouched: make(map[GroupID]bool),
+		tombMin:     make(map[GroupID]int64),
 	}
+}
+
+func (bt *batchTx) begin(tx *bbolt.Tx) {
+	bt.tx = tx
+	bt.slotsB = tx.Bucket(bucketSlots)
+	bt.tombsB = tx.Bucket(bucketTombs)
+	bt.sharedB = tx.Bucket(bucketShared)
+	bt.heldB = tx.Bucket(bucketHeld)
+	bt.cursorsB = tx.Bucket(bucketCursors)
+	bt.logB = tx.Bucket(bucketLog)
+	bt.logB.FillPercent = logFillPercent
 }
 
 func (bt *batchTx) apply(r *request) error {
@@ -53,8 +87,6 @@ func (bt *batchTx) apply(r *request) error {
 		return bt.append(r)
 	case opReleaseHeld:
 		return bt.releaseHeld(r)
-	case opAck:
-		return bt.ack(r.g, r.d, r.seq)
 	case opPurgeQueue:
 		return bt.purgeQueue(r.g, r.d)
 	case opPruneTombstones:
@@ -63,138 +95,179 @@ func (bt *batchTx) apply(r *request) error {
 	return fmt.Errorf("reflection: unknown request kind %d", r.op)
 }
 
-func (bt *batchTx) group(g GroupID, create bool) (*bbolt.Bucket, error) {
-	root := bt.tx.Bucket(bucketGroups)
-	if !create {
-		return root.Bucket(g[:]), nil
-	}
-	gb, err := root.CreateBucketIfNotExists(g[:])
-	if err != nil {
-		return nil, fmt.Errorf("reflection: group %s: %w", g, err)
-	}
-	return gb, nil
-}
-
-func sub(gb *bbolt.Bucket, name []byte, create bool) (*bbolt.Bucket, error) {
-	if gb == nil {
-		return nil, nil
-	}
-	if !create {
-		return gb.Bucket(name), nil
-	}
-	b, err := gb.CreateBucketIfNotExists(name)
-	if err != nil {
-		return nil, fmt.Errorf("reflection: bucket %s: %w", name, err)
-	}
-	return b, nil
-}
-
-func (bt *batchTx) queueBucket(g GroupID, d DeviceID, m queueMeta) (*bbolt.Bucket, error) {
-	qb := bt.tx.Bucket(bucketQueues).Bucket(queueName(g, d, m.incarnation))
-	if qb == nil {
-		return nil, fmt.Errorf("reflection: group %s device %d: queue bucket %d missing", g, d, m.incarnation)
-	}
-	qb.FillPercent = queueFillPercent
-	return qb, nil
-}
-
-// queue returns the batch's state of d's queue, loading it from the index
-// (which equals the disk as of the last commit) on first use.
-func (bt *batchTx) queue(g GroupID, d DeviceID) *batchQueue {
-	k := queueKey{g, d}
-	q, ok := bt.queues[k]
+// slot returns the batch's state of a slot, loading it from the index
+// (which equals the disk as of the last commit, plus acks) on first use.
+func (bt *batchTx) slot(g GroupID, d DeviceID) *bslot {
+	k := slotRef{g, d}
+	s, ok := bt.slots[k]
 	if !ok {
-		m, present := bt.db.index.lookup(k)
-		q = &batchQueue{queueChange: queueChange{meta: m, present: present}}
-		bt.queues[k] = q
+		s = &bslot{}
+		m := bt.db.mem
+		m.mu.RLock()
+		if ms := m.slot(g, d); ms != nil {
+			s.present, s.born, s.counter, s.length, s.bytes = true, ms.born, ms.counter, ms.length, ms.bytes
+		}
+		m.mu.RUnlock()
+		bt.slots[k] = s
 	}
-	return q
+	return s
 }
 
 // recipients lists the slots of the group other than sender, in id order,
 // as they exist in this transaction: that is what makes fan-out ordered
 // exactly like PutSlot/DeleteSlot in submission order.
-func recipients(gb *bbolt.Bucket, sender DeviceID) []DeviceID {
-	slots := gb.Bucket(bucketSlots)
-	if slots == nil {
-		return nil
-	}
+func (bt *batchTx) recipients(g GroupID, sender DeviceID) []DeviceID {
 	var out []DeviceID
-	c := slots.Cursor()
-	for k, _ := c.First(); k != nil; k, _ = c.Next() {
-		if d := DeviceID(beUint64(k)); d != sender {
+	c := bt.slotsB.Cursor()
+	for k, _ := c.Seek(g[:]); k != nil && bytes.HasPrefix(k, g[:]); k, _ = c.Next() {
+		if d := DeviceID(beUint64(k[32:])); d != sender {
 			out = append(out, d)
 		}
 	}
 	return out
 }
 
-// flush writes what the batch kept in memory: dirty queue meta (once per
-// queue per batch), and removes groups left with nothing in them.
+// flush writes what the batch kept in memory: the log sequence, the cursor
+// records of the groups whose slots were created, dropped, purged or
+// advanced by an ephemeral reflection (appends do not write cursors: Open
+// recovers counters from the log), and the tombstone bookkeeping.
 func (bt *batchTx) flush() error {
-	qm := bt.tx.Bucket(bucketQMeta)
-	for k, q := range bt.queues {
-		if !q.dirty || !q.present {
-			continue // removed queues had their meta deleted in removeSlot
+	if bt.nextLSN != bt.db.nextLSN {
+		if err := bt.logB.SetSequence(bt.nextLSN - 1); err != nil {
+			return fmt.Errorf("reflection: log sequence: %w", err)
 		}
-		if err := qm.Put(qmetaKey(k.g, k.d), q.meta.encode()); err != nil {
-			return fmt.Errorf("reflection: put queue meta %s/%d: %w", k.g, k.d, err)
+	}
+	if len(bt.cursors) > 0 {
+		m := bt.db.mem
+		m.mu.RLock()
+		recs := make(map[GroupID][]byte, len(bt.cursors))
+		for g := range bt.cursors {
+			if cs := bt.groupCursors(g); len(cs) > 0 {
+				recs[g] = encodeCursors(cs)
+			} else {
+				recs[g] = nil
+			}
+		}
+		m.mu.RUnlock()
+		for g, rec := range recs {
+			var err error
+			if rec == nil {
+				err = bt.cursorsB.Delete(g[:])
+			} else {
+				err = bt.cursorsB.Put(g[:], rec)
+			}
+			if err != nil {
+				return fmt.Errorf("reflection: cursors %s: %w", g, err)
+			}
 		}
 	}
 	for g := range bt.tombTouched {
-		gb, _ := bt.group(g, false)
-		minAt, err := oldestTombstone(gb)
+		minAt, err := bt.oldestTombstone(g)
 		if err != nil {
-			return fmt.Errorf("reflection: group %s: %w", g, err)
+			return err
 		}
 		bt.tombMin[g] = minAt
-	}
-	for g := range bt.groupsTouched {
-		gb, _ := bt.group(g, false)
-		if gb == nil || !groupEmpty(gb) {
-			continue
-		}
-		if err := bt.tx.Bucket(bucketGroups).DeleteBucket(g[:]); err != nil {
-			return fmt.Errorf("reflection: delete empty group %s: %w", g, err)
-		}
 	}
 	return nil
 }
 
-// publish hands the committed batch's changes to the shared in-memory
-// state. Called only after a successful commit.
-func (bt *batchTx) publish() {
-	changes := make(map[queueKey]*queueChange, len(bt.queues))
-	for k, q := range bt.queues {
-		if q.dirty {
-			changes[k] = &q.queueChange
+// groupCursors is the group's cursor record after this batch: committed
+// state and acks from memory, overlaid with the batch. Caller holds mem.mu.
+func (bt *batchTx) groupCursors(g GroupID) []slotCursor {
+	var out []slotCursor
+	c := bt.slotsB.Cursor()
+	for k, _ := c.Seek(g[:]); k != nil && bytes.HasPrefix(k, g[:]); k, _ = c.Next() {
+		d := DeviceID(beUint64(k[32:]))
+		ms := bt.db.mem.slot(g, d)
+		bs := bt.slots[slotRef{g, d}]
+		switch {
+		case bs == nil && ms != nil:
+			out = append(out, ms.cursor(d))
+		case bs != nil:
+			cur := slotCursor{d: d, counter: bs.counter}
+			// The watermark is just below the first unacked entry: in
+			// the committed queue unless reset, else in the batch's.
+			first := uint64(0)
+			if !bs.reset && ms != nil {
+				cur.above = slices.Clone(ms.above)
+				if ms.head < len(ms.q) {
+					first = ms.q[ms.head].seq
+				}
+			}
+			if first == 0 && len(bs.appended) > 0 {
+				first = bs.appended[0].seq
+			}
+			if first != 0 {
+				cur.acked = first - 1
+			} else {
+				cur.acked = bs.counter
+			}
+			out = append(out, cur)
 		}
 	}
-	bt.db.index.publish(changes)
+	return out
+}
+
+// publish hands the committed batch's changes to the in-memory index.
+// Called only after a successful commit.
+func (bt *batchTx) publish() {
+	db := bt.db
+	db.nextLSN = bt.nextLSN
+	m := db.mem
+	m.mu.Lock()
+	fresh := make(map[uint64]uint32, len(bt.logs))
+	for k, bs := range bt.slots {
+		ms := m.slot(k.g, k.d)
+		if ms != nil && (bs.reset || !bs.present) {
+			m.release(ms)
+		}
+		if !bs.present {
+			if ms != nil {
+				m.deleteSlot(k.g, k.d)
+			}
+			continue
+		}
+		if ms == nil || bs.reset {
+			ms = &slotMem{born: bs.born}
+			m.setSlot(k.g, k.d, ms)
+		}
+		ms.counter = bs.counter
+		for _, e := range bs.appended {
+			ms.q = append(ms.q, e)
+			ms.length++
+			ms.bytes += int64(e.size)
+			fresh[e.lsn]++
+		}
+	}
+	for _, l := range bt.logs {
+		if n := fresh[l.lsn]; n > 0 {
+			m.refs[l.lsn] = n
+			m.cache.add(l.lsn, l.rec)
+		} else {
+			// Written, but every recipient was dropped or purged later
+			// in the same batch.
+			m.dead = append(m.dead, l.lsn)
+			m.noteWork()
+		}
+	}
+	m.mu.Unlock()
 	for g, minAt := range bt.tombMin {
 		if minAt == 0 {
-			delete(bt.db.tombMin, g)
+			delete(db.tombMin, g)
 		} else {
-			bt.db.tombMin[g] = minAt
+			db.tombMin[g] = minAt
 		}
-	}
-	if bt.trashed > 0 {
-		bt.db.setTrashPending(true)
 	}
 }
 
 // oldestTombstone returns the smallest At in the group, 0 if none.
-func oldestTombstone(gb *bbolt.Bucket) (int64, error) {
-	tombs, _ := sub(gb, bucketTombs, false)
-	if tombs == nil {
-		return 0, nil
-	}
+func (bt *batchTx) oldestTombstone(g GroupID) (int64, error) {
 	var minAt int64
-	c := tombs.Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
+	c := bt.tombsB.Cursor()
+	for k, v := c.Seek(g[:]); k != nil && bytes.HasPrefix(k, g[:]); k, v = c.Next() {
 		t, err := decodeTombstone(k, v)
 		if err != nil {
-			return 0, err
+			return 0, fmt.Errorf("reflection: group %s: %w", g, err)
 		}
 		// At 0 would read as "none": clamp, it is older than anything anyway.
 		at := max(t.At, 1)
@@ -203,17 +276,4 @@ func oldestTombstone(gb *bbolt.Bucket) (int64, error) {
 		}
 	}
 	return minAt, nil
-}
-
-// groupEmpty: no slots, tombstones, held reflections or shared data. Such a
-// group is indistinguishable from an unknown one, so its bucket goes.
-func groupEmpty(gb *bbolt.Bucket) bool {
-	for _, name := range [][]byte{bucketSlots, bucketTombs, bucketHeld} {
-		if b := gb.Bucket(name); b != nil {
-			if k, _ := b.Cursor().First(); k != nil {
-				return false
-			}
-		}
-	}
-	return gb.Get(keyShared) == nil
 }

@@ -13,41 +13,59 @@ import (
 // commit, small enough to bound one transaction's memory and latency.
 const maxBatch = 4096
 
+// closeReclaimChunks bounds how many reclaim commits Close spends on dead
+// log entries before it gives up and leaves the rest to the next Open.
+const closeReclaimChunks = 64
+
 // errRequestFailed aborts a transaction because one request could not be
 // applied; commitBatch then re-runs the batch without it.
 var errRequestFailed = errors.New("reflection: request failed")
 
 // run is the committer: the only goroutine that writes to bbolt. It blocks
 // for work, drains everything already queued (up to maxBatch) without
-// waiting, commits it in one db.Update, completes the requests in FIFO
-// order, and between batches deletes one chunk of dropped queues. There is
-// deliberately no timer (unlike bbolt's Batch, whose 10 ms timer dominated
-// latency at low load, measurements.md §0): the next batch is simply what
-// arrived during the previous fsync.
+// waiting, commits it in one db.Update, and completes the requests in FIFO
+// order. There is deliberately no timer for writes (unlike bbolt's Batch,
+// whose 10 ms timer dominated latency at low load, measurements.md §0): the
+// next batch is simply what arrived during the previous fsync.
+//
+// The one timer is the lazy flush of acks (and reclaiming of dead log
+// entries): once due, it rides along with the next batch's commit, or, if
+// the committer is idle, gets a commit of its own. So a commit is never
+// spent on acks alone while reflections are arriving.
 func (db *DB) run() {
 	defer close(db.stopped)
 	var batch []*request
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
 	for {
 		var closing bool
 		batch, closing = db.take(batch[:0])
 		if len(batch) > 0 {
-			db.commitBatch(batch)
+			db.commitBatch(batch, db.flushDue())
 			clear(batch) // drop references to finished requests
-		}
-		if db.trashPending.Load() && !closing {
-			if err := db.collectTrash(); err == nil {
-				continue
-			}
-			// On error fall through: retry when more work arrives rather
-			// than spinning on a failing disk.
-		}
-		if len(batch) > 0 {
 			continue
 		}
 		if closing {
+			db.closeFlush()
 			return
 		}
-		<-db.wake
+		if db.flushDue() {
+			if err := db.flush(false); err == nil {
+				continue
+			}
+			// On error wait for more work or the next due time rather
+			// than spinning on a failing disk.
+		}
+		if wait, ok := db.flushWait(); ok {
+			timer.Reset(wait)
+			select {
+			case <-db.wake:
+			case <-timer.C:
+			}
+			timer.Stop()
+		} else {
+			<-db.wake
+		}
 	}
 }
 
@@ -64,21 +82,55 @@ func (db *DB) take(buf []*request) ([]*request, bool) {
 	return buf, db.closed
 }
 
+// flushDue: acks or dead entries have waited AckFlushInterval, or there are
+// AckFlushAcks acks or DeleteChunk dead entries.
+func (db *DB) flushDue() bool {
+	if time.Now().Before(db.flushRetry) {
+		return false
+	}
+	m := db.mem
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.workSince.IsZero() {
+		return false
+	}
+	return m.acks >= db.opts.AckFlushAcks || len(m.dead) >= db.opts.DeleteChunk ||
+		time.Since(m.workSince) >= db.opts.AckFlushInterval
+}
+
+// flushWait returns how long until the flush is due, if there is work.
+func (db *DB) flushWait() (time.Duration, bool) {
+	m := db.mem
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.workSince.IsZero() {
+		return 0, false
+	}
+	return max(db.opts.AckFlushInterval-time.Since(m.workSince), time.Millisecond), true
+}
+
 // commitBatch applies batch in one transaction and completes every request.
+// If withFlush, the due lazy flush (cursors changed by acks, one chunk of
+// dead log entries) rides along in the same transaction.
 //
 // Failed-commit policy: if bbolt's Update fails (write or fsync error, or
 // the test hook), every request of the batch gets the error and nothing in
 // memory changes, because the in-memory index is only published after a
-// successful commit; the committer keeps running, so a later batch may
-// succeed (e.g. once disk space is back). If a single request cannot be
-// applied (a corrupt record), only that request fails: the transaction is
-// rolled back and the batch re-run without it, which is deterministic
-// because apply depends only on the committed state and the batch.
-func (db *DB) commitBatch(batch []*request) {
+// successful commit (the flush's work is put back); the committer keeps
+// running, so a later batch may succeed (e.g. once disk space is back). If
+// a single request cannot be applied (a corrupt record), only that request
+// fails: the transaction is rolled back and the batch re-run without it,
+// which is deterministic because apply depends only on the committed state
+// and the batch.
+func (db *DB) commitBatch(batch []*request, withFlush bool) {
 	db.commitMu.Lock()
 	defer db.commitMu.Unlock()
 	start := time.Now()
 	now := db.opts.Now().UnixMilli()
+	var fw *flushWork
+	if withFlush {
+		fw = db.takeFlush()
+	}
 	var failed map[int]error
 	var bt *batchTx
 	var err error
@@ -86,7 +138,12 @@ func (db *DB) commitBatch(batch []*request) {
 		bt = newBatchTx(db, now)
 		bad, badErr := -1, error(nil)
 		err = db.bolt.Update(func(tx *bbolt.Tx) error {
-			bt.tx = tx
+			bt.begin(tx)
+			if fw != nil {
+				if err := fw.write(tx); err != nil {
+					return err
+				}
+			}
 			for i, r := range batch {
 				if _, skip := failed[i]; skip {
 					continue
@@ -116,6 +173,9 @@ func (db *DB) commitBatch(batch []*request) {
 		err = fmt.Errorf("reflection: commit of %d requests: %w", len(batch), err)
 		db.log.Error().Err(err).Msg("reflection: commit failed")
 	}
+	if fw != nil {
+		db.finishFlush(fw, err)
+	}
 	if db.opts.OnCommit != nil {
 		db.opts.OnCommit(len(batch), time.Since(start), err)
 	}
@@ -129,14 +189,13 @@ func (db *DB) commitBatch(batch []*request) {
 }
 
 // commitDirect applies reqs in one transaction of their own, bypassing the
-// queue: used at Open (before the committer runs) and by the one-Update-
-// per-message benchmark baseline.
+// queue: used at Open (before the committer runs) and by benchmarks.
 func (db *DB) commitDirect(reqs ...*request) error {
 	db.commitMu.Lock()
 	defer db.commitMu.Unlock()
 	bt := newBatchTx(db, db.opts.Now().UnixMilli())
 	err := db.bolt.Update(func(tx *bbolt.Tx) error {
-		bt.tx = tx
+		bt.begin(tx)
 		for _, r := range reqs {
 			if err := bt.apply(r); err != nil {
 				return err
@@ -153,6 +212,140 @@ func (db *DB) commitDirect(reqs ...*request) error {
 		r.complete(err)
 	}
 	return err
+}
+
+// flushWork is one lazy flush taken out of memory: the cursor records of
+// the groups whose acks changed (encoded when taken, so they include every
+// ack that made one of the dead entries dead), up to DeleteChunk dead log
+// entries, and the acks' done callbacks. Rule: a log entry is deleted only
+// in a transaction that also writes the cursors that made it dead, or after
+// one that did (a drop or purge writes its cursor in its own commit).
+type flushWork struct {
+	cursors map[GroupID][]byte
+	dead    []uint64
+	acks    int
+	done    []func(error)
+	clean   bool // also mark the file as cleanly closed
+}
+
+func (db *DB) takeFlush() *flushWork {
+	m := db.mem
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	fw := &flushWork{cursors: make(map[GroupID][]byte, len(m.dirty)), acks: m.acks, done: m.ackDone}
+	for g := range m.dirty {
+		// A group without slots had its cursor record deleted by the
+		// commit that dropped them: nothing to write.
+		if cs := m.cursors(g); cs != nil {
+			fw.cursors[g] = encodeCursors(cs)
+		}
+	}
+	n := min(len(m.dead), db.opts.DeleteChunk)
+	fw.dead = append([]uint64(nil), m.dead[:n]...)
+	m.dead = append(m.dead[:0], m.dead[n:]...)
+	m.dirty = make(map[GroupID]struct{})
+	m.acks, m.ackDone = 0, nil
+	m.workSince = time.Time{}
+	if len(m.dead) > 0 {
+		m.noteWork()
+	}
+	return fw
+}
+
+func (fw *flushWork) write(tx *bbolt.Tx) error {
+	cb := tx.Bucket(bucketCursors)
+	for g, rec := range fw.cursors {
+		if err := cb.Put(g[:], rec); err != nil {
+			return fmt.Errorf("reflection: put cursors %s: %w", g, err)
+		}
+	}
+	lb := tx.Bucket(bucketLog)
+	for _, lsn := range fw.dead {
+		if err := lb.Delete(u64key(lsn)); err != nil {
+			return fmt.Errorf("reflection: delete log entry %d: %w", lsn, err)
+		}
+	}
+	if fw.clean {
+		return tx.Bucket(bucketMeta).Put(keyClean, []byte{1})
+	}
+	return nil
+}
+
+// finishFlush completes the acks of a committed flush, or puts the work
+// back into memory if the commit failed.
+func (db *DB) finishFlush(fw *flushWork, err error) {
+	if err == nil {
+		for _, done := range fw.done {
+			done(nil)
+		}
+		return
+	}
+	m := db.mem
+	m.mu.Lock()
+	for g := range fw.cursors {
+		m.dirty[g] = struct{}{}
+	}
+	m.dead = append(fw.dead, m.dead...)
+	m.acks += fw.acks
+	m.ackDone = append(fw.done, m.ackDone...)
+	m.noteWork()
+	m.mu.Unlock()
+}
+
+// flush commits one lazy flush on its own.
+func (db *DB) flush(clean bool) error {
+	db.commitMu.Lock()
+	defer db.commitMu.Unlock()
+	start := time.Now()
+	fw := db.takeFlush()
+	if clean {
+		db.mem.mu.RLock()
+		fw.clean = len(db.mem.dead) == 0
+		db.mem.mu.RUnlock()
+	}
+	err := db.bolt.Update(func(tx *bbolt.Tx) error {
+		if err := fw.write(tx); err != nil {
+			return err
+		}
+		return db.runTestHook(0)
+	})
+	if err != nil {
+		err = fmt.Errorf("reflection: flush: %w", err)
+		db.log.Error().Err(err).Msg("reflection: writing acks failed")
+		db.flushRetry = time.Now().Add(db.opts.AckFlushInterval)
+	}
+	db.finishFlush(fw, err)
+	if db.opts.OnCommit != nil {
+		db.opts.OnCommit(0, time.Since(start), err)
+	}
+	return err
+}
+
+// closeFlush writes every ack still in memory and reclaims dead entries (a
+// bounded number of chunks) before the committer exits. The last commit
+// marks the file clean if nothing is left to reclaim.
+func (db *DB) closeFlush() {
+	for range closeReclaimChunks {
+		db.mem.mu.RLock()
+		more := len(db.mem.dead) > db.opts.DeleteChunk
+		db.mem.mu.RUnlock()
+		if !more {
+			break
+		}
+		if db.flush(false) != nil {
+			break
+		}
+	}
+	if err := db.flush(true); err != nil {
+		// Fail the acks' callbacks rather than leave them hanging.
+		db.mem.mu.Lock()
+		done := db.mem.ackDone
+		db.mem.ackDone = nil
+		db.mem.mu.Unlock()
+		for _, d := range done {
+			d(err)
+		}
+	}
 }
 
 func (db *DB) runTestHook(batch int) error {

@@ -1,6 +1,7 @@
 package reflection
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -20,17 +21,21 @@ type DB struct {
 	opts Options
 	log  zerolog.Logger
 
-	index *queueIndex
+	mem *memIndex
 	// tombMin maps each group with tombstones to its oldest tombstone's At,
-	// so PruneTombstones visits only those groups. Guarded by commitMu
-	// (in practice only the committer touches it).
-	tombMin      map[GroupID]int64
-	trashPending atomic.Bool // trash/ may hold queues to delete
+	// so PruneTombstones visits only those groups. nextLSN is the next log
+	// position. Both are owned by whoever holds commitMu (the committer;
+	// Open before the committer starts).
+	tombMin map[GroupID]int64
+	nextLSN uint64
+	// flushRetry: after a failed flush, no flush of its own before this
+	// (committer only), so a failing disk is not hammered.
+	flushRetry time.Time
 
 	mu       sync.Mutex // guards pending and closed
 	pending  []*request
 	closed   bool
-	wake     chan struct{} // cap 1: "pending changed"
+	wake     chan struct{} // cap 1: "pending changed" or "acks waiting"
 	stopped  chan struct{} // closed when the committer has exited
 	maxBatch int
 
@@ -47,13 +52,15 @@ type DB struct {
 
 var _ Store = (*DB)(nil)
 
-// Open opens (or creates) the database file, repairs what a crash left
-// behind and starts the committer. Before it returns:
+// Open opens (or creates) the database file, migrates a schema-1 file,
+// rebuilds the in-memory index, repairs what a crash left behind and starts
+// the committer. Before it returns:
 //   - slots still marked connected (the process died while they were) get
 //     ConnectedSince = 0 and LastDisconnectAt = now;
 //   - held reflections left on disk (a crash inside a transaction) are
 //     released into the other slots' queues (§18 row 3);
-//   - queues left in the trash keep being deleted in the background.
+//   - log entries no slot needs any more (acks and drops not yet reclaimed)
+//     are deleted in the background, DeleteChunk per commit.
 //
 // If another process holds the file, Open fails after about a second with
 // an error wrapping ErrLocked instead of hanging.
@@ -73,7 +80,7 @@ func Open(path string, opts Options) (*DB, error) {
 		bolt:     b,
 		opts:     opts,
 		log:      opts.Logger,
-		index:    newQueueIndex(),
+		mem:      newMemIndex(opts.CacheBytes),
 		tombMin:  make(map[GroupID]int64),
 		wake:     make(chan struct{}, 1),
 		stopped:  make(chan struct{}),
@@ -101,63 +108,73 @@ func boltOptions(opts Options, readOnly bool) *bbolt.Options {
 }
 
 func (db *DB) prepare() error {
+	if err := migrate(db.bolt, db.opts, db.log); err != nil {
+		return err
+	}
 	if err := db.bolt.Update(initSchema); err != nil {
 		return err
 	}
-	if err := db.loadIndex(); err != nil {
+	var res rebuildResult
+	err := db.bolt.View(func(tx *bbolt.Tx) error {
+		var err error
+		if res, err = rebuild(tx, db.mem); err != nil {
+			return err
+		}
+		return loadTombMin(tx, db.tombMin)
+	})
+	if err != nil {
 		return err
+	}
+	for _, f := range res.findings {
+		db.log.Warn().Err(f).Msg("reflection: inconsistency found while loading (see mediator db check)")
+	}
+	db.nextLSN = res.nextLSN
+	if n := len(db.mem.dead); n > 0 {
+		db.mem.noteWork()
+		db.log.Info().Int("entries", n).Msg("reflection: reclaiming log entries left by the last run")
 	}
 	return db.recover()
 }
 
+// initSchema creates the buckets of a new file and checks an existing
+// one's version. It also removes the clean-shutdown mark: from now on the
+// file may be left by a crash.
 func initSchema(tx *bbolt.Tx) error {
-	for _, name := range [][]byte{bucketMeta, bucketGroups, bucketQMeta, bucketQueues, bucketTrash} {
+	for _, name := range rootBuckets {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return fmt.Errorf("reflection: create bucket %s: %w", name, err)
 		}
 	}
 	meta := tx.Bucket(bucketMeta)
-	v := meta.Get(keySchema)
-	if v == nil {
-		return meta.Put(keySchema, u32bytes(schemaVersion))
-	}
-	if len(v) != 4 || beUint32(v) != schemaVersion {
+	if v := meta.Get(keySchema); v == nil {
+		if err := meta.Put(keySchema, u32bytes(schemaVersion)); err != nil {
+			return err
+		}
+	} else if len(v) != 4 || beUint32(v) != schemaVersion {
 		return fmt.Errorf("reflection: unsupported schema version %x (want %d)", v, schemaVersion)
+	}
+	if meta.Get(keyClean) != nil {
+		return meta.Delete(keyClean)
 	}
 	return nil
 }
 
-// loadIndex rebuilds the in-memory queue index and tombstone map from the
-// persisted queue meta and the tombstones; no queue is read.
-func (db *DB) loadIndex() error {
-	return db.bolt.View(func(tx *bbolt.Tx) error {
-		c := tx.Bucket(bucketGroups).Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if v != nil || len(k) != 32 {
-				return fmt.Errorf("reflection: unexpected key %x in groups", k)
-			}
-			g := GroupID(k)
-			minAt, err := oldestTombstone(tx.Bucket(bucketGroups).Bucket(k))
-			if err != nil {
-				return fmt.Errorf("reflection: group %s: %w", g, err)
-			}
-			if minAt != 0 {
-				db.tombMin[g] = minAt
-			}
+// loadTombMin computes the oldest tombstone per group.
+func loadTombMin(tx *bbolt.Tx, into map[GroupID]int64) error {
+	c := tx.Bucket(bucketTombs).Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		t, err := decodeTombstone(k, v)
+		if err != nil || len(k) != 40 {
+			return fmt.Errorf("reflection: tombstone %x: %v", k, err)
 		}
-		qc := tx.Bucket(bucketQMeta).Cursor()
-		for k, v := qc.First(); k != nil; k, v = qc.Next() {
-			m, err := decodeQueueMeta(v)
-			if err != nil || len(k) != 40 {
-				return fmt.Errorf("reflection: queue meta %x: %w", k, err)
-			}
-			db.index.m[queueKey{GroupID(k[:32]), DeviceID(beUint64(k[32:]))}] = m
+		g := GroupID(k[:32])
+		// At 0 would read as "none": clamp, it is older than anything anyway.
+		at := max(t.At, 1)
+		if m, ok := into[g]; !ok || at < m {
+			into[g] = at
 		}
-		if k, _ := tx.Bucket(bucketTrash).Cursor().First(); k != nil {
-			db.trashPending.Store(true)
-		}
-		return nil
-	})
+	}
+	return nil
 }
 
 // recover marks slots left "connected" by a crash as disconnected and
@@ -166,35 +183,26 @@ func (db *DB) recover() error {
 	now := db.opts.Now().UnixMilli()
 	var reqs []*request
 	err := db.bolt.View(func(tx *bbolt.Tx) error {
-		c := tx.Bucket(bucketGroups).Cursor()
-		for k, _ := c.First(); k != nil; k, _ = c.Next() {
-			g := GroupID(k)
-			gb := tx.Bucket(bucketGroups).Bucket(k)
-			if slots := gb.Bucket(bucketSlots); slots != nil {
-				sc := slots.Cursor()
-				for sk, sv := sc.First(); sk != nil; sk, sv = sc.Next() {
-					s, err := decodeSlot(sk, sv)
-					if err != nil {
-						return fmt.Errorf("reflection: group %s: %w", g, err)
-					}
-					if s.ConnectedSince != 0 {
-						s.ConnectedSince, s.LastDisconnectAt = 0, now
-						reqs = append(reqs, &request{op: opPutSlot, g: g, d: s.DeviceID, slot: s})
-					}
-				}
+		c := tx.Bucket(bucketSlots).Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			g, s, _, err := decodeSlot(k, v)
+			if err != nil {
+				return err
 			}
-			if held := gb.Bucket(bucketHeld); held != nil {
-				var last []byte
-				hc := held.Cursor()
-				for hk, _ := hc.First(); hk != nil; hk, _ = hc.Next() {
-					if len(hk) != 16 {
-						return fmt.Errorf("reflection: group %s: corrupt held key %x", g, hk)
-					}
-					if last == nil || string(hk[:8]) != string(last) {
-						last = append([]byte(nil), hk[:8]...)
-						reqs = append(reqs, &request{op: opReleaseHeld, g: g, d: DeviceID(beUint64(hk))})
-					}
-				}
+			if s.ConnectedSince != 0 {
+				s.ConnectedSince, s.LastDisconnectAt = 0, now
+				reqs = append(reqs, &request{op: opPutSlot, g: g, d: s.DeviceID, slot: s})
+			}
+		}
+		var last []byte
+		hc := tx.Bucket(bucketHeld).Cursor()
+		for k, _ := hc.First(); k != nil; k, _ = hc.Next() {
+			if len(k) != 48 {
+				return fmt.Errorf("reflection: corrupt held key %x", k)
+			}
+			if last == nil || !bytes.Equal(k[:40], last) {
+				last = append(last[:0], k[:40]...)
+				reqs = append(reqs, &request{op: opReleaseHeld, g: GroupID(k[:32]), d: DeviceID(beUint64(k[32:]))})
 			}
 		}
 		return nil
@@ -219,18 +227,16 @@ func (db *DB) recover() error {
 	return nil
 }
 
-// Close completes every write already submitted, stops the committer and
-// closes the file. Later writes fail with ErrClosed. Deleting dropped queues
-// is not finished first: it resumes at the next Open.
+// Close completes every write already submitted, writes the acks not yet
+// on disk, stops the committer and closes the file. Later writes fail with
+// ErrClosed. Reclaiming log entries of a large dropped queue is not
+// finished first: it resumes at the next Open.
 func (db *DB) Close() error {
 	db.closeOnce.Do(func() {
 		db.mu.Lock()
 		db.closed = true
 		db.mu.Unlock()
-		select {
-		case db.wake <- struct{}{}:
-		default:
-		}
+		db.poke()
 		<-db.stopped
 		if err := db.bolt.Close(); err != nil {
 			db.closeErr = fmt.Errorf("reflection: close: %w", err)
@@ -241,3 +247,10 @@ func (db *DB) Close() error {
 
 // Path returns the database file's path.
 func (db *DB) Path() string { return db.bolt.Path() }
+
+func (db *DB) poke() {
+	select {
+	case db.wake <- struct{}{}:
+	default:
+	}
+}

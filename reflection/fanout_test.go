@@ -146,7 +146,7 @@ func TestNewSlotStartsEmpty(t *testing.T) {
 	if es := readAll(t, db, g, 2); len(es) != 0 {
 		t.Fatalf("re-created slot has old entries: %v", seqs(es))
 	}
-	waitTrashEmpty(t, db)
+	waitReclaimed(t, db)
 }
 
 func TestGroupStateAndTombstones(t *testing.T) {

@@ -77,7 +77,7 @@ func releaseSync(t testing.TB, db *DB, g GroupID, sender DeviceID) AppendResult 
 
 func ack(t testing.TB, db *DB, g GroupID, d DeviceID, seq uint64) {
 	t.Helper()
-	mustDo(t, func(done func(error)) { db.Ack(g, d, seq, done) })
+	db.Ack(g, d, seq, nil) // takes effect in memory before it returns
 }
 
 func readAll(t testing.TB, db *DB, g GroupID, d DeviceID) []Entry {
@@ -132,13 +132,13 @@ func envelopesEqual(t testing.TB, es []Entry, want ...string) {
 	}
 }
 
-// waitTrashEmpty waits until the committer has deleted all dropped queues.
-func waitTrashEmpty(t testing.TB, db *DB) {
+// waitReclaimed waits until the committer has deleted every dead log entry.
+func waitReclaimed(t testing.TB, db *DB) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
-	for db.trashPending.Load() {
+	for db.reclaimPending() {
 		if time.Now().After(deadline) {
-			t.Fatal("trash not emptied")
+			t.Fatal("dead log entries not reclaimed")
 		}
 		time.Sleep(2 * time.Millisecond)
 	}

@@ -2,88 +2,81 @@ package reflection
 
 import "encoding/binary"
 
-// Bucket layout (schema version 1). All integers are big-endian so bbolt's
-// byte order is numeric order.
+// Bucket layout (schema version 2). All integers are big-endian so bbolt's
+// byte order is numeric order. Every key of a group's data starts with the
+// 32-byte group id, so one group, and one shard (the groups whose id starts
+// with the same byte), is a contiguous key range in each bucket.
 //
 //	meta/
-//	    "schema"                      → u32 schema version
-//	groups/
-//	    <group id, 32 B>/
-//	        slots/<device u64>        → slot record (codec.go)
-//	        tombs/<device u64>        → reason u8 ‖ at i64
-//	        held/<sender u64 ‖ n u64> → timestamp u64 ‖ envelope (n = held bucket sequence)
-//	        "shared"                  → shared device data (plain key)
-//	qmeta/
-//	    <group ‖ device>              → queue meta: incarnation, last seq, length, bytes (4 × u64)
-//	queues/                           (bucket sequence = last queue incarnation)
-//	    <group ‖ device ‖ incarnation>/
-//	        <seq u64>                 → timestamp u64 ‖ envelope
-//	trash/
-//	    <queue bucket name>           → empty; queues of removed slots, deleted in chunks
+//	    "schema"                         → u32 schema version
+//	    "clean"                          → present iff the last Close left no
+//	                                       unreclaimed log entry (Check)
+//	    "migrating"                      → present while a schema-1 file is
+//	                                       being migrated (migrate.go)
+//	slots/<group ‖ device>               → slot record (codec.go), incl. the log
+//	                                       position at the slot's creation
+//	tombs/<group ‖ device>               → reason u8 ‖ at i64
+//	shared/<group>                       → shared device data
+//	held/<group ‖ sender ‖ n>            → timestamp u64 ‖ envelope
+//	                                       (n = bucket sequence: submission order)
+//	cursors/<group>                      → cursor record: per slot its counter
+//	                                       (last Seq handed out), its ack
+//	                                       watermark and its acks above it
+//	log/<lsn u64>                        → log record: one durable reflection,
+//	                                       its recipients [(device, seq)...] and
+//	                                       the envelope, stored once
+//	                                       (bucket sequence = last lsn assigned)
 //
-// Queue buckets live outside the group so that dropping a slot only moves
-// the name to trash/ in the dropping transaction; the committer deletes the
-// keys later, DeleteChunk per commit, so a 25,000-entry queue never sits in
-// one transaction (Matrix's device_inbox lesson, measurements.md §1.2). The
-// incarnation in the name gives a re-created slot with the same device id a
-// fresh bucket while the old one may still be in the trash.
-//
-// Queue meta is one root bucket rather than part of each group: every
-// reflection updates the meta of its recipients, and in a per-group bucket
-// that dirtied one page per active group per commit. Measured with 1000
-// groups reflecting at once, the root bucket writes fewer pages per message
-// (see bench_test.go). Slots, which change rarely, stay in the group.
-const schemaVersion = 1
+// Why this shape (measured, see BENCHMARKS.md "Reflection store v2"): a
+// batch of appends only adds keys at the right edge of log/, so a commit
+// dirties a few pages however many slots it reaches; schema 1 had a queue
+// bucket and a meta key per slot and dirtied a leaf page per recipient
+// slot. Per-slot queues exist only in memory and are rebuilt at Open by one
+// scan of log/ against cursors/ (db.go). A log entry is deleted when no
+// slot needs it any more (every recipient acked, or was dropped or purged).
+const schemaVersion = 2
 
 var (
-	bucketMeta   = []byte("meta")
-	bucketGroups = []byte("groups")
-	bucketQueues = []byte("queues")
-	bucketQMeta  = []byte("qmeta")
-	bucketTrash  = []byte("trash")
+	bucketMeta    = []byte("meta")
+	bucketSlots   = []byte("slots")
+	bucketTombs   = []byte("tombs")
+	bucketShared  = []byte("shared")
+	bucketHeld    = []byte("held")
+	bucketCursors = []byte("cursors")
+	bucketLog     = []byte("log")
 
-	keySchema = []byte("schema")
-
-	bucketSlots = []byte("slots")
-	bucketTombs = []byte("tombs")
-	bucketHeld  = []byte("held")
-	keyShared   = []byte("shared")
+	keySchema    = []byte("schema")
+	keyClean     = []byte("clean")
+	keyMigrating = []byte("migrating")
 )
 
-// queueFillPercent: queue buckets are append-only at the tail (acks delete
-// at the head), so pages are filled almost completely instead of split in
-// half; measured: 241 MiB instead of 451 MiB for the same data (§3.3).
-const queueFillPercent = 0.9
+// rootBuckets are the buckets of schema 2, created at Open.
+var rootBuckets = [][]byte{bucketMeta, bucketSlots, bucketTombs, bucketShared, bucketHeld, bucketCursors, bucketLog}
 
-const queueNameLen = 32 + 8 + 8
+// logFillPercent: log/ is append-only at the right edge (reclaiming deletes
+// mostly at the left), so pages are filled almost completely instead of
+// split in half.
+const logFillPercent = 0.95
 
-func queueName(g GroupID, d DeviceID, incarnation uint64) []byte {
-	b := make([]byte, queueNameLen)
-	copy(b, g[:])
-	binary.BigEndian.PutUint64(b[32:], uint64(d))
-	binary.BigEndian.PutUint64(b[40:], incarnation)
-	return b
-}
-
-func qmetaKey(g GroupID, d DeviceID) []byte {
+// slotKey is group ‖ device: the key of slots/ and tombs/.
+func slotKey(g GroupID, d DeviceID) []byte {
 	b := make([]byte, 40)
 	copy(b, g[:])
 	binary.BigEndian.PutUint64(b[32:], uint64(d))
 	return b
 }
 
-func u64key(v uint64) []byte {
-	b := make([]byte, 8)
-	binary.BigEndian.PutUint64(b, v)
+func heldKey(g GroupID, sender DeviceID, n uint64) []byte {
+	b := make([]byte, 48)
+	copy(b, g[:])
+	binary.BigEndian.PutUint64(b[32:], uint64(sender))
+	binary.BigEndian.PutUint64(b[40:], n)
 	return b
 }
 
-func deviceKey(d DeviceID) []byte { return u64key(uint64(d)) }
-
-func heldKey(sender DeviceID, n uint64) []byte {
-	b := make([]byte, 16)
-	binary.BigEndian.PutUint64(b, uint64(sender))
-	binary.BigEndian.PutUint64(b[8:], n)
+func u64key(v uint64) []byte {
+	b := make([]byte, 8)
+	binary.BigEndian.PutUint64(b, v)
 	return b
 }
 
@@ -96,3 +89,16 @@ func u32bytes(v uint32) []byte {
 }
 
 func beUint32(b []byte) uint32 { return binary.BigEndian.Uint32(b) }
+
+// nextPrefix returns the smallest key greater than every key starting with
+// p (p must not be all 0xff).
+func nextPrefix(p []byte) []byte {
+	b := append([]byte(nil), p...)
+	for i := len(b) - 1; i >= 0; i-- {
+		b[i]++
+		if b[i] != 0 {
+			return b
+		}
+	}
+	return nil
+}

@@ -53,7 +53,7 @@ func TestQueueLimitByCount(t *testing.T) {
 	}
 	wantStats(t, db, g, 2, QueueStats{NextSeq: 1})
 
-	waitTrashEmpty(t, db)
+	waitReclaimed(t, db)
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -17,17 +17,37 @@ import (
 const maxCheckErrors = 50
 
 // Check runs bbolt's page-level consistency check and then a schema check:
-// record sizes, every slot has queue meta and a queue bucket, the meta's
-// length/bytes/counter match the bucket's contents, and every queue bucket
-// belongs to a slot or to the trash. All problems found (up to 50) are
+// every record decodes; every slot has a cursor and every cursor belongs to
+// a slot; watermarks and acked seqs lie within the slot's counter; each
+// slot's log entries have ascending seqs; every held key is well-formed.
+// Log entries no slot needs any more are expected after a crash (lazy acks,
+// an unfinished slot drop: the next Open reclaims them) but are reported as
+// leaked if the file was closed cleanly. All problems found (up to 50) are
 // returned joined; nil means the file is sound.
 func Check(path string) error {
+	_, err := CheckReport(path)
+	return err
+}
+
+// CheckResult describes a checked file.
+type CheckResult struct {
+	Schema      int
+	Migrating   bool // a schema-1 migration was interrupted; Open finishes it
+	Clean       bool // the last Close left nothing to reclaim
+	Slots       int
+	LogEntries  int // live log entries (needed by at least one slot)
+	Reclaimable int // log entries nobody needs (Open reclaims them)
+}
+
+// CheckReport is Check with a description of the file.
+func CheckReport(path string) (CheckResult, error) {
+	var res CheckResult
 	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("reflection: check: %w", err)
+		return res, fmt.Errorf("reflection: check: %w", err)
 	}
 	b, err := openOffline(path)
 	if err != nil {
-		return err
+		return res, err
 	}
 	defer b.Close()
 	var errs []error
@@ -41,16 +61,16 @@ func Check(path string) error {
 				return nil
 			}
 		}
-		checkSchema(tx, report)
+		checkSchema(tx, &res, report)
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("reflection: check: %w", err)
+		return res, fmt.Errorf("reflection: check: %w", err)
 	}
-	return errors.Join(errs...)
+	return res, errors.Join(errs...)
 }
 
-func checkSchema(tx *bbolt.Tx, report func(error) bool) {
+func checkSchema(tx *bbolt.Tx, res *CheckResult, report func(error) bool) {
 	bad := func(format string, a ...any) bool {
 		return report(fmt.Errorf("reflection: check: "+format, a...))
 	}
@@ -59,146 +79,74 @@ func checkSchema(tx *bbolt.Tx, report func(error) bool) {
 		bad("bucket meta missing")
 		return
 	}
-	if v := meta.Get(keySchema); len(v) != 4 || beUint32(v) != schemaVersion {
-		if !bad("schema version %x, want %d", v, schemaVersion) {
-			return
-		}
+	v := meta.Get(keySchema)
+	if len(v) == 4 {
+		res.Schema = int(beUint32(v))
 	}
-	groups, qmeta := tx.Bucket(bucketGroups), tx.Bucket(bucketQMeta)
-	queues, trash := tx.Bucket(bucketQueues), tx.Bucket(bucketTrash)
-	if groups == nil || qmeta == nil || queues == nil || trash == nil {
-		bad("root bucket missing")
+	res.Migrating = meta.Get(keyMigrating) != nil
+	res.Clean = meta.Get(keyClean) != nil
+	if res.Schema == 1 || res.Migrating {
+		bad("schema %d (migration to %d pending: start the server once to migrate)", res.Schema, schemaVersion)
 		return
 	}
-	slots := make(map[queueKey]bool)
-	c := groups.Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		if v != nil || len(k) != 32 {
-			if !bad("unexpected key %x in groups", k) {
-				return
-			}
-			continue
-		}
-		if !checkGroup(GroupID(k), groups.Bucket(k), slots, bad) {
+	if res.Schema != schemaVersion {
+		bad("schema version %x, want %d", v, schemaVersion)
+		return
+	}
+	for _, name := range rootBuckets {
+		if tx.Bucket(name) == nil {
+			bad("bucket %s missing", name)
 			return
 		}
 	}
-	owned := make(map[string]bool) // queue bucket names referenced by a slot or the trash
-	withMeta := make(map[queueKey]bool)
-	mc := qmeta.Cursor()
-	for k, v := mc.First(); k != nil; k, v = mc.Next() {
-		m, err := decodeQueueMeta(v)
-		if err != nil || len(k) != 40 {
-			if !bad("queue meta %x: %v", k, err) {
-				return
-			}
-			continue
-		}
-		qk := queueKey{GroupID(k[:32]), DeviceID(beUint64(k[32:]))}
-		withMeta[qk] = true
-		if !slots[qk] {
-			if !bad("group %s: queue meta for missing slot %d", qk.g, qk.d) {
-				return
-			}
-		}
-		name := queueName(qk.g, qk.d, m.incarnation)
-		owned[string(name)] = true
-		if !checkQueue(qk.g, qk.d, m, queues.Bucket(name), bad) {
+	mem := newMemIndex(-1)
+	rb, err := rebuild(tx, mem)
+	if err != nil {
+		bad("%v", err)
+		return
+	}
+	for _, f := range rb.findings {
+		if !report(fmt.Errorf("reflection: check: %w", f)) {
 			return
 		}
 	}
-	for qk := range slots {
-		if !withMeta[qk] {
-			if !bad("group %s: slot %d has no queue meta", qk.g, qk.d) {
-				return
-			}
+	for _, gm := range mem.groups {
+		res.Slots += len(gm.slots)
+	}
+	res.LogEntries = rb.entries
+	res.Reclaimable = len(mem.dead)
+	if res.Clean && res.Reclaimable > 0 {
+		if !bad("%d leaked log entries: no slot needs them, yet the file was closed cleanly", res.Reclaimable) {
+			return
 		}
 	}
-	tc := trash.Cursor()
-	for k, _ := tc.First(); k != nil; k, _ = tc.Next() {
-		if len(k) != queueNameLen {
-			if !bad("trash entry %x has the wrong length", k) {
-				return
-			}
-		}
-		owned[string(k)] = true
-	}
-	qc := queues.Cursor()
-	for k, v := qc.First(); k != nil; k, v = qc.Next() {
-		if v != nil || len(k) != queueNameLen {
-			if !bad("unexpected key %x in queues", k) {
-				return
-			}
-			continue
-		}
-		if !owned[string(k)] {
-			if !bad("orphan queue bucket %x (no slot, not in trash)", k) {
-				return
-			}
-		}
-	}
-}
-
-// checkGroup checks the group's records and adds its slots to slots.
-func checkGroup(g GroupID, gb *bbolt.Bucket, slots map[queueKey]bool, bad func(string, ...any) bool) bool {
-	if sb := gb.Bucket(bucketSlots); sb != nil {
-		c := sb.Cursor()
+	for _, name := range [][]byte{bucketTombs, bucketShared} {
+		c := tx.Bucket(name).Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
-			s, err := decodeSlot(k, v)
-			if err != nil {
-				if !bad("group %s: %v", g, err) {
-					return false
+			var err error
+			switch {
+			case string(name) == string(bucketTombs):
+				if len(k) != 40 {
+					err = fmt.Errorf("key of %d bytes", len(k))
+				} else {
+					_, err = decodeTombstone(k, v)
 				}
-				continue
+			case len(k) != 32:
+				err = fmt.Errorf("key of %d bytes", len(k))
 			}
-			slots[queueKey{g, s.DeviceID}] = true
-		}
-	}
-	if tb := gb.Bucket(bucketTombs); tb != nil {
-		c := tb.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if _, err := decodeTombstone(k, v); err != nil {
-				if !bad("group %s: %v", g, err) {
-					return false
-				}
+			if err != nil && !bad("%s %x: %v", name, k, err) {
+				return
 			}
 		}
 	}
-	if hb := gb.Bucket(bucketHeld); hb != nil {
-		c := hb.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if len(k) != 16 || len(v) < entryHeaderLen {
-				if !bad("group %s: corrupt held reflection %x", g, k) {
-					return false
-				}
+	hc := tx.Bucket(bucketHeld).Cursor()
+	for k, v := hc.First(); k != nil; k, v = hc.Next() {
+		if len(k) != 48 || len(v) < entryHeaderLen {
+			if !bad("corrupt held reflection %x", k) {
+				return
 			}
 		}
 	}
-	return true
-}
-
-func checkQueue(g GroupID, d DeviceID, m queueMeta, qb *bbolt.Bucket, bad func(string, ...any) bool) bool {
-	if qb == nil {
-		return bad("group %s: slot %d: queue bucket %d missing", g, d, m.incarnation)
-	}
-	var n, size, last uint64
-	c := qb.Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		if len(k) != 8 || len(v) < entryHeaderLen {
-			if !bad("group %s: slot %d: corrupt entry %x", g, d, k) {
-				return false
-			}
-			continue
-		}
-		n++
-		size += uint64(len(v) - entryHeaderLen)
-		last = beUint64(k)
-	}
-	if n != m.length || size != m.bytes || last > m.lastSeq {
-		return bad("group %s: slot %d: meta says %d entries, %d bytes, last seq %d; bucket has %d, %d, last %d",
-			g, d, m.length, m.bytes, m.lastSeq, n, size, last)
-	}
-	return true
 }
 
 // FileUsage is how much a database file takes, three ways.

@@ -94,7 +94,7 @@ func TestCompactShrinksAndKeepsCounters(t *testing.T) {
 	}
 	db = openAt(t, path, Options{})
 	wantStats(t, db, g, 2, QueueStats{NextSeq: 5001})
-	// New slots get fresh queue buckets: the incarnation sequence survived.
+	// New slots start at seq 1 and see only their own entries.
 	putSlots(t, db, g, 1, 3)
 	res := appendSync(t, db, AppendRequest{Group: g, Sender: 2, Envelope: []byte("z")})
 	if len(res.Delivered) != 2 || res.Delivered[0] != (Delivery{1, 1}) || res.Delivered[1] != (Delivery{3, 1}) {
@@ -125,13 +125,11 @@ func TestCheckFindsSchemaProblems(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = b.Update(func(tx *bbolt.Tx) error {
-		if _, err := tx.Bucket(bucketQueues).CreateBucket(queueName(gid(63), 1, 999)); err != nil {
+		other := gid(63)
+		if err := tx.Bucket(bucketCursors).Put(other[:], encodeCursors([]slotCursor{{d: 1, counter: 3, acked: 5}})); err != nil {
 			return err
 		}
-		qm := tx.Bucket(bucketQMeta)
-		m, _ := decodeQueueMeta(qm.Get(qmetaKey(g, 2)))
-		m.length = 7
-		return qm.Put(qmetaKey(g, 2), m.encode())
+		return tx.Bucket(bucketLog).Put(u64key(1<<40), []byte("not a log record"))
 	})
 	if cerr := b.Close(); err == nil {
 		err = cerr
@@ -140,10 +138,62 @@ func TestCheckFindsSchemaProblems(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = Check(path)
-	if err == nil || !strings.Contains(err.Error(), "orphan queue bucket") || !strings.Contains(err.Error(), "meta says 7 entries") {
+	if err == nil || !strings.Contains(err.Error(), "cursor for missing slot 1") || !strings.Contains(err.Error(), "log entry 1099511627776") {
 		t.Fatalf("Check: %v", err)
 	}
 	if err := Check(filepath.Join(t.TempDir(), "missing.db")); err == nil {
 		t.Fatal("Check of a missing file succeeded")
+	}
+}
+
+// A log entry no slot needs is normal after a crash (Open reclaims it) but
+// a leak after a clean close.
+func TestCheckLeakedAfterCleanClose(t *testing.T) {
+	path := dbPath(t)
+	db := openAt(t, path, Options{})
+	g := gid(64)
+	putSlots(t, db, g, 1, 2)
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := CheckReport(path)
+	if err != nil || !res.Clean || res.Slots != 2 {
+		t.Fatalf("clean file: %+v %v", res, err)
+	}
+	dead := encodeLog(1, g, 1, []Delivery{{DeviceID: 9, Seq: 1}}, []byte("x")) // slot 9 does not exist
+	put := func(clean bool) {
+		b, err := bbolt.Open(path, 0o600, boltOptions(Options{}, false))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = b.Update(func(tx *bbolt.Tx) error {
+			if !clean {
+				return tx.Bucket(bucketMeta).Delete(keyClean)
+			}
+			return tx.Bucket(bucketLog).Put(u64key(1000), dead)
+		})
+		if cerr := b.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(true)
+	if err := Check(path); err == nil || !strings.Contains(err.Error(), "1 leaked log entries") {
+		t.Fatalf("Check after a clean close with a dead entry: %v", err)
+	}
+	put(false) // as a crash leaves it
+	res, err = CheckReport(path)
+	if err != nil || res.Reclaimable != 1 {
+		t.Fatalf("after a crash: %+v %v", res, err)
+	}
+	db = openAt(t, path, Options{})
+	waitReclaimed(t, db)
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := CheckReport(path); err != nil || res.Reclaimable != 0 || !res.Clean {
+		t.Fatalf("after Open reclaimed it: %+v %v", res, err)
 	}
 }

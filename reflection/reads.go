@@ -5,25 +5,24 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 
 	"go.etcd.io/bbolt"
 )
 
-// Reads run in their own short bbolt read transactions, concurrently with
-// the committer, and copy every byte they return: bbolt values are only
-// valid inside the transaction.
+// Reads of group state run in their own short bbolt read transactions,
+// concurrently with the committer, and copy every byte they return: bbolt
+// values are only valid inside the transaction. Queue reads are answered
+// from the in-memory index and, for entries no longer cached, one read
+// transaction over log/.
 
 // Group returns the group's slots (sorted by DeviceID), tombstones and
 // shared device data. An unknown group yields an empty state.
 func (db *DB) Group(g GroupID) (GroupState, error) {
 	var st GroupState
 	err := db.bolt.View(func(tx *bbolt.Tx) error {
-		gb := tx.Bucket(bucketGroups).Bucket(g[:])
-		if gb == nil {
-			return nil
-		}
 		var err error
-		st, err = readGroupState(gb)
+		st, err = readGroupState(tx, g)
 		return err
 	})
 	if err != nil {
@@ -32,73 +31,112 @@ func (db *DB) Group(g GroupID) (GroupState, error) {
 	return st, nil
 }
 
-func readGroupState(gb *bbolt.Bucket) (GroupState, error) {
+func readGroupState(tx *bbolt.Tx, g GroupID) (GroupState, error) {
 	var st GroupState
-	if slots := gb.Bucket(bucketSlots); slots != nil {
-		c := slots.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			s, err := decodeSlot(k, v)
-			if err != nil {
-				return GroupState{}, err
-			}
-			st.Slots = append(st.Slots, s)
+	c := tx.Bucket(bucketSlots).Cursor()
+	for k, v := c.Seek(g[:]); k != nil && bytes.HasPrefix(k, g[:]); k, v = c.Next() {
+		_, s, _, err := decodeSlot(k, v)
+		if err != nil {
+			return GroupState{}, err
 		}
+		st.Slots = append(st.Slots, s)
 	}
-	if tombs := gb.Bucket(bucketTombs); tombs != nil {
-		c := tombs.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			t, err := decodeTombstone(k, v)
-			if err != nil {
-				return GroupState{}, err
-			}
-			st.Tombstones = append(st.Tombstones, t)
+	c = tx.Bucket(bucketTombs).Cursor()
+	for k, v := c.Seek(g[:]); k != nil && bytes.HasPrefix(k, g[:]); k, v = c.Next() {
+		t, err := decodeTombstone(k, v)
+		if err != nil {
+			return GroupState{}, err
 		}
+		st.Tombstones = append(st.Tombstones, t)
 	}
-	if v := gb.Get(keyShared); v != nil {
+	if v := tx.Bucket(bucketShared).Get(g[:]); v != nil {
 		st.SharedDeviceData = append([]byte{}, v...)
 	}
 	return st, nil
 }
 
 // QueueStats answers from the in-memory index: O(1), no disk read, safe
-// for concurrent use. It reflects the last successful commit.
+// for concurrent use. It reflects the last successful commit and every Ack
+// made so far.
 func (db *DB) QueueStats(g GroupID, d DeviceID) (QueueStats, bool) {
-	return db.index.stats(queueKey{g, d})
+	m := db.mem
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	s := m.slot(g, d)
+	if s == nil {
+		return QueueStats{}, false
+	}
+	return QueueStats{Length: s.length, Bytes: s.bytes, NextSeq: s.counter + 1}, true
 }
 
-// ReadQueue returns up to max entries of d's queue with Seq > afterSeq, in
-// Seq order. An unknown slot yields no entries.
+// ReadQueue returns up to max unacked entries of d's queue with Seq >
+// afterSeq, in Seq order. An unknown slot yields no entries. Entries still
+// in the cache cost no disk read; the others are read in one read
+// transaction.
 func (db *DB) ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entry, error) {
 	if max <= 0 || afterSeq == math.MaxUint64 {
 		return nil, nil
 	}
-	var out []Entry
-	err := db.bolt.View(func(tx *bbolt.Tx) error {
-		v := tx.Bucket(bucketQMeta).Get(qmetaKey(g, d))
-		if v == nil {
-			return nil
-		}
-		m, err := decodeQueueMeta(v)
-		if err != nil {
-			return err
-		}
-		qb := tx.Bucket(bucketQueues).Bucket(queueName(g, d, m.incarnation))
-		if qb == nil {
-			return fmt.Errorf("reflection: queue bucket %d missing", m.incarnation)
-		}
-		out = make([]Entry, 0, min(max, int(m.length)))
-		c := qb.Cursor()
-		for k, v := c.Seek(u64key(afterSeq + 1)); k != nil && len(out) < max; k, v = c.Next() {
-			e, err := decodeEntry(k, v)
-			if err != nil {
-				return err
+	type want struct {
+		seq, lsn uint64
+		rec      []byte
+	}
+	var wants []want
+	missing := 0
+	m := db.mem
+	m.mu.RLock()
+	if s := m.slot(g, d); s != nil {
+		live := s.live()
+		i, _ := slices.BinarySearchFunc(live, afterSeq+1, func(e qent, seq uint64) int {
+			switch {
+			case e.seq < seq:
+				return -1
+			case e.seq > seq:
+				return 1
 			}
-			out = append(out, e)
+			return 0
+		})
+		for _, e := range live[i:] {
+			if len(wants) == max {
+				break
+			}
+			if e.acked {
+				continue
+			}
+			rec := m.cache.m[e.lsn]
+			if rec == nil {
+				missing++
+			}
+			wants = append(wants, want{e.seq, e.lsn, rec})
 		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("reflection: read queue %s/%d: %w", g, d, err)
+	}
+	m.mu.RUnlock()
+	if missing > 0 {
+		err := db.bolt.View(func(tx *bbolt.Tx) error {
+			lb := tx.Bucket(bucketLog)
+			for i := range wants {
+				if wants[i].rec == nil {
+					if v := lb.Get(u64key(wants[i].lsn)); v != nil {
+						wants[i].rec = append([]byte(nil), v...)
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("reflection: read queue %s/%d: %w", g, d, err)
+		}
+	}
+	out := make([]Entry, 0, len(wants))
+	for _, w := range wants {
+		if w.rec == nil {
+			continue // acked or purged since the index was read
+		}
+		r, err := decodeLog(w.rec)
+		if err != nil {
+			return nil, fmt.Errorf("reflection: read queue %s/%d: log entry %d: %w", g, d, w.lsn, err)
+		}
+		out = append(out, Entry{Seq: w.seq, Timestamp: r.ts, Envelope: r.envelope})
 	}
 	return out, nil
 }
@@ -108,6 +146,10 @@ func (db *DB) ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entr
 // the committer wait whenever bbolt needs to grow its memory map.
 const forEachPage = 64
 
+// groupBuckets hold keys that start with a group id; a group exists while
+// any of them has a key of it.
+var groupBuckets = [][]byte{bucketSlots, bucketTombs, bucketShared, bucketHeld}
+
 // ForEachGroup calls fn for every group in id order; an error from fn stops
 // the walk and is returned. Each group's state is consistent; groups
 // written during the walk may or may not be seen.
@@ -116,29 +158,19 @@ func (db *DB) ForEachGroup(fn func(g GroupID, st GroupState) error) error {
 		g  GroupID
 		st GroupState
 	}
-	var after []byte
+	var from []byte // first group id not yet visited
 	for {
 		page := make([]item, 0, forEachPage)
+		done := false
 		err := db.bolt.View(func(tx *bbolt.Tx) error {
-			root := tx.Bucket(bucketGroups)
-			c := root.Cursor()
-			k, _ := c.First()
-			if after != nil {
-				k, _ = c.Seek(after)
-				if k != nil && bytes.Equal(k, after) {
-					k, _ = c.Next()
-				}
-			}
-			for ; k != nil && len(page) < forEachPage; k, _ = c.Next() {
-				gb := root.Bucket(k)
-				if gb == nil || len(k) != 32 {
-					return fmt.Errorf("reflection: unexpected key %x in groups", k)
-				}
-				st, err := readGroupState(gb)
+			ids := nextGroups(tx, from, forEachPage)
+			done = len(ids) < forEachPage
+			for _, g := range ids {
+				st, err := readGroupState(tx, g)
 				if err != nil {
-					return fmt.Errorf("reflection: group %x: %w", k, err)
+					return fmt.Errorf("reflection: group %s: %w", g, err)
 				}
-				page = append(page, item{GroupID(k), st})
+				page = append(page, item{g, st})
 			}
 			return nil
 		})
@@ -150,12 +182,44 @@ func (db *DB) ForEachGroup(fn func(g GroupID, st GroupState) error) error {
 				return err
 			}
 		}
-		if len(page) < forEachPage {
+		if done {
 			return nil
 		}
 		last := page[len(page)-1].g
-		after = last[:]
+		if from = nextPrefix(last[:]); from == nil {
+			return nil
+		}
 	}
+}
+
+// nextGroups returns up to n group ids ≥ from, ascending, from every bucket
+// keyed by group id.
+func nextGroups(tx *bbolt.Tx, from []byte, n int) []GroupID {
+	var ids []GroupID
+	for _, name := range groupBuckets {
+		c := tx.Bucket(name).Cursor()
+		var k []byte
+		if from == nil {
+			k, _ = c.First()
+		} else {
+			k, _ = c.Seek(from)
+		}
+		for found := 0; len(k) >= 32 && found < n; found++ {
+			g := GroupID(k[:32])
+			ids = append(ids, g)
+			next := nextPrefix(g[:])
+			if next == nil {
+				break
+			}
+			k, _ = c.Seek(next)
+		}
+	}
+	slices.SortFunc(ids, func(a, b GroupID) int { return bytes.Compare(a[:], b[:]) })
+	ids = slices.Compact(ids)
+	if len(ids) > n {
+		ids = ids[:n]
+	}
+	return ids
 }
 
 // Backup streams a consistent snapshot of the whole file to w while the

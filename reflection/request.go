@@ -9,7 +9,6 @@ const (
 	opSetShared
 	opAppend
 	opReleaseHeld
-	opAck
 	opPurgeQueue
 	opPruneTombstones
 )
@@ -18,8 +17,7 @@ const (
 type request struct {
 	op        opKind
 	g         GroupID
-	d         DeviceID // slot, sender (ReleaseHeld) or acking device
-	seq       uint64
+	d         DeviceID // slot or sender (ReleaseHeld)
 	slot      Slot
 	tomb      *Tombstone
 	data      []byte
@@ -52,8 +50,8 @@ func (db *DB) PutSlot(g GroupID, s Slot, done func(error)) {
 	db.submit(&request{op: opPutSlot, g: g, d: s.DeviceID, slot: s, done: done})
 }
 
-// DeleteSlot removes the slot and its queue (the queue's keys are deleted in
-// the background, DeleteChunk per commit). t != nil also writes a tombstone
+// DeleteSlot removes the slot and its queue (log entries nobody else needs
+// are deleted in the background, DeleteChunk per commit). t != nil also writes a tombstone
 // for d; t.DeviceID is ignored and t.At == 0 means the apply time. Deleting
 // an unknown slot is not an error.
 // Held reflections of d are kept: they are delivered by ReleaseHeld or at
@@ -95,12 +93,49 @@ func (db *DB) ReleaseHeld(g GroupID, sender DeviceID, done func(AppendResult, er
 // Ack removes the entry seq from d's queue. An unknown seq (already acked,
 // ephemeral, never existed) is a no-op: the protocol decision on 4012 is the
 // server's (§10, §18 row 4).
+//
+// Unlike the other writes, an Ack takes effect in memory before Ack
+// returns (QueueStats, ReadQueue and the limits see it at once) and is
+// written lazily, with the next commit after Options.AckFlushInterval or
+// AckFlushAcks acks; done is called once it is on disk. A crash before
+// that delivers the entry again, which the protocol allows (§10
+// "Re-delivery"): an ack never needs its own fsync.
 func (db *DB) Ack(g GroupID, d DeviceID, seq uint64, done func(error)) {
-	db.submit(&request{op: opAck, g: g, d: d, seq: seq, done: done})
+	// db.mu is held throughout so that an Ack either sees closed or is
+	// registered before the committer's final flush (lock order: db.mu,
+	// then mem.mu).
+	db.mu.Lock()
+	defer db.mu.Unlock()
+	if db.closed {
+		if done != nil {
+			go done(ErrClosed)
+		}
+		return
+	}
+	m := db.mem
+	m.mu.Lock()
+	if s := m.slot(g, d); s != nil {
+		if i := s.find(seq); i >= 0 && !s.q[i].acked {
+			s.ack(i)
+			m.unref(s.q[i].lsn)
+			s.popAcked()
+			m.dirty[g] = struct{}{}
+		}
+	}
+	m.noteWork()
+	m.acks++
+	if done != nil {
+		m.ackDone = append(m.ackDone, done)
+	}
+	poke := m.acks == 1 || m.acks == db.opts.AckFlushAcks
+	m.mu.Unlock()
+	if poke {
+		db.poke() // arm the flush timer, or flush now
+	}
 }
 
 // PurgeQueue empties d's queue (admin), keeping the slot and its counter.
-// Like a dropped queue, the old entries are deleted in the background.
+// Like a dropped queue's, the old entries are reclaimed in the background.
 func (db *DB) PurgeQueue(g GroupID, d DeviceID, done func(error)) {
 	db.submit(&request{op: opPurgeQueue, g: g, d: d, done: done})
 }
@@ -124,8 +159,5 @@ func (db *DB) submit(r *request) {
 	}
 	db.pending = append(db.pending, r)
 	db.mu.Unlock()
-	select {
-	case db.wake <- struct{}{}:
-	default:
-	}
+	db.poke()
 }

@@ -75,7 +75,8 @@ type QueueStats struct {
 type Entry struct {
 	Seq       uint64
 	Timestamp uint64 // unix ms, the storage time sent in the ReflectAck
-	Envelope  []byte // copied out of the read transaction
+	// Envelope is shared with the store's cache: read-only for the caller.
+	Envelope []byte
 }
 
 // Delivery names one copy of a reflection: the recipient slot and the Seq
@@ -110,7 +111,8 @@ type AppendResult struct {
 // Store is what the server uses. *DB (bbolt) implements it; tests and a
 // future engine may add others.
 //
-// Writes are queued to one committer and applied in submission order. done
+// Writes are queued to one committer and applied in submission order,
+// except Ack, which takes effect in memory at once (see Ack). done
 // (may be nil) is called on the committer goroutine, in submission order,
 // after the transaction holding the write is durable (err == nil) or failed;
 // it must not block. After Close, done is called with ErrClosed on a new
@@ -134,6 +136,9 @@ type Store interface {
 	SetSharedDeviceData(g GroupID, data []byte, done func(error))
 	Append(r AppendRequest, done func(AppendResult, error))
 	ReleaseHeld(g GroupID, sender DeviceID, done func(AppendResult, error))
+	// Ack removes an entry. It takes effect for QueueStats and ReadQueue
+	// before it returns; the engine may persist it later (done then fires
+	// once it is durable), because losing an ack only re-delivers.
 	Ack(g GroupID, d DeviceID, seq uint64, done func(error))
 	PurgeQueue(g GroupID, d DeviceID, done func(error))
 	PruneTombstones(olderThan int64, done func(error))
@@ -144,7 +149,17 @@ type Store interface {
 type Options struct {
 	MaxQueueLength int   // default 25000 (protocol.md §18 row 9)
 	MaxQueueBytes  int64 // default 64 MiB (§18 row 9)
-	DeleteChunk    int   // keys deleted per commit when purging dropped queues; default 1000
+	DeleteChunk    int   // log entries deleted per commit when reclaiming; default 1000
+	// Lazy acks: an Ack changes memory at once and is written with the
+	// next commit after AckFlushInterval (default 100 ms) or AckFlushAcks
+	// acks (default 1000), whichever comes first. A crash loses at most
+	// that window of acks: those entries are delivered again (protocol.md
+	// §10 "Re-delivery").
+	AckFlushInterval time.Duration
+	AckFlushAcks     int
+	// CacheBytes bounds the cache of recent log records that ReadQueue
+	// serves without a read transaction; default 64 MiB, < 0 disables it.
+	CacheBytes int64
 	// OnCommit is a metrics hook called on the committer goroutine after
 	// every bbolt write transaction: batch is the number of requests in it
 	// (0 for background work such as deleting dropped queues).
@@ -161,6 +176,10 @@ const (
 	DefaultMaxQueueLength = 25000
 	DefaultMaxQueueBytes  = 64 << 20
 	DefaultDeleteChunk    = 1000
+
+	DefaultAckFlushInterval = 100 * time.Millisecond
+	DefaultAckFlushAcks     = 1000
+	DefaultCacheBytes       = 64 << 20
 )
 
 func (o Options) withDefaults() Options {
@@ -172,6 +191,15 @@ func (o Options) withDefaults() Options {
 	}
 	if o.DeleteChunk <= 0 {
 		o.DeleteChunk = DefaultDeleteChunk
+	}
+	if o.AckFlushInterval <= 0 {
+		o.AckFlushInterval = DefaultAckFlushInterval
+	}
+	if o.AckFlushAcks <= 0 {
+		o.AckFlushAcks = DefaultAckFlushAcks
+	}
+	if o.CacheBytes == 0 {
+		o.CacheBytes = DefaultCacheBytes
 	}
 	if o.Now == nil {
 		o.Now = time.Now

@@ -178,14 +178,15 @@ func offlineErr(path string, err error) error {
 
 func dbCheck(args []string) error {
 	path, jsonOut, err := offlineFlags("db check", "[FILE]",
-		"Checks a database file: bbolt's page-level check, then every slot, queue and\n"+
-			"counter. FILE is a backup (or any copy) of the database; without it the\n"+
-			"stopped server's <--data>/mediator.db is checked. Exits non-zero if it\n"+
-			"finds a problem.", args)
+		"Checks a database file: bbolt's page-level check, then every slot, log\n"+
+			"entry, cursor and counter. FILE is a backup (or any copy) of the database;\n"+
+			"without it the stopped server's <--data>/mediator.db is checked. Log entries\n"+
+			"no device needs any more are normal after a crash (the next start reclaims\n"+
+			"them), a problem after a clean stop. Exits non-zero if it finds a problem.", args)
 	if err != nil {
 		return err
 	}
-	err = reflection.Check(path)
+	res, err := reflection.CheckReport(path)
 	if errors.Is(err, reflection.ErrLocked) {
 		return offlineErr(path, err)
 	}
@@ -194,11 +195,14 @@ func dbCheck(args []string) error {
 		problems = strings.Split(err.Error(), "\n")
 	}
 	if jsonOut {
-		if err := printJSON(map[string]any{"path": path, "ok": err == nil, "problems": append([]string{}, problems...)}); err != nil {
+		if err := printJSON(map[string]any{"path": path, "ok": err == nil, "problems": append([]string{}, problems...),
+			"schema": res.Schema, "clean": res.Clean, "slots": res.Slots, "log_entries": res.LogEntries,
+			"reclaimable": res.Reclaimable}); err != nil {
 			return err
 		}
 	} else if err == nil {
-		fmt.Fprintf(stdout, "ok: %s is consistent\n", path)
+		fmt.Fprintf(stdout, "ok: %s is consistent (schema %d, %d slots, %d queued log entries, %d reclaimable at the next start)\n",
+			path, res.Schema, res.Slots, res.LogEntries, res.Reclaimable)
 	} else {
 		for _, p := range problems {
 			fmt.Fprintln(stdout, p)
