@@ -71,7 +71,8 @@ bench: ## short benchmark run: Go benchmarks + every d2m-load scenario (<5 min)
 bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
 	FULL=1 cmd/d2m-load/bench.sh
 
-bench-store: build ## reflection-store figures: ReflectAck latency, CPU, commits, bytes per reflect (~2 min)
+bench-store: build ## reflection-store figures: the store alone at fixed rates, then ReflectAck latency, CPU, commits, bytes per reflect (~3 min)
+	REFLECTION_PACED=1 $(GO) test -count=1 -run 'TestPacedLoad|TestPagesPerCommitFlat|TestBacklogMemory' -v ./reflection/
 	BIN=$(BIN) cmd/d2m-load/storebench.sh
 
 crashtest: ## long SIGKILL crash loop, then 50 power cuts (needs FUSE: root and /dev/fuse)
