@@ -122,7 +122,25 @@ func (db *DB) flushWait() (time.Duration, bool) {
 // fails: the transaction is rolled back and the batch re-run without it,
 // which is deterministic because apply depends only on the committed state
 // and the batch.
+//
+// The requests (and the acks a flush made durable) are completed after
+// commitMu is released: completions call back into the server, which takes
+// its own locks and may read this store.
 func (db *DB) commitBatch(batch []*request, withFlush bool) {
+	fw, failed, err := db.commitBatchLocked(batch, withFlush)
+	if fw != nil && err == nil {
+		fw.complete()
+	}
+	for i, r := range batch {
+		if e, ok := failed[i]; ok {
+			r.complete(e)
+		} else {
+			r.complete(err)
+		}
+	}
+}
+
+func (db *DB) commitBatchLocked(batch []*request, withFlush bool) (*flushWork, map[int]error, error) {
 	db.commitMu.Lock()
 	defer db.commitMu.Unlock()
 	start := time.Now()
@@ -179,18 +197,20 @@ func (db *DB) commitBatch(batch []*request, withFlush bool) {
 	if db.opts.OnCommit != nil {
 		db.opts.OnCommit(len(batch), time.Since(start), err)
 	}
-	for i, r := range batch {
-		if e, ok := failed[i]; ok {
-			r.complete(e)
-		} else {
-			r.complete(err)
-		}
-	}
+	return fw, failed, err
 }
 
 // commitDirect applies reqs in one transaction of their own, bypassing the
 // queue: used at Open (before the committer runs) and by benchmarks.
 func (db *DB) commitDirect(reqs ...*request) error {
+	err := db.commitDirectLocked(reqs)
+	for _, r := range reqs {
+		r.complete(err)
+	}
+	return err
+}
+
+func (db *DB) commitDirectLocked(reqs []*request) error {
 	db.commitMu.Lock()
 	defer db.commitMu.Unlock()
 	bt := newBatchTx(db, db.opts.Now().UnixMilli())
@@ -207,9 +227,6 @@ func (db *DB) commitDirect(reqs ...*request) error {
 		bt.publish()
 	} else {
 		err = fmt.Errorf("reflection: commit: %w", err)
-	}
-	for _, r := range reqs {
-		r.complete(err)
 	}
 	return err
 }
@@ -271,13 +288,18 @@ func (fw *flushWork) write(tx *bbolt.Tx) error {
 	return nil
 }
 
-// finishFlush completes the acks of a committed flush, or puts the work
-// back into memory if the commit failed.
+// complete reports the acks of a committed flush durable. Called after
+// commitMu is released.
+func (fw *flushWork) complete() {
+	for _, done := range fw.done {
+		done(nil)
+	}
+}
+
+// finishFlush puts the work of a failed flush back into memory (a
+// committed flush is completed by the caller, outside commitMu).
 func (db *DB) finishFlush(fw *flushWork, err error) {
 	if err == nil {
-		for _, done := range fw.done {
-			done(nil)
-		}
 		return
 	}
 	m := db.mem
@@ -294,6 +316,14 @@ func (db *DB) finishFlush(fw *flushWork, err error) {
 
 // flush commits one lazy flush on its own.
 func (db *DB) flush(clean bool) error {
+	fw, err := db.flushLocked(clean)
+	if err == nil {
+		fw.complete()
+	}
+	return err
+}
+
+func (db *DB) flushLocked(clean bool) (*flushWork, error) {
 	db.commitMu.Lock()
 	defer db.commitMu.Unlock()
 	start := time.Now()
@@ -318,7 +348,7 @@ func (db *DB) flush(clean bool) error {
 	if db.opts.OnCommit != nil {
 		db.opts.OnCommit(0, time.Since(start), err)
 	}
-	return err
+	return fw, err
 }
 
 // closeFlush writes every ack still in memory and reclaims dead entries (a
