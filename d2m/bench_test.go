@@ -1,6 +1,10 @@
 package d2m
 
-import "testing"
+import (
+	"crypto/ecdh"
+	"crypto/rand"
+	"testing"
+)
 
 var sinkReflect Reflect
 var sinkFrame []byte
@@ -54,5 +58,27 @@ func TestHotPathAllocations(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(100, func() { sinkFrame = EncodeReflectAck(7, 1) }); n != 1 {
 		t.Errorf("EncodeReflectAck: %v allocs", n)
+	}
+}
+
+// BenchmarkServerHandshakeCrypto is the server's cryptography per
+// handshake: one ephemeral X25519 key (ESK) and the challenge check, which
+// computes the X25519 shared key with the group's path key (§6.1).
+func BenchmarkServerHandshakeCrypto(b *testing.B) {
+	group, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var gid DeviceGroupID
+	copy(gid[:], group.PublicKey().Bytes())
+	b.ReportAllocs()
+	for b.Loop() {
+		esk, err := ecdh.X25519().GenerateKey(rand.Reader)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := SharedKey(esk, gid[:]); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
