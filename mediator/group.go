@@ -1,6 +1,7 @@
 package mediator
 
 import (
+	"errors"
 	"sync"
 	"time"
 
@@ -74,25 +75,30 @@ func (g *group) load() error {
 	g.loading = ch
 	g.mu.Unlock()
 
-	st, err := g.srv.store.Group(g.id)
-
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.loading = nil
-	close(ch)
-	if err != nil {
-		return err
-	}
-	for i := range st.Slots {
-		s := st.Slots[i]
-		g.slots[s.DeviceID] = &s
-	}
-	for _, t := range st.Tombstones {
-		g.tombstones[t.DeviceID] = t
-	}
-	g.sharedData = st.SharedDeviceData
-	g.loaded = true
-	return nil
+	// Deferred so that a panic in the store still wakes the waiters (one
+	// of them loads again) instead of leaving them blocked for good.
+	var st reflection.GroupState
+	err := errors.New("loading the group's state was interrupted")
+	defer func() {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		g.loading = nil
+		close(ch)
+		if err != nil {
+			return
+		}
+		for i := range st.Slots {
+			s := st.Slots[i]
+			g.slots[s.DeviceID] = &s
+		}
+		for _, t := range st.Tombstones {
+			g.tombstones[t.DeviceID] = t
+		}
+		g.sharedData = st.SharedDeviceData
+		g.loaded = true
+	}()
+	st, err = g.srv.store.Group(g.id)
+	return err
 }
 
 // tracked wraps the done callback of a store write submitted under mu: the

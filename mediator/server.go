@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -345,14 +346,18 @@ func (c *deviceConn) run() {
 	hsTimer := time.AfterFunc(s.cfg.HandshakeTimeout, func() {
 		c.closeWith(d2m.CloseIdleTimeout, errHandshakeTimeout)
 	})
-	hwm, err := c.handshake()
+	var hwm uint64
+	err := c.recovered("handshake", func() (err error) {
+		hwm, err = c.handshake()
+		return err
+	})
 	hsTimer.Stop()
 	inHandshake = false
 	<-s.handshakes
 	s.metrics.connections.WithLabelValues("handshake").Dec()
 	s.metrics.handshakes.WithLabelValues(c.handshakeOutcome(err)).Inc()
 	if err == nil {
-		err = c.live(hwm)
+		err = c.recovered("connection", func() error { return c.live(hwm) })
 	}
 	c.closeWith(closeCodeFor(err))
 	if c.upstream != nil {
@@ -368,6 +373,19 @@ func (c *deviceConn) run() {
 	c.upstreamLoop.Wait()
 	c.ws.CloseNow()
 	c.logEnd(err, start)
+}
+
+// recovered runs fn and turns a panic (a bug) into a 1011 close of this
+// connection with the stack in the log, so that the connection still
+// unregisters and waits for its goroutines, and the process keeps running.
+func (c *deviceConn) recovered(what string, fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg(what + " panicked")
+			err = d2m.Close(d2m.CloseInternalError, fmt.Errorf("%s panic: %v", what, r))
+		}
+	}()
+	return fn()
 }
 
 // closeCodeFor maps how the read side ended to the close to send: a
