@@ -110,11 +110,15 @@ func (f *fence) leaseLost(lease clientv3.LeaseID) []Event {
 
 // claim records that the owner key of s was written at epoch under lease.
 // It reports false, and records nothing, if lease is not current (the
-// write raced with the loss of the lease).
+// write raced with the loss of the lease) or if it was already recorded
+// (the writer and the watch both report a write).
 func (f *fence) claim(s Shard, lease clientv3.LeaseID, epoch int64) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if lease == 0 || lease != f.lease {
+		return false
+	}
+	if o := f.owned[s]; o.lease == lease && o.epoch == epoch {
 		return false
 	}
 	f.owned[s] = ownership{lease: lease, epoch: epoch}

@@ -72,6 +72,9 @@ func TestFenceStopsAtLastSendPlusTTLMinusMargin(t *testing.T) {
 		if !f.claim(7, id, 42) {
 			t.Fatal("claim under the current lease refused")
 		}
+		if f.claim(7, id, 42) {
+			t.Fatal("the same claim recorded twice")
+		}
 		if f.mayAck(8) {
 			t.Fatal("MayAck true for a shard not owned")
 		}

@@ -71,15 +71,23 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 	if err != nil {
 		return fail(err, "")
 	}
+	// A finished move's record (handed-over, aborted) that the controller
+	// has not deleted yet does not block a new move: the new record
+	// replaces it, compared on its revision.
+	var oldMoveRev int64
 	check := func(resp *clientv3.TxnResponse) (ownerRecord, int64, error, string) {
 		var o ownerRecord
 		ownerKV := resp.Responses[0].GetResponseRange().Kvs
 		moveKV := resp.Responses[1].GetResponseRange().Kvs
 		nodeKV := resp.Responses[2].GetResponseRange().Kvs
+		oldMoveRev = 0
 		if len(moveKV) > 0 {
 			var m moveRecord
 			_ = json.Unmarshal(moveKV[0].Value, &m)
-			return o, 0, ErrMoveInProgress, fmt.Sprintf("move %s from %s to %s is %s", m.ID, m.From, m.To, m.State)
+			if !m.finished() {
+				return o, 0, ErrMoveInProgress, fmt.Sprintf("move %s from %s to %s is %s", m.ID, m.From, m.To, m.State)
+			}
+			oldMoveRev = moveKV[0].ModRevision
 		}
 		if len(nodeKV) == 0 {
 			return o, 0, ErrNodeNotLive, ""
@@ -98,7 +106,7 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 	}
 	rec := moveRecord{ID: newMoveID(), From: owner.Node, To: to, State: StateDraining, FromEpoch: epoch, Started: time.Now().UTC()}
 	cresp, err := n.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(n.k.move(s)), "=", 0),
+		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", oldMoveRev),
 			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", epoch),
 			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
 		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).

@@ -41,6 +41,7 @@ type Node struct {
 	joined   bool
 
 	controllerRev atomic.Int64 // revision of the view the controller last reconciled (0: not leading)
+	processedRev  atomic.Int64 // revision the watch loop has fully acted on (events queued)
 }
 
 // Route is where a shard is served: the owner node, its advertise address
@@ -244,6 +245,7 @@ func (n *Node) watchLoop(rev int64) {
 				rev = n.view.rev
 				n.mu.Unlock()
 				n.reconcileLocal()
+				n.processedRev.Store(rev)
 				n.kickController()
 			}
 		}
@@ -497,13 +499,25 @@ func (n *Node) ControllerRevision() int64 { return n.controllerRev.Load() }
 // Close stops the node as for a restart: acks stop at once, the loops
 // end, and the lease is revoked so its owner keys go now instead of after
 // the TTL. Its shards stay assigned to it (they wait for it with
-// AutoFailover off). No events are delivered after Close.
+// AutoFailover off). No events are delivered after Close. If ctx ends
+// first (etcd without quorum: the election library's resign waits on
+// the client's context), Close returns its error; the remaining
+// goroutines end when the client is closed.
 func (n *Node) Close(ctx context.Context) error {
 	lease := n.fence.currentLease()
 	n.fence.leaseLost(lease)
 	n.cancel()
 	n.events.stop()
-	n.wg.Wait()
+	done := make(chan struct{})
+	go func() {
+		n.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return fmt.Errorf("cluster: close: %w", ctx.Err())
+	}
 	if lease == 0 {
 		return nil
 	}
@@ -516,8 +530,24 @@ func (n *Node) Close(ctx context.Context) error {
 // Leave moves every shard of this node to the other nodes (DrainNode),
 // then closes it.
 func (n *Node) Leave(ctx context.Context) error {
-	if _, err := n.DrainNode(ctx, n.cfg.NodeID); err != nil {
+	res, err := n.DrainNode(ctx, n.cfg.NodeID)
+	if err != nil {
 		return err
+	}
+	// Let the watch loop act on the last flip, so that every ShardLost
+	// is delivered before Close.
+	var last int64
+	for _, r := range res {
+		last = max(last, r.ToEpoch)
+	}
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for n.processedRev.Load() < last {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cluster: leave: %w", ctx.Err())
+		case <-tick.C:
+		}
 	}
 	return n.Close(ctx)
 }
@@ -563,11 +593,14 @@ func (q *eventQueue) stop() {
 	}
 }
 
+// run delivers events until stop; what was queued before stop is still
+// delivered.
 func (q *eventQueue) run() {
 	for {
+		stopped := false
 		select {
 		case <-q.done:
-			return
+			stopped = true
 		case <-q.wake:
 		}
 		q.mu.Lock()
@@ -576,6 +609,9 @@ func (q *eventQueue) run() {
 		q.mu.Unlock()
 		for _, ev := range batch {
 			q.fn(ev)
+		}
+		if stopped {
+			return
 		}
 	}
 }
