@@ -38,6 +38,10 @@ type Config struct {
 	// MaxConcurrentMoves bounds the moves Drain and rebalancing run at
 	// once (4).
 	MaxConcurrentMoves int
+	// MoveTimeout bounds the donor's side of one move (drain, export,
+	// transfer, the recipient's import and flip); past it the move is
+	// aborted and the donor serves the shard again (5m).
+	MoveTimeout time.Duration
 
 	// Hooks and Transport carry a shard's data during a planned move; the
 	// mediator implements them. Without them this node can neither give
@@ -71,6 +75,9 @@ func (c Config) withDefaults() Config {
 	if c.MaxConcurrentMoves == 0 {
 		c.MaxConcurrentMoves = 4
 	}
+	if c.MoveTimeout == 0 {
+		c.MoveTimeout = 5 * time.Minute
+	}
 	return c
 }
 
@@ -86,8 +93,8 @@ func (c Config) Validate() error {
 		return errors.New("cluster: lease ttl must be whole seconds, at least 1s (etcd leases count seconds)")
 	case c.FenceMargin <= 0 || c.FenceMargin >= c.LeaseTTL:
 		return errors.New("cluster: fence margin must be within (0, lease ttl)")
-	case c.SettleDelay < 0 || c.MaxConcurrentMoves < 1:
-		return errors.New("cluster: settle delay must not be negative, max concurrent moves positive")
+	case c.SettleDelay < 0 || c.MaxConcurrentMoves < 1 || c.MoveTimeout < 0:
+		return errors.New("cluster: settle delay and move timeout must not be negative, max concurrent moves positive")
 	}
 	return nil
 }

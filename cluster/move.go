@@ -127,27 +127,37 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 	lastRev := cresp.Header.Revision
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	for wresp := range n.cli.Watch(wctx, n.k.move(s), clientv3.WithRev(lastRev+1)) {
-		if err := wresp.Err(); err != nil {
-			break
+	// A broken watch (member lost, compaction) is reopened from the last
+	// revision seen, until the move ends or ctx does.
+	for ctx.Err() == nil {
+		for wresp := range n.cli.Watch(clientv3.WithRequireLeader(wctx), n.k.move(s), clientv3.WithRev(lastRev+1)) {
+			if err := wresp.Err(); err != nil {
+				break
+			}
+			for _, ev := range wresp.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					return res, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", rec.ID, s, ErrMoveAborted, res.States[len(res.States)-1].State)
+				}
+				var m moveRecord
+				if json.Unmarshal(ev.Kv.Value, &m) != nil || m.ID != rec.ID {
+					return res, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", rec.ID, s, ErrMoveAborted)
+				}
+				lastRev = ev.Kv.ModRevision
+				res.States = append(res.States, StateChange{State: m.State, Rev: lastRev})
+				switch m.State {
+				case StateHandedOver:
+					res.ToEpoch = lastRev
+					res.Took = time.Since(start)
+					return res, nil
+				case StateAborted:
+					return res, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", rec.ID, s, to, ErrMoveAborted, m.Reason)
+				}
+			}
 		}
-		for _, ev := range wresp.Events {
-			if ev.Type == clientv3.EventTypeDelete {
-				return res, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", rec.ID, s, ErrMoveAborted, res.States[len(res.States)-1].State)
-			}
-			var m moveRecord
-			if json.Unmarshal(ev.Kv.Value, &m) != nil || m.ID != rec.ID {
-				return res, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", rec.ID, s, ErrMoveAborted)
-			}
-			lastRev = ev.Kv.ModRevision
-			res.States = append(res.States, StateChange{State: m.State, Rev: lastRev})
-			switch m.State {
-			case StateHandedOver:
-				res.ToEpoch = lastRev
-				res.Took = time.Since(start)
-				return res, nil
-			case StateAborted:
-				return res, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", rec.ID, s, to, ErrMoveAborted, m.Reason)
+		if ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(50 * time.Millisecond):
 			}
 		}
 	}
@@ -192,7 +202,9 @@ func (n *Node) donate(m moveEntry) {
 		default:
 		}
 	}()
-	rev, err := n.runDonor(n.ctx, m)
+	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.MoveTimeout)
+	defer cancel()
+	rev, err := n.runDonor(ctx, m)
 	if err == nil || n.ctx.Err() != nil {
 		return
 	}

@@ -251,3 +251,37 @@ func TestMoveRefusals(t *testing.T) {
 		t.Fatalf("move to dead node: %v", err)
 	}
 }
+
+// TestAutoRebalanceOnJoin: with AutoRebalance, a fourth node joining a
+// running cluster receives shards by planned moves (data included) until
+// all four are within one of each other.
+func TestAutoRebalanceOnJoin(t *testing.T) {
+	e := newEnv(t, nil, nodeOpts{autoRebalance: true})
+	a, b, c := e.start("node-a"), e.start("node-b"), e.start("node-c")
+	waitUntil(t, 10*time.Second, "all shards served", func() bool { return allServed(a, b, c) })
+	for _, n := range []*testNode{a, b, c} {
+		for i := range cluster.NumShards {
+			if _, ok := n.Owns(cluster.Shard(i)); ok {
+				n.hooks.Put(cluster.Shard(i), []byte{byte(i)})
+			}
+		}
+	}
+	start := time.Now()
+	d := e.start("node-d")
+	all := []*testNode{a, b, c, d}
+	waitUntil(t, 30*time.Second, "four nodes balanced", func() bool {
+		counts := owned(a)
+		for _, n := range all {
+			if len(counts[n.id]) != 64 { // 256 / 4
+				return false
+			}
+		}
+		return allServed(all...)
+	})
+	t.Logf("node-d received %d shards by rebalancing in %v", len(owned(a)["node-d"]), time.Since(start).Round(time.Millisecond))
+	for _, s := range owned(a)["node-d"] {
+		if got, _ := d.hooks.Data(s); len(got) != 1 || got[0] != byte(s) {
+			t.Fatalf("shard %s on node-d holds %v", s, got)
+		}
+	}
+}
