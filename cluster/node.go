@@ -383,7 +383,11 @@ func (n *Node) claim(lease clientv3.LeaseID, claims []claimReq) {
 				clientv3.Compare(clientv3.CreateRevision(n.k.move(c.shard)), "=", 0))
 			ops = append(ops, clientv3.OpPut(n.k.owner(c.shard), val, clientv3.WithLease(lease)))
 		}
-		resp, err := n.cli.Txn(n.ctx).If(cmps...).Then(ops...).Commit()
+		// Bounded, so that an unreachable etcd does not hold the watch
+		// loop; the next change or rejoin tries again.
+		ctx, cancel := context.WithTimeout(n.ctx, n.cfg.LeaseTTL)
+		resp, err := n.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		cancel()
 		if err != nil {
 			n.log.Warn().Err(err).Msg("cluster: claim shards")
 			return true // nothing to retry shard by shard; the watch or rejoin comes back
