@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -243,6 +244,7 @@ type nodeOpts struct {
 	autoFailover  bool
 	autoRebalance bool
 	noController  bool
+	advertise     map[string]string // node id → advertise address (default: a placeholder)
 }
 
 // env is one test's cluster: an etcd, a key prefix of its own, nodes.
@@ -290,7 +292,7 @@ func (e *env) start(id string) *testNode {
 	tn.cli = e.client(eps)
 	n, err := cluster.New(tn.cli, cluster.Config{
 		NodeID:        id,
-		Advertise:     "127.0.0.1:" + fmt.Sprint(9000+len(id)),
+		Advertise:     cmp.Or(e.opts.advertise[id], "127.0.0.1:9"),
 		Prefix:        e.prefix,
 		LeaseTTL:      ttl,
 		FenceMargin:   margin,
