@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -42,6 +43,7 @@ type Node struct {
 
 	controllerRev atomic.Int64 // revision of the view the controller last reconciled (0: not leading)
 	processedRev  atomic.Int64 // revision the watch loop has fully acted on (events queued)
+	lastLease     atomic.Int64 // the last lease granted, revoked by Close
 }
 
 // Route is where a shard is served: the owner node, its advertise address
@@ -107,6 +109,7 @@ func (n *Node) Join(ctx context.Context) error {
 	}
 	rev, err := n.resync(ctx)
 	if err != nil {
+		_, _ = n.cli.Revoke(context.WithoutCancel(ctx), lease)
 		return err
 	}
 	n.spawn(n.events.run)
@@ -125,6 +128,7 @@ func (n *Node) register(ctx context.Context) (clientv3.LeaseID, error) {
 	if err != nil {
 		return 0, fmt.Errorf("cluster: grant lease: %w", err)
 	}
+	n.lastLease.Store(int64(lease))
 	key := n.k.node(n.cfg.NodeID)
 	val := mustJSON(nodeRecord{Advertise: n.cfg.Advertise, Started: time.Now().UTC()})
 	for {
@@ -255,6 +259,7 @@ func (n *Node) watchLoop(rev int64) {
 			if err == nil {
 				rev = r
 				n.reconcileLocal()
+				n.processedRev.Store(rev)
 				n.kickController()
 				break
 			}
@@ -508,9 +513,8 @@ func (n *Node) ControllerRevision() int64 { return n.controllerRev.Load() }
 // the client's context), Close returns its error; the remaining
 // goroutines end when the client is closed.
 func (n *Node) Close(ctx context.Context) error {
-	lease := n.fence.currentLease()
-	n.fence.leaseLost(lease)
-	n.cancel()
+	n.cancel() // first, so that no rejoin starts a new lease
+	n.fence.leaseLost(n.fence.currentLease())
 	n.events.stop()
 	done := make(chan struct{})
 	go func() {
@@ -522,10 +526,12 @@ func (n *Node) Close(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("cluster: close: %w", ctx.Err())
 	}
+	// The loops have ended: no lease is granted after this read.
+	lease := clientv3.LeaseID(n.lastLease.Load())
 	if lease == 0 {
 		return nil
 	}
-	if _, err := n.cli.Revoke(ctx, lease); err != nil {
+	if _, err := n.cli.Revoke(ctx, lease); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return fmt.Errorf("cluster: revoke lease: %w", err)
 	}
 	return nil
