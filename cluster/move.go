@@ -57,25 +57,22 @@ func newMoveID() string {
 // live, and a move of a shard without a live owner are refused.
 func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error) {
 	start := time.Now()
-	fail := func(err error, detail string) (MoveResult, error) {
-		if detail != "" {
-			return MoveResult{}, fmt.Errorf("cluster: move shard %s to %s: %w (%s)", s, to, err, detail)
-		}
+	fail := func(err error) (MoveResult, error) {
 		return MoveResult{}, fmt.Errorf("cluster: move shard %s to %s: %w", s, to, err)
 	}
 	if !ValidNodeID(to) {
-		return fail(ErrNodeNotLive, "invalid node id")
+		return fail(fmt.Errorf("%w (invalid node id)", ErrNodeNotLive))
 	}
 	get := []clientv3.Op{clientv3.OpGet(n.k.owner(s)), clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.node(to))}
 	resp, err := n.cli.Txn(ctx).Then(get...).Commit()
 	if err != nil {
-		return fail(err, "")
+		return fail(err)
 	}
 	// A finished move's record (handed-over, aborted) that the controller
 	// has not deleted yet does not block a new move: the new record
 	// replaces it, compared on its revision.
 	var oldMoveRev int64
-	check := func(resp *clientv3.TxnResponse) (ownerRecord, int64, error, string) {
+	check := func(resp *clientv3.TxnResponse) (ownerRecord, int64, error) {
 		var o ownerRecord
 		ownerKV := resp.Responses[0].GetResponseRange().Kvs
 		moveKV := resp.Responses[1].GetResponseRange().Kvs
@@ -85,24 +82,24 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 			var m moveRecord
 			_ = json.Unmarshal(moveKV[0].Value, &m)
 			if !m.finished() {
-				return o, 0, ErrMoveInProgress, fmt.Sprintf("move %s from %s to %s is %s", m.ID, m.From, m.To, m.State)
+				return o, 0, fmt.Errorf("%w (move %s from %s to %s is %s)", ErrMoveInProgress, m.ID, m.From, m.To, m.State)
 			}
 			oldMoveRev = moveKV[0].ModRevision
 		}
 		if len(nodeKV) == 0 {
-			return o, 0, ErrNodeNotLive, ""
+			return o, 0, ErrNodeNotLive
 		}
 		if len(ownerKV) == 0 || json.Unmarshal(ownerKV[0].Value, &o) != nil {
-			return o, 0, ErrShardUnavailable, ""
+			return o, 0, ErrShardUnavailable
 		}
 		if o.Node == to {
-			return o, 0, ErrAlreadyOwner, ""
+			return o, 0, ErrAlreadyOwner
 		}
-		return o, ownerKV[0].ModRevision, nil, ""
+		return o, ownerKV[0].ModRevision, nil
 	}
-	owner, epoch, err, detail := check(resp)
+	owner, epoch, err := check(resp)
 	if err != nil {
-		return fail(err, detail)
+		return fail(err)
 	}
 	rec := moveRecord{ID: newMoveID(), From: owner.Node, To: to, State: StateDraining, FromEpoch: epoch, Started: time.Now().UTC()}
 	cresp, err := n.cli.Txn(ctx).
@@ -112,13 +109,13 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).
 		Else(get...).Commit()
 	if err != nil {
-		return fail(err, "")
+		return fail(err)
 	}
 	if !cresp.Succeeded {
-		if _, _, err, detail := check(cresp); err != nil {
-			return fail(err, detail)
+		if _, _, err := check(cresp); err != nil {
+			return fail(err)
 		}
-		return fail(ErrMoveAborted, "the shard's owner changed meanwhile")
+		return fail(fmt.Errorf("%w (the shard's owner changed meanwhile)", ErrMoveAborted))
 	}
 	res := MoveResult{
 		MoveInfo: MoveInfo{ID: rec.ID, Shard: s, From: rec.From, To: to, FromEpoch: epoch},
