@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -41,8 +42,13 @@ func TestJoinAssignsAllShardsBalanced(t *testing.T) {
 				t.Fatalf("%s: shard %s owner %s, Owns %v, MayAck %v", n.id, s, owner, mine, n.MayAck(s))
 			}
 			if mine {
-				if ev, ok := n.lastEvent(s); !ok || ev.Kind != cluster.ShardGained || ev.Epoch != epoch {
-					t.Fatalf("%s: last event for %s = %+v, want gained at %d", n.id, s, ev, epoch)
+				// Events arrive on the node's event goroutine, after MayAck.
+				waitUntil(t, 5*time.Second, n.id+" gained "+s.String(), func() bool {
+					ev, ok := n.lastEvent(s)
+					return ok && ev.Kind == cluster.ShardGained && ev.Epoch == epoch
+				})
+				if evs := n.eventsFor(s); len(evs) != 1 {
+					t.Fatalf("%s: events for %s: %+v, want one", n.id, s, evs)
 				}
 			}
 		}
@@ -165,6 +171,7 @@ func TestPlannedMove(t *testing.T) {
 	if ev, _ := a.lastEvent(s); ev.Epoch != fromEpoch || !strings.Contains(ev.Reason, "node-b") || a.MayAck(s) {
 		t.Fatalf("donor event %+v, MayAck %v", ev, a.MayAck(s))
 	}
+	waitUntil(t, 5*time.Second, "recipient's gained event", func() bool { return len(b.eventsFor(s)) > 0 })
 	if evs := b.eventsFor(s); len(evs) != 1 || evs[0].Kind != cluster.ShardGained || evs[0].Epoch != res.ToEpoch {
 		t.Fatalf("recipient events %+v, want one gained at %d", evs, res.ToEpoch)
 	}
@@ -200,10 +207,12 @@ func TestMoveRefusals(t *testing.T) {
 		_, err := b.Move(ctx, s, "node-b")
 		first <- err
 	}()
-	waitUntil(t, 5*time.Second, "move draining", func() bool { return c.Shards()[s].Move == cluster.StateDraining })
+	// The donor's Drain hook runs after its MayAck turned false.
+	waitUntil(t, 5*time.Second, "donor draining", func() bool { return slices.Contains(a.hooks.Calls(), "drain "+s.String()) })
 	if a.MayAck(s) {
 		t.Fatal("donor still acks a draining shard")
 	}
+	waitUntil(t, 5*time.Second, "node-c sees the move", func() bool { return c.Shards()[s].Move == cluster.StateDraining })
 	_, err := c.Move(ctx, s, "node-c")
 	if !errors.Is(err, cluster.ErrMoveInProgress) || !strings.Contains(err.Error(), "node-b") {
 		t.Fatalf("concurrent move: %v", err)
@@ -234,9 +243,9 @@ func TestMoveRefusals(t *testing.T) {
 		t.Fatalf("move with failing import: %v", err)
 	}
 	waitUntil(t, 5*time.Second, "donor resumes", func() bool { return c.MayAck(s2) })
-	if calls := strings.Join(c.hooks.Calls(), ","); !strings.HasSuffix(calls, "resume "+s2.String()) {
-		t.Fatalf("donor calls %q", calls)
-	}
+	waitUntil(t, 5*time.Second, "donor's Resume hook", func() bool {
+		return strings.HasSuffix(strings.Join(c.hooks.Calls(), ","), "drain "+s2.String()+",export "+s2.String()+",resume "+s2.String())
+	})
 	if owner, _, _, _ := a.Owner(s2); owner != "node-c" {
 		t.Fatalf("owner after aborted move: %s", owner)
 	}
