@@ -107,6 +107,9 @@ func (ec *etcdCluster) leader() int {
 var shared *etcdCluster
 
 func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" {
+		os.Exit(runHelperNode())
+	}
 	dir, err := os.MkdirTemp("", "d2m-etcd-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
