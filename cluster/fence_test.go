@@ -236,3 +236,16 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkMayAck is the reflect path's cost of asking.
+func BenchmarkMayAck(b *testing.B) {
+	f := newFence(time.Second)
+	f.granted(1, time.Now(), time.Hour)
+	f.claim(3, 1, 10)
+	b.ReportAllocs()
+	for b.Loop() {
+		if !f.mayAck(3) {
+			b.Fatal("not acking")
+		}
+	}
+}

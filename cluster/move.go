@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -122,32 +123,54 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 		States:   []StateChange{{State: StateDraining, Rev: cresp.Header.Revision}},
 	}
 	lastRev := cresp.Header.Revision
+	// seen takes one state of the record; done reports the move's end.
+	seen := func(kv *mvccpb.KeyValue, deleted bool) (done bool, err error) {
+		if kv.ModRevision <= res.States[len(res.States)-1].Rev {
+			return false, nil // seen before the watch was reopened
+		}
+		if deleted {
+			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", rec.ID, s, ErrMoveAborted, res.States[len(res.States)-1].State)
+		}
+		var m moveRecord
+		if json.Unmarshal(kv.Value, &m) != nil || m.ID != rec.ID {
+			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", rec.ID, s, ErrMoveAborted)
+		}
+		res.States = append(res.States, StateChange{State: m.State, Rev: kv.ModRevision})
+		switch m.State {
+		case StateHandedOver:
+			res.ToEpoch = kv.ModRevision
+			res.Took = time.Since(start)
+			return true, nil
+		case StateAborted:
+			return true, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", rec.ID, s, to, ErrMoveAborted, m.Reason)
+		}
+		return false, nil
+	}
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// A broken watch (member lost, compaction) is reopened from the last
-	// revision seen, until the move ends or ctx does.
+	// A broken watch (member lost) is reopened from the last revision
+	// seen; after a compaction the record is read once instead.
 	for ctx.Err() == nil {
 		for wresp := range n.cli.Watch(clientv3.WithRequireLeader(wctx), n.k.move(s), clientv3.WithRev(lastRev+1)) {
+			if wresp.CompactRevision != 0 {
+				if r, err := n.cli.Get(ctx, n.k.move(s)); err == nil {
+					if len(r.Kvs) == 0 {
+						return res, fmt.Errorf("cluster: move %s of shard %s: %w (record gone after a compaction; look at the shard map)", rec.ID, s, ErrMoveAborted)
+					}
+					if done, err := seen(r.Kvs[0], false); done {
+						return res, err
+					}
+					lastRev = r.Header.Revision
+				}
+				break
+			}
 			if err := wresp.Err(); err != nil {
 				break
 			}
 			for _, ev := range wresp.Events {
-				if ev.Type == clientv3.EventTypeDelete {
-					return res, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", rec.ID, s, ErrMoveAborted, res.States[len(res.States)-1].State)
-				}
-				var m moveRecord
-				if json.Unmarshal(ev.Kv.Value, &m) != nil || m.ID != rec.ID {
-					return res, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", rec.ID, s, ErrMoveAborted)
-				}
 				lastRev = ev.Kv.ModRevision
-				res.States = append(res.States, StateChange{State: m.State, Rev: lastRev})
-				switch m.State {
-				case StateHandedOver:
-					res.ToEpoch = lastRev
-					res.Took = time.Since(start)
-					return res, nil
-				case StateAborted:
-					return res, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", rec.ID, s, to, ErrMoveAborted, m.Reason)
+				if done, err := seen(ev.Kv, ev.Type == clientv3.EventTypeDelete); done {
+					return res, err
 				}
 			}
 		}
@@ -163,7 +186,7 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 	defer acancel()
 	cur := rec
 	cur.State = res.States[len(res.States)-1].State
-	n.abortMove(actx, moveEntry{moveRecord: cur, shard: s, rev: lastRev}, "the caller gave up: "+context.Cause(ctx).Error())
+	n.abortMove(actx, moveEntry{moveRecord: cur, shard: s, rev: res.States[len(res.States)-1].Rev}, "the caller gave up: "+context.Cause(ctx).Error())
 	return res, fmt.Errorf("cluster: move %s of shard %s: %w", rec.ID, s, context.Cause(ctx))
 }
 
@@ -184,12 +207,26 @@ func (n *Node) abortMove(ctx context.Context, m moveEntry, reason string) bool {
 	return resp.Succeeded
 }
 
+// donation is a move this node is giving a shard away in; cancel stops
+// the donor's work (MoveTimeout, or the move was aborted elsewhere).
+type donation struct {
+	id     string
+	cancel context.CancelFunc
+}
+
+type donationStart struct {
+	m      moveEntry
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
 // donate is the donor's side of a move: MayAck is already false (the
 // watch loop paused the shard). It drains and exports, records
 // "exported", and sends the export to the recipient, whose Receive flips
 // ownership. On failure it aborts the move; the watch loop then resumes
 // the shard if it is still this node's.
-func (n *Node) donate(m moveEntry) {
+func (n *Node) donate(ctx context.Context, cancel context.CancelFunc, m moveEntry) {
+	defer cancel()
 	defer func() {
 		n.mu.Lock()
 		delete(n.donating, m.shard)
@@ -199,8 +236,6 @@ func (n *Node) donate(m moveEntry) {
 		default:
 		}
 	}()
-	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.MoveTimeout)
-	defer cancel()
 	rev, err := n.runDonor(ctx, m)
 	if err == nil || n.ctx.Err() != nil {
 		return

@@ -38,7 +38,7 @@ type Node struct {
 
 	mu       sync.Mutex // guards view, donating, joined; lock order: mu → fence.mu
 	view     view
-	donating map[Shard]bool
+	donating map[Shard]donation // moves this node is giving a shard away in
 	joined   bool
 
 	controllerRev atomic.Int64 // revision of the view the controller last reconciled (0: not leading)
@@ -72,7 +72,7 @@ func New(cli *clientv3.Client, cfg Config) (*Node, error) {
 		kick:     make(chan struct{}, 1),
 		ctrlKick: make(chan struct{}, 1),
 		view:     newView(),
-		donating: make(map[Shard]bool),
+		donating: make(map[Shard]donation),
 	}
 	n.events = newEventQueue(cfg.OnEvent)
 	return n, nil
@@ -291,7 +291,7 @@ func (n *Node) reconcileLocal() {
 	var (
 		events  []Event
 		claims  []claimReq
-		donate  []moveEntry
+		donate  []donationStart
 		stale   []moveEntry
 		resumed []Shard
 	)
@@ -321,7 +321,13 @@ func (n *Node) reconcileLocal() {
 			}
 		}
 		m := v.moves[s]
-		if owned && paused && !n.donating[s] && (m == nil || m.State == StateAborted || m.From != me) {
+		d, donating := n.donating[s]
+		if donating && (m == nil || m.ID != d.id || m.State == StateAborted) {
+			// Aborted by someone else (the caller gave up, the
+			// controller): stop the donor's work.
+			d.cancel()
+		}
+		if owned && paused && !donating && (m == nil || m.State == StateAborted || m.From != me) {
 			// The move that paused it ended without a flip.
 			if n.fence.resume(s, epoch) {
 				resumed = append(resumed, s)
@@ -330,10 +336,11 @@ func (n *Node) reconcileLocal() {
 		if a := v.assign[s]; !owned && o == nil && a != nil && a.Node == me && m == nil && lease != 0 {
 			claims = append(claims, claimReq{shard: s, assignRev: a.rev})
 		}
-		if m != nil && m.From == me && m.State == StateDraining && !n.donating[s] {
+		if m != nil && m.From == me && m.State == StateDraining && !donating {
 			if owned && epoch == m.FromEpoch && n.fence.pause(s, epoch) {
-				n.donating[s] = true
-				donate = append(donate, *m)
+				ctx, cancel := context.WithTimeout(n.ctx, n.cfg.MoveTimeout)
+				n.donating[s] = donation{id: m.ID, cancel: cancel}
+				donate = append(donate, donationStart{m: *m, ctx: ctx, cancel: cancel})
 			} else if v.rev >= m.FromEpoch {
 				stale = append(stale, *m)
 			}
@@ -342,8 +349,8 @@ func (n *Node) reconcileLocal() {
 	n.mu.Unlock()
 
 	n.events.push(events...)
-	for _, m := range donate {
-		n.spawn(func() { n.donate(m) })
+	for _, d := range donate {
+		n.spawn(func() { n.donate(d.ctx, d.cancel, d.m) })
 	}
 	for _, m := range stale {
 		n.abortMove(n.ctx, m, "donor does not own the shard at the move's epoch")

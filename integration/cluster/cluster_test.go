@@ -250,6 +250,24 @@ func TestMoveRefusals(t *testing.T) {
 		t.Fatalf("owner after aborted move: %s", owner)
 	}
 
+	// A caller that gives up aborts the move; the donor stops draining
+	// and serves the shard again.
+	s3 := shardOf(t, b)
+	release3 := b.hooks.Block(s3)
+	defer release3()
+	short, cancelShort := context.WithTimeout(ctx, 500*time.Millisecond)
+	_, err = a.Move(short, s3, "node-a")
+	cancelShort()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("move whose caller gave up: %v", err)
+	}
+	waitUntil(t, 5*time.Second, "donor resumes after the caller gave up", func() bool {
+		return b.MayAck(s3) && strings.HasSuffix(strings.Join(b.hooks.Calls(), ","), "drain "+s3.String()+",resume "+s3.String())
+	})
+	if owner, _, _, _ := a.Owner(s3); owner != "node-b" {
+		t.Fatalf("owner after the given-up move: %s", owner)
+	}
+
 	// A node that closed is not live: moves to it are refused.
 	dead := e.start("node-d")
 	if err := dead.Close(ctx); err != nil {

@@ -34,8 +34,21 @@ type etcdCluster struct {
 }
 
 // startEtcd starts three members in dir with a 50 ms heartbeat and a
-// 250 ms election timeout, so lease TTLs of 1–2 s work.
+// 250 ms election timeout, so lease TTLs of 1–2 s work. The ports are
+// picked free and released before etcd binds them, so another process
+// can take one meanwhile: a failed start is retried with new ports.
 func startEtcd(dir string) (*etcdCluster, error) {
+	var err error
+	for attempt := range 3 {
+		var ec *etcdCluster
+		if ec, err = startEtcdOnce(fmt.Sprintf("%s/try%d", dir, attempt)); err == nil {
+			return ec, nil
+		}
+	}
+	return nil, err
+}
+
+func startEtcdOnce(dir string) (*etcdCluster, error) {
 	const n = 3
 	var peers, clients []*url.URL
 	for range 2 * n {
