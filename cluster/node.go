@@ -26,7 +26,7 @@ type Node struct {
 	fence *fence
 	keep  keeper
 
-	route  [NumShards]atomic.Pointer[Route] // owner of each shard, for routing
+	route  [NumShards]atomic.Pointer[routeEntry] // owner of each shard, for routing
 	events *eventQueue
 
 	ctx    context.Context // ends with Close
@@ -46,9 +46,9 @@ type Node struct {
 	lastLease     atomic.Int64 // the last lease granted, revoked by Close
 }
 
-// Route is where a shard is served: the owner node, its advertise address
+// routeEntry is where a shard is served: the owner node, its advertise address
 // and the epoch of its ownership.
-type Route struct {
+type routeEntry struct {
 	Node  string
 	Addr  string
 	Epoch int64
@@ -371,7 +371,7 @@ func (n *Node) setRoute(s Shard, o *ownerEntry) {
 	case o == nil && cur != nil:
 		n.route[s].Store(nil)
 	case o != nil && (cur == nil || cur.Epoch != o.epoch):
-		n.route[s].Store(&Route{Node: o.Node, Addr: o.Advertise, Epoch: o.epoch})
+		n.route[s].Store(&routeEntry{Node: o.Node, Addr: o.Advertise, Epoch: o.epoch})
 	}
 }
 
