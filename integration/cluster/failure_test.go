@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -106,6 +107,29 @@ func testLeaseExpiry(t *testing.T, autoFailover bool) {
 		}
 	}
 
+	// The operator gives up the data of one of C's shards: it goes to A
+	// at once and stays there when C comes back.
+	var given cluster.Shard
+	if !autoFailover {
+		given = cShards[len(cShards)-1]
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		if err := a.Reassign(ctx, given, "node-a", false); !errors.Is(err, cluster.ErrDataLoss) {
+			t.Fatalf("reassign without acceptDataLoss: %v", err)
+		}
+		if err := a.Reassign(ctx, given, "node-x", true); !errors.Is(err, cluster.ErrNodeNotLive) {
+			t.Fatalf("reassign to an unknown node: %v", err)
+		}
+		if err := a.Reassign(ctx, given, "node-a", true); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 5*time.Second, "node-a serves the reassigned shard", func() bool {
+			ep, ok := a.Owns(given)
+			return ok && ep > oldEpoch[given] && a.MayAck(given)
+		})
+		cShards = cShards[:len(cShards)-1]
+	}
+
 	// The stale owner's writes fail: a compare on its old epoch, and any
 	// key on its old lease.
 	s0 := cShards[0]
@@ -155,6 +179,12 @@ func testLeaseExpiry(t *testing.T, autoFailover bool) {
 		}
 		return allServed(a, b, c)
 	})
+	if owner, _, _, _ := c.Owner(given); owner != "node-a" {
+		t.Fatalf("the reassigned shard %s went back to %s", given, owner)
+	}
+	if _, ok := c.Owns(given); ok {
+		t.Fatalf("node-c claims the reassigned shard %s", given)
+	}
 }
 
 // TestCleanLeaveDrains: a node that leaves moves every shard, with its
