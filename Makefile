@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke crashtest deploy-check clean
+.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke crashtest deploy-check clean
 
 all: build
 
@@ -38,8 +38,17 @@ vet:
 staticcheck: ## pinned; first run builds it (~30 s)
 	$(GO) run $(STATICCHECK) ./...
 
+# integration/cluster is a module of its own (the embedded etcd server
+# must not become a dependency of the mediator binary); it runs here too.
+CLUSTER_TESTS := integration/cluster
+
 test: fmt-check vet ## vet + race tests of every package (CI)
 	$(GO) test -race -count=1 -timeout=$(TEST_TIMEOUT) ./...
+	cd $(CLUSTER_TESTS) && $(GO) vet ./... && $(GO) test -race -count=1 -timeout=$(TEST_TIMEOUT) ./...
+
+test-cluster: ## only the cluster control plane against 3 embedded etcd members
+	$(GO) test -race -count=1 ./cluster/...
+	cd $(CLUSTER_TESTS) && $(GO) test -race -count=1 -v ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...

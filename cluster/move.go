@@ -1,0 +1,507 @@
+package cluster
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// Errors of the placement operations; wrapped with the shard and nodes.
+var (
+	ErrMoveInProgress   = errors.New("a move of this shard is already in progress")
+	ErrNodeNotLive      = errors.New("node is not live (unknown, or its lease expired)")
+	ErrShardUnavailable = errors.New("shard has no live owner")
+	ErrAlreadyOwner     = errors.New("node already owns the shard")
+	ErrMoveAborted      = errors.New("move aborted")
+	ErrDataLoss         = errors.New("reassigning a shard whose owner is gone loses its data: acceptDataLoss is required")
+	ErrOwnerLive        = errors.New("the shard's owner is live: use a move, which keeps its data")
+	ErrNoOtherNode      = errors.New("no other live node to move shards to")
+	ErrNoHooks          = errors.New("this node has no move hooks or transport")
+)
+
+// StateChange is one state a move record went through.
+type StateChange struct {
+	State MoveState
+	Rev   int64 // etcd revision of the record's write
+}
+
+// MoveResult tells how a planned move went.
+type MoveResult struct {
+	MoveInfo
+	ToEpoch int64         // epoch of the recipient's ownership
+	States  []StateChange // in order: draining, exported, handed-over
+	Took    time.Duration
+}
+
+func newMoveID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Move moves shard s to node to with its data: the donor stops acking and
+// drains (draining), exports (exported), the recipient imports and flips
+// ownership in one transaction that compares the donor's epoch
+// (handed-over). Every state is a write of moves/<NN>, so both nodes and
+// the caller see it. Move may be called on any node; it returns when the
+// move ended. A second move of a shard, a move to a node that is not
+// live, and a move of a shard without a live owner are refused.
+func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error) {
+	start := time.Now()
+	fail := func(err error) (MoveResult, error) {
+		return MoveResult{}, fmt.Errorf("cluster: move shard %s to %s: %w", s, to, err)
+	}
+	if !ValidNodeID(to) {
+		return fail(fmt.Errorf("%w (invalid node id)", ErrNodeNotLive))
+	}
+	get := []clientv3.Op{clientv3.OpGet(n.k.owner(s)), clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.node(to))}
+	resp, err := n.cli.Txn(ctx).Then(get...).Commit()
+	if err != nil {
+		return fail(err)
+	}
+	// A finished move's record (handed-over, aborted) that the controller
+	// has not deleted yet does not block a new move: the new record
+	// replaces it, compared on its revision.
+	var oldMoveRev int64
+	check := func(resp *clientv3.TxnResponse) (ownerRecord, int64, error) {
+		var o ownerRecord
+		ownerKV := resp.Responses[0].GetResponseRange().Kvs
+		moveKV := resp.Responses[1].GetResponseRange().Kvs
+		nodeKV := resp.Responses[2].GetResponseRange().Kvs
+		oldMoveRev = 0
+		if len(moveKV) > 0 {
+			var m moveRecord
+			_ = json.Unmarshal(moveKV[0].Value, &m)
+			if !m.finished() {
+				return o, 0, fmt.Errorf("%w (move %s from %s to %s is %s)", ErrMoveInProgress, m.ID, m.From, m.To, m.State)
+			}
+			oldMoveRev = moveKV[0].ModRevision
+		}
+		if len(nodeKV) == 0 {
+			return o, 0, ErrNodeNotLive
+		}
+		if len(ownerKV) == 0 || json.Unmarshal(ownerKV[0].Value, &o) != nil {
+			return o, 0, ErrShardUnavailable
+		}
+		if o.Node == to {
+			return o, 0, ErrAlreadyOwner
+		}
+		return o, ownerKV[0].ModRevision, nil
+	}
+	owner, epoch, err := check(resp)
+	if err != nil {
+		return fail(err)
+	}
+	rec := moveRecord{ID: newMoveID(), From: owner.Node, To: to, State: StateDraining, FromEpoch: epoch, Started: time.Now().UTC()}
+	cresp, err := n.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", oldMoveRev),
+			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", epoch),
+			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
+		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).
+		Else(get...).Commit()
+	if err != nil {
+		return fail(err)
+	}
+	if !cresp.Succeeded {
+		if _, _, err := check(cresp); err != nil {
+			return fail(err)
+		}
+		return fail(fmt.Errorf("%w (the shard's owner changed meanwhile)", ErrMoveAborted))
+	}
+	res := MoveResult{
+		MoveInfo: MoveInfo{ID: rec.ID, Shard: s, From: rec.From, To: to, FromEpoch: epoch},
+		States:   []StateChange{{State: StateDraining, Rev: cresp.Header.Revision}},
+	}
+	lastRev := cresp.Header.Revision
+	// seen takes one state of the record; done reports the move's end.
+	seen := func(kv *mvccpb.KeyValue, deleted bool) (done bool, err error) {
+		if kv.ModRevision <= res.States[len(res.States)-1].Rev {
+			return false, nil // seen before the watch was reopened
+		}
+		if deleted {
+			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", rec.ID, s, ErrMoveAborted, res.States[len(res.States)-1].State)
+		}
+		var m moveRecord
+		if json.Unmarshal(kv.Value, &m) != nil || m.ID != rec.ID {
+			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", rec.ID, s, ErrMoveAborted)
+		}
+		res.States = append(res.States, StateChange{State: m.State, Rev: kv.ModRevision})
+		switch m.State {
+		case StateHandedOver:
+			res.ToEpoch = kv.ModRevision
+			res.Took = time.Since(start)
+			return true, nil
+		case StateAborted:
+			return true, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", rec.ID, s, to, ErrMoveAborted, m.Reason)
+		}
+		return false, nil
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// A broken watch (member lost) is reopened from the last revision
+	// seen; after a compaction the record is read once instead.
+	for ctx.Err() == nil {
+		for wresp := range n.cli.Watch(clientv3.WithRequireLeader(wctx), n.k.move(s), clientv3.WithRev(lastRev+1)) {
+			if wresp.CompactRevision != 0 {
+				if r, err := n.cli.Get(ctx, n.k.move(s)); err == nil {
+					if len(r.Kvs) == 0 {
+						return res, fmt.Errorf("cluster: move %s of shard %s: %w (record gone after a compaction; look at the shard map)", rec.ID, s, ErrMoveAborted)
+					}
+					if done, err := seen(r.Kvs[0], false); done {
+						return res, err
+					}
+					lastRev = r.Header.Revision
+				}
+				break
+			}
+			if err := wresp.Err(); err != nil {
+				break
+			}
+			for _, ev := range wresp.Events {
+				lastRev = ev.Kv.ModRevision
+				if done, err := seen(ev.Kv, ev.Type == clientv3.EventTypeDelete); done {
+					return res, err
+				}
+			}
+		}
+		if ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	// The caller gave up: abort unless the move got further meanwhile.
+	actx, acancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.LeaseTTL)
+	defer acancel()
+	cur := rec
+	cur.State = res.States[len(res.States)-1].State
+	n.abortMove(actx, moveEntry{moveRecord: cur, shard: s, rev: res.States[len(res.States)-1].Rev}, "the caller gave up: "+context.Cause(ctx).Error())
+	return res, fmt.Errorf("cluster: move %s of shard %s: %w", rec.ID, s, context.Cause(ctx))
+}
+
+// abortMove marks a move aborted if its record is still at m.rev.
+func (n *Node) abortMove(ctx context.Context, m moveEntry, reason string) bool {
+	rec := m.moveRecord
+	rec.State, rec.Reason = StateAborted, reason
+	resp, err := n.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(n.k.move(m.shard)), "=", m.rev)).
+		Then(clientv3.OpPut(n.k.move(m.shard), mustJSON(rec))).Commit()
+	if err != nil {
+		n.log.Warn().Err(err).Str("shard", m.shard.String()).Msg("cluster: abort move")
+		return false
+	}
+	if resp.Succeeded {
+		n.log.Info().Str("shard", m.shard.String()).Str("move", m.ID).Str("reason", reason).Msg("cluster: move aborted")
+	}
+	return resp.Succeeded
+}
+
+// donation is a move this node is giving a shard away in; cancel stops
+// the donor's work (MoveTimeout, or the move was aborted elsewhere).
+type donation struct {
+	id     string
+	cancel context.CancelFunc
+}
+
+type donationStart struct {
+	m      moveEntry
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// donate is the donor's side of a move: MayAck is already false (the
+// watch loop paused the shard). It drains and exports, records
+// "exported", and sends the export to the recipient, whose Receive flips
+// ownership. On failure it aborts the move; the watch loop then resumes
+// the shard if it is still this node's.
+func (n *Node) donate(ctx context.Context, cancel context.CancelFunc, m moveEntry) {
+	defer cancel()
+	defer func() {
+		n.mu.Lock()
+		delete(n.donating, m.shard)
+		n.mu.Unlock()
+		select {
+		case n.kick <- struct{}{}:
+		default:
+		}
+	}()
+	rev, err := n.runDonor(ctx, m)
+	if err == nil || n.ctx.Err() != nil {
+		return
+	}
+	m.rev = rev
+	n.abortMove(n.ctx, m, err.Error())
+}
+
+func (n *Node) runDonor(ctx context.Context, m moveEntry) (rev int64, err error) {
+	s := m.shard
+	rev = m.rev
+	h, t := n.cfg.Hooks, n.cfg.Transport
+	if h == nil || t == nil {
+		return rev, fmt.Errorf("donor %s: %w", n.cfg.NodeID, ErrNoHooks)
+	}
+	if err := h.Drain(ctx, s); err != nil {
+		return rev, fmt.Errorf("drain: %w", err)
+	}
+	data, err := h.Export(ctx, s)
+	if err != nil {
+		return rev, fmt.Errorf("export: %w", err)
+	}
+	defer data.Close()
+	rec := m.moveRecord
+	rec.State = StateExported
+	resp, err := n.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", m.rev),
+			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
+		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).Commit()
+	if err != nil {
+		return rev, fmt.Errorf("record exported: %w", err)
+	}
+	if !resp.Succeeded {
+		return rev, errors.New("the move record or the shard's owner changed while draining")
+	}
+	rev = resp.Header.Revision
+	n.mu.Lock()
+	to, live := n.view.nodes[m.To]
+	n.mu.Unlock()
+	if !live {
+		return rev, fmt.Errorf("recipient %s: %w", m.To, ErrNodeNotLive)
+	}
+	info := MoveInfo{ID: m.ID, Shard: s, From: m.From, To: m.To, FromEpoch: m.FromEpoch}
+	if err := t.Send(ctx, to.Member, info, data); err != nil {
+		return rev, fmt.Errorf("send to %s: %w", m.To, err)
+	}
+	return rev, nil
+}
+
+// Receive is the recipient's side of a move; the mediator calls it with
+// what its Transport carried. It checks that the move is exported and
+// addressed to this node, imports the data (Hooks.Import), and flips
+// ownership in one transaction that compares the move record and the
+// donor's epoch: assign/<NN> and shards/<NN> name this node (the latter
+// attached to its lease), moves/<NN> says handed-over. The transaction's
+// revision is the new epoch, higher than the donor's.
+func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
+	s := mi.Shard
+	fail := func(format string, args ...any) error {
+		return fmt.Errorf("cluster: receive move %s of shard %s: %s", mi.ID, s, fmt.Sprintf(format, args...))
+	}
+	if n.cfg.Hooks == nil {
+		return fail("%v", ErrNoHooks)
+	}
+	resp, err := n.cli.Txn(ctx).Then(clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.owner(s))).Commit()
+	if err != nil {
+		return fail("%v", err)
+	}
+	moveKV := resp.Responses[0].GetResponseRange().Kvs
+	ownerKV := resp.Responses[1].GetResponseRange().Kvs
+	var m moveRecord
+	if len(moveKV) == 0 || json.Unmarshal(moveKV[0].Value, &m) != nil || m.ID != mi.ID {
+		return fail("no such move")
+	}
+	if m.State != StateExported || m.To != n.cfg.NodeID {
+		return fail("move is %s, to %s", m.State, m.To)
+	}
+	if len(ownerKV) == 0 || ownerKV[0].ModRevision != m.FromEpoch {
+		return fail("the donor no longer owns the shard at epoch %d", m.FromEpoch)
+	}
+	moveRev := moveKV[0].ModRevision
+	if err := n.cfg.Hooks.Import(ctx, s, data); err != nil {
+		return fail("import: %v", err)
+	}
+	lease := n.fence.currentLease()
+	if lease == 0 {
+		return fail("this node has no lease")
+	}
+	m.State = StateHandedOver
+	flip, err := n.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", moveRev),
+			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
+		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: n.cfg.NodeID, By: "move"})),
+			clientv3.OpPut(n.k.owner(s), mustJSON(ownerRecord{Node: n.cfg.NodeID, Advertise: n.cfg.Advertise}), clientv3.WithLease(lease)),
+			clientv3.OpPut(n.k.move(s), mustJSON(m))).Commit()
+	if err != nil {
+		return fail("flip ownership: %v", err)
+	}
+	if !flip.Succeeded {
+		return fail("the move or the donor's ownership changed before the flip")
+	}
+	if n.fence.claim(s, lease, flip.Header.Revision) {
+		n.events.push(Event{Kind: ShardGained, Shard: s, Epoch: flip.Header.Revision})
+	}
+	return nil
+}
+
+// DrainNode moves every shard node serves to the least loaded other live
+// nodes, MaxConcurrentMoves at a time. Shards assigned to node that it
+// does not serve (it is down) cannot be moved and are reported.
+func (n *Node) DrainNode(ctx context.Context, node string) ([]MoveResult, error) {
+	n.mu.Lock()
+	load := n.view.load()
+	var plan []plannedMove
+	var unserved []string
+	for i := range NumShards {
+		a, o := n.view.assign[i], n.view.owner[i]
+		switch {
+		case o != nil && o.Node == node:
+			plan = append(plan, plannedMove{shard: Shard(i)})
+		case a != nil && a.Node == node:
+			unserved = append(unserved, Shard(i).String())
+		}
+	}
+	n.mu.Unlock()
+	delete(load, node)
+	if len(plan) > 0 && len(load) == 0 {
+		return nil, fmt.Errorf("cluster: drain %s: %w", node, ErrNoOtherNode)
+	}
+	for i := range plan {
+		to, _ := leastLoaded(load, node)
+		load[to]++
+		plan[i].to = to
+	}
+	res, err := n.runMoves(ctx, plan)
+	if len(unserved) > 0 {
+		err = errors.Join(err, fmt.Errorf("cluster: drain %s: shards %v are assigned to it but not served: %w", node, unserved, ErrShardUnavailable))
+	}
+	return res, err
+}
+
+// Rebalance moves shards from the most to the least loaded live node until
+// every live node's count is within one of the others'.
+func (n *Node) Rebalance(ctx context.Context) ([]MoveResult, error) {
+	n.mu.Lock()
+	plan := n.view.rebalancePlan()
+	n.mu.Unlock()
+	return n.runMoves(ctx, plan)
+}
+
+type plannedMove struct {
+	shard Shard
+	to    string
+}
+
+func (v *view) rebalancePlan() []plannedMove {
+	load := v.load()
+	if len(load) < 2 {
+		return nil
+	}
+	movable := make(map[string][]Shard) // served shards without a move, per owner
+	for i := NumShards - 1; i >= 0; i-- {
+		if o, a := v.owner[i], v.assign[i]; o != nil && v.moves[i] == nil && a != nil && a.Node == o.Node {
+			movable[o.Node] = append(movable[o.Node], Shard(i))
+		}
+	}
+	var plan []plannedMove
+	for {
+		ids := make([]string, 0, len(load))
+		for id := range load {
+			ids = append(ids, id)
+		}
+		sort.Slice(ids, func(i, j int) bool {
+			if load[ids[i]] != load[ids[j]] {
+				return load[ids[i]] > load[ids[j]]
+			}
+			return ids[i] < ids[j]
+		})
+		hi, lo := ids[0], ids[len(ids)-1]
+		if load[hi]-load[lo] <= 1 || len(movable[hi]) == 0 {
+			return plan
+		}
+		s := movable[hi][len(movable[hi])-1]
+		movable[hi] = movable[hi][:len(movable[hi])-1]
+		plan = append(plan, plannedMove{shard: s, to: lo})
+		load[hi]--
+		load[lo]++
+	}
+}
+
+func (n *Node) runMoves(ctx context.Context, plan []plannedMove) ([]MoveResult, error) {
+	var (
+		mu   sync.Mutex
+		res  []MoveResult
+		errs []error
+		wg   sync.WaitGroup
+		sem  = make(chan struct{}, n.cfg.MaxConcurrentMoves)
+	)
+	for _, p := range plan {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return res, errors.Join(append(errs, ctx.Err())...)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			r, err := n.Move(ctx, p.shard, p.to)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			res = append(res, r)
+		}()
+	}
+	wg.Wait()
+	sort.Slice(res, func(i, j int) bool { return res[i].Shard < res[j].Shard })
+	return res, errors.Join(errs...)
+}
+
+// Reassign gives shard s, whose owner is gone, to node to without its data:
+// the operator's explicit decision when the old node will not come back.
+// acceptDataLoss must be true. Refused while the shard is served (use
+// Move) or moving, and for a node that is not live.
+func (n *Node) Reassign(ctx context.Context, s Shard, to string, acceptDataLoss bool) error {
+	fail := func(err error) error { return fmt.Errorf("cluster: reassign shard %s to %s: %w", s, to, err) }
+	if !acceptDataLoss {
+		return fail(ErrDataLoss)
+	}
+	if !ValidNodeID(to) {
+		return fail(ErrNodeNotLive)
+	}
+	get := []clientv3.Op{clientv3.OpGet(n.k.assign(s)), clientv3.OpGet(n.k.owner(s)), clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.node(to))}
+	resp, err := n.cli.Txn(ctx).Then(get...).Commit()
+	if err != nil {
+		return fail(err)
+	}
+	kvs := func(i int) int { return len(resp.Responses[i].GetResponseRange().Kvs) }
+	switch {
+	case kvs(1) > 0:
+		return fail(ErrOwnerLive)
+	case kvs(2) > 0:
+		return fail(ErrMoveInProgress)
+	case kvs(3) == 0:
+		return fail(ErrNodeNotLive)
+	}
+	var assignRev int64
+	if kvs(0) > 0 {
+		assignRev = resp.Responses[0].GetResponseRange().Kvs[0].ModRevision
+	}
+	put, err := n.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(n.k.assign(s)), "=", assignRev),
+			clientv3.Compare(clientv3.CreateRevision(n.k.owner(s)), "=", 0),
+			clientv3.Compare(clientv3.CreateRevision(n.k.move(s)), "=", 0),
+			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
+		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: to, By: "reassign"}))).Commit()
+	if err != nil {
+		return fail(err)
+	}
+	if !put.Succeeded {
+		return fail(errors.New("the shard's placement changed meanwhile; look again"))
+	}
+	n.log.Warn().Str("shard", s.String()).Str("node", to).Msg("cluster: shard reassigned, its data on the old node is given up")
+	return nil
+}
