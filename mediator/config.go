@@ -29,6 +29,12 @@ type Config struct {
 	AdmissionWait        time.Duration // how long an upgrade waits for a handshake slot (2s; <0: no wait)
 	MaxConnections       int           // open device connections; more are answered 503 (100000)
 	ShutdownSpread       time.Duration // 1001 closes spread over this window on shutdown (2s)
+
+	// Placement, in cluster mode, says which shards this node serves and
+	// whether it may still ack for them; nil serves every shard.
+	Placement Placement
+	// NodeID names this node in forwarded requests (ForwardedHeader).
+	NodeID string
 }
 
 // Defaults of Config, shared with the command line (cmd/mediator) so that

@@ -503,6 +503,15 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 				c.closeWith(d2m.CloseInternalError, err)
 				return
 			}
+			if !g.srv.mayAck(g.id) {
+				// The node can no longer be sure it owns the shard: no ack
+				// (the device sends the reflection again after it
+				// reconnects to the owner, protocol.md §10).
+				c.releaseReflect()
+				g.srv.metrics.fenceRefusals.Inc()
+				c.closeWith(d2m.CloseGoingAway, errFenced)
+				return
+			}
 			c.enqueueReflectAck(d2m.EncodeReflectAck(id, res.Timestamp))
 			if len(res.Delivered) > 0 || len(res.Dropped) > 0 {
 				g.mu.Lock()

@@ -16,6 +16,9 @@ type metrics struct {
 	handshakes       *prometheus.CounterVec // by outcome
 	closes           *prometheus.CounterVec // close codes sent, by code
 	timeouts         *prometheus.CounterVec // 4013 closes, by phase: handshake, idle
+	forwards         *prometheus.CounterVec // upgrades for shards owned elsewhere, by outcome
+	forwardedBytes   *prometheus.CounterVec // bytes copied for forwarded connections, by direction
+	fenceRefusals    prometheus.Counter
 	reflects         *prometheus.CounterVec // by kind: durable, ephemeral
 	reflectedSent    prometheus.Counter
 	reflectedAcked   prometheus.Counter
@@ -60,7 +63,10 @@ func newMetrics() *metrics {
 	m.leaderPromotions = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_leader_promotions_total", Help: "RolePromotedToLeader messages sent."})
 	m.queueDepth = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mediator_queue_depth", Help: "Reflection queue lengths per slot, sampled periodically.", Buckets: prometheus.ExponentialBuckets(1, 4, 9)})
 	m.queueAge = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mediator_queue_oldest_age_seconds", Help: "Age of the oldest queued reflection per non-empty slot, sampled periodically.", Buckets: prometheus.ExponentialBuckets(1, 4, 12)})
-	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.reflects, m.reflectedSent, m.reflectedAcked,
+	m.forwards = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_cluster_forwards_total", Help: "Device upgrades for a shard another node owns, by outcome: forwarded, unavailable (503), dial_failed, loop_refused."}, []string{"outcome"})
+	m.forwardedBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_cluster_forwarded_bytes_total", Help: "Bytes copied for forwarded device connections, by direction."}, []string{"direction"})
+	m.fenceRefusals = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_cluster_fence_refusals_total", Help: "ReflectAcks withheld because the node could no longer be sure it owns the shard."})
+	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.forwards, m.forwardedBytes, m.fenceRefusals, m.reflects, m.reflectedSent, m.reflectedAcked,
 		m.framesIn, m.framesOut, m.commitBatch, m.commitLatency, m.commitErrors, m.lockHold, m.upstreams, m.upstreamBytes,
 		m.ephemeralDrops, m.slowConsumers, m.queueLimitDrops, m.leaderPromotions, m.queueDepth, m.queueAge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {

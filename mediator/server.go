@@ -37,7 +37,10 @@ type Server struct {
 	mu     sync.Mutex // guards groups, conns, closed and Add on goroutines
 	groups map[reflection.GroupID]*group
 	conns  map[*deviceConn]struct{}
-	closed bool
+	// forwards are device connections copied to the node owning their
+	// shard (cluster mode).
+	forwards map[*forwarded]struct{}
+	closed   bool
 	// goroutines counts every goroutine the server starts (spawn):
 	// connections, the janitor. Shutdown waits for it.
 	goroutines sync.WaitGroup
@@ -65,6 +68,7 @@ func New(cfg Config, store reflection.Store, log zerolog.Logger) (*Server, error
 		cancelBase:  cancel,
 		groups:      make(map[reflection.GroupID]*group),
 		conns:       make(map[*deviceConn]struct{}),
+		forwards:    make(map[*forwarded]struct{}),
 		handshakes:  make(chan struct{}, cfg.MaxHandshakes),
 		janitorStop: make(chan struct{}),
 	}
@@ -202,6 +206,9 @@ func (s *Server) serveDevice(w http.ResponseWriter, r *http.Request) {
 	if s.isClosed() {
 		w.Header().Set("Retry-After", "5")
 		http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	if s.routeDevice(w, r, info.DeviceGroupID[0]) {
 		return
 	}
 	// Admission control before the upgrade: in a reconnect storm an
@@ -522,6 +529,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	conns := make([]*deviceConn, 0, len(s.conns))
 	for c := range s.conns {
 		conns = append(conns, c)
+	}
+	for f := range s.forwards {
+		f.close() // the device reconnects, to wherever its shard is served
 	}
 	s.mu.Unlock()
 	if first {

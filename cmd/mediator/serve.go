@@ -28,6 +28,8 @@ type serveFlags struct {
 	cfg                                                    mediator.Config
 	maxQueueLength                                         int
 	maxQueueBytes                                          int64
+	cluster                                                clusterFlags
+	clusterCfg                                             *daemon.ClusterConfig
 }
 
 func parseServeFlags(args []string) (*serveFlags, error) {
@@ -54,6 +56,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.cfg.IdleTimeout, "idle-timeout", mediator.DefaultIdleTimeout, "close a device (4013) after this long without an inbound frame")
 	fs.StringVar(&f.logFormat, "log-format", "auto", "log format: json, console, or auto (console when stderr is a terminal, json otherwise)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	f.cluster.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -88,6 +91,10 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 		}
 	}
 	if err := f.cfg.Validate(); err != nil {
+		return nil, err
+	}
+	var err error
+	if f.clusterCfg, err = f.cluster.config(); err != nil {
 		return nil, err
 	}
 	if f.adminTokenFile == "" {
@@ -153,6 +160,7 @@ func serve(ctx context.Context, args []string) error {
 		TLSCert:      f.tlsCert,
 		TLSKey:       f.tlsKey,
 		Logger:       log,
+		Cluster:      f.clusterCfg,
 	})
 	if err != nil {
 		return err

@@ -24,7 +24,10 @@ import (
 
 	"github.com/rs/zerolog"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"d2m-mediator/chatproxy/chatstub"
+	"d2m-mediator/cluster"
 	"d2m-mediator/mediator"
 	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/reflection"
@@ -56,6 +59,10 @@ type Config struct {
 
 	ReadHeaderTimeout time.Duration // device and admin listeners; default 10s
 	Logger            zerolog.Logger
+
+	// Cluster, if set, runs the node in cluster mode (placement through
+	// etcd); nil is a single node serving every shard.
+	Cluster *ClusterConfig
 }
 
 // Daemon is a running mediator process.
@@ -71,6 +78,9 @@ type Daemon struct {
 	DeviceURL  string
 	DeviceAddr net.Addr
 	AdminAddr  net.Addr // nil without an admin listener
+	// Cluster is this node's cluster membership (cluster mode only).
+	Cluster *cluster.Node
+	etcd    *clientv3.Client
 
 	log       zerolog.Logger
 	device    *http.Server
@@ -157,6 +167,12 @@ func Start(cfg Config) (d *Daemon, err error) {
 	}
 
 	d.ChatServer = cfg.Server.ChatServer
+	var place *placement
+	if cfg.Cluster != nil {
+		place = &placement{}
+		cfg.Server.Placement = place
+		cfg.Server.NodeID = cfg.Cluster.NodeID
+	}
 	s, err := mediator.New(cfg.Server, d.Store, log)
 	if err != nil {
 		return nil, err
@@ -189,6 +205,15 @@ func Start(cfg Config) (d *Daemon, err error) {
 		}
 		undo = append(undo, func() { adminLn.Close() })
 		d.AdminAddr = adminLn.Addr()
+	}
+
+	if place != nil {
+		// After the listener exists (other nodes forward to it as soon as
+		// this node claims shards), before it serves.
+		if err := d.joinCluster(*cfg.Cluster, s, place); err != nil {
+			return nil, err
+		}
+		undo = append(undo, func() { d.leaveCluster(context.Background()) })
 	}
 
 	// Without ReadHeaderTimeout, stuck TLS handshakes and slow request
@@ -226,6 +251,11 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 	d.closeOnce.Do(func() {
 		d.Server.SetReady(false)
 		d.device.Shutdown(ctx)
+		// Stop acking for the shards first: devices still connected during
+		// the spread close get no ReflectAck the node could not honour.
+		if cerr := d.leaveCluster(ctx); cerr != nil {
+			d.log.Error().Err(cerr).Msg("leaving the cluster")
+		}
 		err := d.Server.Shutdown(ctx)
 		if d.admin != nil {
 			d.admin.Shutdown(ctx)

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"d2m-mediator/cluster"
+	"d2m-mediator/mediator/daemon"
+)
+
+// clusterFlags are serve's cluster-mode flags; without --cluster-etcd the
+// mediator runs as a single node, exactly as before.
+type clusterFlags struct {
+	etcd, nodeID, advertise, prefix string
+	leaseTTL                        time.Duration
+	cacert, cert, key, user         string
+	passwordFile                    string
+}
+
+func (c *clusterFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.etcd, "cluster-etcd", "", "cluster mode: comma-separated etcd `endpoints` (absent: a single node)")
+	fs.StringVar(&c.nodeID, "node-id", "", "cluster mode: this node's `id` (letters, digits, '.', '_', '-'; stable across restarts)")
+	fs.StringVar(&c.advertise, "advertise", "", "cluster mode: `host:port` other nodes and the load balancer reach the device listener at (default: the listener's address)")
+	fs.StringVar(&c.prefix, "cluster-prefix", cluster.DefaultPrefix, "cluster mode: etcd key `prefix`")
+	fs.DurationVar(&c.leaseTTL, "cluster-lease-ttl", 5*time.Second, "cluster mode: node lease TTL (whole seconds); acks for a shard stop at the last keepalive sent + TTL - TTL/5")
+	fs.StringVar(&c.cacert, "etcd-cacert", "", "CA certificate `file` that signed etcd's server certificates (enables TLS)")
+	fs.StringVar(&c.cert, "etcd-cert", "", "client certificate `file` for etcd (with --etcd-key)")
+	fs.StringVar(&c.key, "etcd-key", "", "client key `file` for etcd")
+	fs.StringVar(&c.user, "etcd-user", "", "etcd user `name` (password from --etcd-password-file)")
+	fs.StringVar(&c.passwordFile, "etcd-password-file", "", "`file` holding the etcd user's password")
+}
+
+// config turns the flags into daemon.ClusterConfig; nil without
+// --cluster-etcd.
+func (c *clusterFlags) config() (*daemon.ClusterConfig, error) {
+	if c.etcd == "" {
+		if c.nodeID != "" || c.advertise != "" {
+			return nil, errors.New("--node-id and --advertise need --cluster-etcd")
+		}
+		return nil, nil
+	}
+	if !cluster.ValidNodeID(c.nodeID) {
+		return nil, fmt.Errorf("--node-id %q: cluster mode needs a node id of 1-63 letters, digits, '.', '_' or '-'", c.nodeID)
+	}
+	if c.leaseTTL < time.Second || c.leaseTTL%time.Second != 0 {
+		return nil, errors.New("--cluster-lease-ttl must be whole seconds, at least 1s")
+	}
+	ec := clientv3.Config{DialTimeout: 5 * time.Second}
+	for _, e := range strings.Split(c.etcd, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			ec.Endpoints = append(ec.Endpoints, e)
+		}
+	}
+	if (c.cert == "") != (c.key == "") {
+		return nil, errors.New("--etcd-cert and --etcd-key go together")
+	}
+	if c.cacert != "" || c.cert != "" {
+		tc := &tls.Config{MinVersion: tls.VersionTLS12}
+		if c.cacert != "" {
+			pem, err := os.ReadFile(c.cacert)
+			if err != nil {
+				return nil, fmt.Errorf("--etcd-cacert: %w", err)
+			}
+			tc.RootCAs = x509.NewCertPool()
+			if !tc.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("--etcd-cacert %s: no PEM certificate in it", c.cacert)
+			}
+		}
+		if c.cert != "" {
+			kp, err := tls.LoadX509KeyPair(c.cert, c.key)
+			if err != nil {
+				return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+			}
+			tc.Certificates = []tls.Certificate{kp}
+		}
+		ec.TLS = tc
+	}
+	if c.user != "" {
+		if c.passwordFile == "" {
+			return nil, errors.New("--etcd-user needs --etcd-password-file")
+		}
+		pw, err := os.ReadFile(c.passwordFile)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-password-file: %w", err)
+		}
+		ec.Username, ec.Password = c.user, strings.TrimRight(string(pw), "\r\n")
+	}
+	return &daemon.ClusterConfig{Etcd: ec, NodeID: c.nodeID, Advertise: c.advertise, Prefix: c.prefix, LeaseTTL: c.leaseTTL}, nil
+}

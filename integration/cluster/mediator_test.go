@@ -1,0 +1,259 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"d2m-mediator/cluster"
+	"d2m-mediator/d2d"
+	"d2m-mediator/d2m"
+	"d2m-mediator/d2m/d2mclient"
+	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/daemon"
+	"d2m-mediator/mediator/mediatortest"
+	"d2m-mediator/proto/d2mpb"
+)
+
+// mediatorNode is one in-process mediator in cluster mode, started
+// through daemon.Start exactly as `mediator serve --cluster-etcd …` does.
+type mediatorNode struct {
+	id   string
+	dir  string
+	logs *mediatortest.LogBuffer
+	d    *daemon.Daemon
+}
+
+func startMediator(t *testing.T, id, prefix, dir string) *mediatorNode {
+	t.Helper()
+	logs := mediatortest.NewLogBuffer(4 << 20)
+	d, err := daemon.Start(daemon.Config{
+		Server:       mediator.Config{ShutdownSpread: time.Millisecond},
+		DataDir:      dir,
+		DeviceListen: "127.0.0.1:0",
+		NoChatStub:   true,
+		Logger:       zerolog.New(logs).With().Str("node", id).Timestamp().Logger(),
+		Cluster: &daemon.ClusterConfig{
+			Etcd:   clientv3.Config{Endpoints: shared.clients, DialTimeout: 5 * time.Second, Logger: zap.NewNop()},
+			NodeID: id, Prefix: prefix, LeaseTTL: ttl,
+		},
+	})
+	if err != nil {
+		t.Fatalf("start %s: %v", id, err)
+	}
+	n := &mediatorNode{id: id, dir: dir, logs: logs, d: d}
+	t.Cleanup(func() {
+		n.stop(t)
+		if t.Failed() {
+			t.Logf("%s log:\n%s", id, tailString(logs.String(), 8<<10))
+		}
+	})
+	return n
+}
+
+func (n *mediatorNode) stop(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.d.Shutdown(ctx); err != nil {
+		t.Errorf("%s shutdown: %v", n.id, err)
+	}
+}
+
+func tailString(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "…" + s[len(s)-n:]
+}
+
+// keysForShards makes a device group for each of n distinct shards.
+func keysForShards(n int) []d2d.Keys {
+	seen := map[byte]bool{}
+	var out []d2d.Keys
+	for len(out) < n {
+		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		if s := k.DeviceGroupID()[0]; !seen[s] {
+			seen[s] = true
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+func dialDevice(t *testing.T, url string, k d2d.Keys, dev uint64) (*d2mclient.Client, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d2mclient.Dial(ctx, d2mclient.Config{URL: url, Keys: k, DeviceID: dev,
+		ExpirationPolicy: d2mpb.DeviceSlotExpirationPolicy_PERSISTENT})
+	if err == nil {
+		t.Cleanup(func() { c.CloseNow() })
+	}
+	return c, err
+}
+
+// recvType returns the next message of type want, skipping the others.
+func recvType(t *testing.T, c *d2mclient.Client, want d2m.PayloadType) d2mclient.Message {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for {
+		m, err := c.Recv(ctx)
+		if err != nil {
+			t.Fatalf("device %d: waiting for %v: %v", c.DeviceID(), want, err)
+		}
+		if m.Type == want {
+			return m
+		}
+	}
+}
+
+func forwarded(n *mediatorNode) float64 {
+	mfs, _ := n.d.Server.Registry().Gather()
+	for _, mf := range mfs {
+		if mf.GetName() != "mediator_cluster_forwards_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "outcome" && l.GetValue() == "forwarded" {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// TestMediatorsServeEveryShardThroughAnyNode: three mediators in cluster
+// mode share the 256 shards. Devices of many groups connect to any node
+// (round-robin) and are forwarded to the owner; reflections reach the
+// group's other device whichever node it dialled. A stopped node's shards
+// answer 503 with Retry-After at the other nodes while every other shard
+// keeps working; restarted with its data, it serves them again, backlog
+// included.
+func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	nodes := make([]*mediatorNode, 3)
+	for i := range nodes {
+		id := fmt.Sprintf("m%d", i+1)
+		nodes[i] = startMediator(t, id, prefix, filepath.Join(base, id))
+	}
+	waitUntil(t, 20*time.Second, "every shard served", func() bool {
+		for s := 0; s < cluster.NumShards; s++ {
+			if _, _, _, ok := nodes[0].d.Cluster.Owner(cluster.Shard(s)); !ok {
+				return false
+			}
+		}
+		return true
+	})
+
+	groups := keysForShards(24)
+	owner := func(k d2d.Keys) string {
+		node, _, _, _ := nodes[0].d.Cluster.Owner(cluster.Shard(k.DeviceGroupID()[0]))
+		return node
+	}
+	for i, k := range groups {
+		// Device 1 and device 2 of the group dial different nodes.
+		a, err := dialDevice(t, nodes[i%3].d.DeviceURL, k, 1)
+		if err != nil {
+			t.Fatalf("group %d (shard %02x, owner %s) via %s: %v", i, k.DeviceGroupID()[0], owner(k), nodes[i%3].id, err)
+		}
+		b, err := dialDevice(t, nodes[(i+1)%3].d.DeviceURL, k, 2)
+		if err != nil {
+			t.Fatalf("group %d device 2: %v", i, err)
+		}
+		recvType(t, a, d2m.TypeReflectionQueueDry)
+		recvType(t, b, d2m.TypeReflectionQueueDry)
+		env := []byte(fmt.Sprintf("group-%d", i))
+		id, err := a.Reflect(context.Background(), env, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ack, _ := d2m.DecodeReflectAck(recvType(t, a, d2m.TypeReflectAck).Payload); ack.ID != id {
+			t.Fatalf("group %d: ReflectAck %d, want %d", i, ack.ID, id)
+		}
+		r, _ := d2m.DecodeReflected(recvType(t, b, d2m.TypeReflected).Payload)
+		if string(r.Envelope) != string(env) {
+			t.Fatalf("group %d: Reflected %q, want %q", i, r.Envelope, env)
+		}
+		b.AckReflected(context.Background(), r.ID)
+		a.Close()
+		b.Close()
+	}
+	var total float64
+	for _, n := range nodes {
+		total += forwarded(n)
+	}
+	if total < 24 { // 48 connections, two thirds dialled a node that does not own the shard
+		t.Fatalf("only %v connections forwarded", total)
+	}
+
+	// Stop the owner of one group's shard; queue something for it first.
+	k := groups[0]
+	victim := nodes[0]
+	for _, n := range nodes {
+		if n.id == owner(k) {
+			victim = n
+		}
+	}
+	var others []*mediatorNode
+	for _, n := range nodes {
+		if n != victim {
+			others = append(others, n)
+		}
+	}
+	a, err := dialDevice(t, others[0].d.DeviceURL, k, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectionQueueDry)
+	if _, err := a.Reflect(context.Background(), []byte("while-2-was-away"), 0); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectAck)
+	victim.stop(t)
+	shard := cluster.Shard(k.DeviceGroupID()[0])
+	waitUntil(t, 10*time.Second, "the stopped node's shard unserved", func() bool {
+		_, _, _, ok := others[0].d.Cluster.Owner(shard)
+		return !ok
+	})
+	_, err = dialDevice(t, others[1].d.DeviceURL, k, 2)
+	if err == nil || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("device of a shard whose node is down: %v, want an HTTP 503", err)
+	}
+	// Another group whose shard the stopped node does not own still works.
+	for _, g := range groups[1:] {
+		if owner(g) != victim.id && owner(g) != "" {
+			c, err := dialDevice(t, others[1].d.DeviceURL, g, 3)
+			if err != nil {
+				t.Fatalf("a shard on a live node: %v", err)
+			}
+			recvType(t, c, d2m.TypeReflectionQueueDry)
+			break
+		}
+	}
+
+	// Restarted with its data, the node serves its shards again.
+	back := startMediator(t, victim.id, prefix, victim.dir)
+	waitUntil(t, 20*time.Second, "the shard served again", func() bool {
+		node, _, _, ok := others[0].d.Cluster.Owner(shard)
+		return ok && node == victim.id
+	})
+	b, err := dialDevice(t, others[1].d.DeviceURL, k, 2)
+	if err != nil {
+		t.Fatalf("after the restart: %v", err)
+	}
+	r, _ := d2m.DecodeReflected(recvType(t, b, d2m.TypeReflected).Payload)
+	if string(r.Envelope) != "while-2-was-away" {
+		t.Fatalf("backlog after the restart: %q", r.Envelope)
+	}
+	_ = back
+}

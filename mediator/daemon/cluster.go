@@ -1,0 +1,100 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"d2m-mediator/cluster"
+	"d2m-mediator/mediator"
+)
+
+// ClusterConfig turns on cluster mode: placement through etcd, shards =
+// the device group id's first byte (package cluster).
+type ClusterConfig struct {
+	Etcd      clientv3.Config // endpoints, TLS, user and password
+	NodeID    string
+	Advertise string // host:port other nodes and the load balancer reach DeviceListen at; "" = the listener's address
+	Prefix    string
+	LeaseTTL  time.Duration
+}
+
+// placement adapts a cluster node to the server's Placement. Before Join
+// (node nil) it serves nothing.
+type placement struct{ node *cluster.Node }
+
+func (p *placement) Route(shard byte) mediator.Route {
+	if p.node == nil {
+		return mediator.Route{}
+	}
+	s := cluster.Shard(shard)
+	if p.node.MayAck(s) {
+		return mediator.Route{Local: true, Node: p.node.ID()}
+	}
+	if _, ok := p.node.Owns(s); ok {
+		// Owned but fenced (a move draining it, a lease about to
+		// expire): neither serve nor forward to ourselves.
+		return mediator.Route{}
+	}
+	node, addr, _, ok := p.node.Owner(s)
+	if !ok {
+		return mediator.Route{}
+	}
+	return mediator.Route{Node: node, Addr: addr}
+}
+
+func (p *placement) MayAck(shard byte) bool {
+	return p.node != nil && p.node.MayAck(cluster.Shard(shard))
+}
+
+// joinCluster connects to etcd and joins the cluster as the node serving
+// the already listening device listener.
+func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement) error {
+	cli, err := clientv3.New(cc.Etcd)
+	if err != nil {
+		return fmt.Errorf("etcd client: %w", err)
+	}
+	advertise := cc.Advertise
+	if advertise == "" {
+		advertise = d.DeviceAddr.String()
+	}
+	node, err := cluster.New(cli, cluster.Config{
+		NodeID: cc.NodeID, Advertise: advertise, Prefix: cc.Prefix, LeaseTTL: cc.LeaseTTL,
+		OnEvent: func(ev cluster.Event) {
+			if ev.Kind == cluster.ShardLost {
+				n := s.CloseShard(byte(ev.Shard))
+				d.log.Info().Int("shard", int(ev.Shard)).Int64("epoch", ev.Epoch).Str("reason", ev.Reason).
+					Int("devices_closed", n).Msg("cluster: shard lost")
+			} else {
+				d.log.Info().Int("shard", int(ev.Shard)).Int64("epoch", ev.Epoch).Msg("cluster: shard gained")
+			}
+		},
+		Log: d.log.With().Str("component", "cluster").Logger(),
+	})
+	if err != nil {
+		cli.Close()
+		return err
+	}
+	p.node = node
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := node.Join(ctx); err != nil {
+		cli.Close()
+		return fmt.Errorf("joining the cluster: %w", err)
+	}
+	d.Cluster, d.etcd = node, cli
+	return nil
+}
+
+// leaveCluster stops acking at once and revokes the node's lease (its
+// shards stay assigned to it and wait for its return).
+func (d *Daemon) leaveCluster(ctx context.Context) error {
+	if d.Cluster == nil {
+		return nil
+	}
+	err := d.Cluster.Close(ctx)
+	d.etcd.Close()
+	return err
+}

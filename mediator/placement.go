@@ -1,0 +1,195 @@
+package mediator
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"d2m-mediator/d2m"
+	"d2m-mediator/reflection"
+)
+
+// Placement places device groups on the nodes of a cluster (package
+// cluster implements it through etcd). A shard is the first byte of the
+// device group id; everything of one group lives on the node that owns its
+// shard. Nil in Config means a single node that serves every shard.
+type Placement interface {
+	// Route says where devices of the shard are served right now.
+	Route(shard byte) Route
+	// MayAck reports whether this node may still acknowledge reflections
+	// of the shard. It is asked once per ReflectAck and must answer from
+	// memory (the fence clock), never from the network.
+	MayAck(shard byte) bool
+}
+
+// Route is where one shard is served.
+type Route struct {
+	Local bool   // this node owns the shard
+	Node  string // the owner's node id ("" when nobody serves it)
+	Addr  string // the owner's device listener, host:port ("" when nobody serves it)
+}
+
+// ForwardedHeader marks an upgrade request one node forwarded to another.
+// A node that receives it for a shard it does not own refuses instead of
+// forwarding again, so a stale shard map on two nodes cannot make a loop.
+const ForwardedHeader = "D2m-Forwarded-By"
+
+// unavailableRetryAfter is the Retry-After of a 503 for a shard nobody
+// serves: about the lease TTL, after which a returning node has claimed it.
+const unavailableRetryAfter = "5"
+
+var (
+	errFenced     = errors.New("shard no longer owned here: not acknowledging")
+	errShardMoved = errors.New("shard no longer served by this node")
+)
+
+func shardOf(g reflection.GroupID) byte { return g[0] }
+
+// mayAck is the fence on the reflect path.
+func (s *Server) mayAck(g reflection.GroupID) bool {
+	return s.cfg.Placement == nil || s.cfg.Placement.MayAck(shardOf(g))
+}
+
+// routeDevice serves an upgrade for a shard this node does not own: it
+// forwards the connection to the owner (clients cannot be redirected:
+// WebSocket clients fail on anything but 101), or answers 503 with
+// Retry-After when nobody serves the shard. It reports whether it
+// answered the request.
+func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte) bool {
+	if s.cfg.Placement == nil {
+		return false
+	}
+	rt := s.cfg.Placement.Route(shard)
+	if rt.Local {
+		return false
+	}
+	if by := r.Header.Get(ForwardedHeader); by != "" {
+		s.metrics.forwards.WithLabelValues("loop_refused").Inc()
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "forwarded by "+by+" for a shard this node does not own", http.StatusServiceUnavailable)
+		return true
+	}
+	if rt.Addr == "" {
+		s.metrics.forwards.WithLabelValues("unavailable").Inc()
+		w.Header().Set("Retry-After", unavailableRetryAfter)
+		http.Error(w, "the device group's shard is not served right now", http.StatusServiceUnavailable)
+		return true
+	}
+	s.forward(w, r, rt)
+	return true
+}
+
+// forward copies the device's connection to the owner's device listener,
+// byte for byte in both directions, after replaying the upgrade request
+// with ForwardedHeader added (like DERP's mesh: one hop, no parsing of
+// d2m frames). The copy runs on a goroutine the server counts; Shutdown
+// closes both sockets.
+func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route) {
+	dialer := net.Dialer{Timeout: 5 * time.Second}
+	up, err := dialer.DialContext(r.Context(), "tcp", rt.Addr)
+	if err != nil {
+		s.metrics.forwards.WithLabelValues("dial_failed").Inc()
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "the node serving this device group cannot be reached", http.StatusServiceUnavailable)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		up.Close()
+		http.Error(w, "cannot forward this connection", http.StatusInternalServerError)
+		return
+	}
+	req := r.Clone(context.Background())
+	req.Header.Set(ForwardedHeader, s.cfg.NodeID)
+	req.RequestURI = ""
+	if err := req.Write(up); err != nil {
+		up.Close()
+		s.metrics.forwards.WithLabelValues("dial_failed").Inc()
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "the node serving this device group cannot be reached", http.StatusServiceUnavailable)
+		return
+	}
+	down, brw, err := hj.Hijack()
+	if err != nil {
+		up.Close()
+		return
+	}
+	f := &forwarded{down: down, up: up}
+	if !s.trackForward(f) {
+		f.close()
+		return
+	}
+	s.metrics.forwards.WithLabelValues("forwarded").Inc()
+	go func() {
+		defer s.untrackForward(f)
+		f.copy(brw.Reader, s.metrics.forwardedBytes.WithLabelValues("to_owner").Add,
+			s.metrics.forwardedBytes.WithLabelValues("to_device").Add)
+	}()
+}
+
+// forwarded is one device connection copied to its owner node.
+type forwarded struct {
+	down, up net.Conn
+}
+
+// copy runs both directions until either side ends, then closes both.
+// The device side is read through the HTTP server's reader, which may hold
+// bytes the device sent right behind its upgrade request.
+func (f *forwarded) copy(fromDevice *bufio.Reader, toOwner, toDevice func(float64)) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n, _ := io.Copy(f.up, fromDevice)
+		toOwner(float64(n))
+		f.close()
+	}()
+	n, _ := io.Copy(f.down, f.up)
+	toDevice(float64(n))
+	f.close()
+	<-done
+}
+
+func (f *forwarded) close() {
+	f.down.Close()
+	f.up.Close()
+}
+
+func (s *Server) trackForward(f *forwarded) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.forwards[f] = struct{}{}
+	s.goroutines.Add(1)
+	return true
+}
+
+func (s *Server) untrackForward(f *forwarded) {
+	s.mu.Lock()
+	delete(s.forwards, f)
+	s.mu.Unlock()
+	s.goroutines.Done()
+}
+
+// CloseShard closes every connection of the shard's device groups with
+// 1001 (they reconnect, and land wherever the shard is served now). The
+// cluster calls it when the node loses the shard.
+func (s *Server) CloseShard(shard byte) int {
+	s.mu.Lock()
+	var conns []*deviceConn
+	for c := range s.conns {
+		if shardOf(c.groupID) == shard {
+			conns = append(conns, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.closeWith(d2m.CloseGoingAway, errShardMoved)
+	}
+	return len(conns)
+}
