@@ -216,9 +216,10 @@ func (c *adminClient) call(ctx context.Context, method, path string, raw bool, v
 // operation is one admin API command: its client, output mode and
 // positional arguments.
 type operation struct {
-	c    *adminClient
-	json bool
-	args []string
+	c              *adminClient
+	json           bool
+	args           []string
+	acceptDataLoss bool // cluster reassign
 }
 
 func (op *operation) call(ctx context.Context, method, path string, v any) (printed bool, err error) {
@@ -240,6 +241,12 @@ var opCommands = map[string]opCommand{
 	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow},
 	"lock release": {"GROUP", "Force-releases the group's transaction lock as if its holder had\ndisconnected: held reflections are delivered and the other devices get\nTransactionEnded. The holder stays connected.", runLockRelease},
 	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.", runStats},
+
+	"cluster nodes":    {"", "Lists the cluster's live nodes (cluster mode).", runClusterNodes},
+	"cluster shards":   {"", "Lists the 256 shards: assigned node, serving node, epoch, move state; groups,\ndevices and queued reflections for the shards the answering node serves.", runClusterShards},
+	"cluster move":     {"SHARD NODE", "Moves a shard (two hex digits, the /{prefix8}/ URL segment) to NODE with its\ndata: its devices are closed with 1001 and reconnect to NODE.", runClusterMove},
+	"cluster drain":    {"NODE", "Moves every shard of NODE to the other nodes.", runClusterDrain},
+	"cluster reassign": {"SHARD NODE", "Gives a shard whose node is down to NODE WITHOUT its data (the shard's\nqueued reflections and slots are lost); needs --accept-data-loss.", runClusterReassign},
 }
 
 // adminCommand runs `mediator groups|slots|queue|lock|stats …`; globals
@@ -258,6 +265,10 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	}
 	fs := newCommandFlags(name, cmd.args, cmd.help)
 	o := addAdminFlags(fs)
+	var acceptDataLoss bool
+	if name == "cluster reassign" {
+		fs.BoolVar(&acceptDataLoss, "accept-data-loss", false, "confirm that the shard's data on the lost node is given up")
+	}
 	nargs := len(strings.Fields(cmd.args))
 	pos, err := parseCommandFlags(fs, append(globals, rest...), nargs)
 	if err != nil {
@@ -267,7 +278,7 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	if err != nil {
 		return err
 	}
-	return cmd.run(ctx, &operation{c: c, json: o.json, args: pos})
+	return cmd.run(ctx, &operation{c: c, json: o.json, args: pos, acceptDataLoss: acceptDataLoss})
 }
 
 func subcommands(prefix string) []string {

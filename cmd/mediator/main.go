@@ -30,6 +30,14 @@ Operations (talk to the running server's admin API):
   stats                      connections, groups, goroutines, memory, database
   db backup FILE             hot, consistent copy of the database into FILE
 
+Cluster (cluster mode; any node answers):
+  cluster nodes              live nodes
+  cluster shards             the shard map: assigned, serving node, epoch, moves
+  cluster move SHARD NODE    move a shard with its data (SHARD: two hex digits)
+  cluster drain NODE         move every shard of NODE to the other nodes
+  cluster reassign SHARD NODE --accept-data-loss
+                             give a down node's shard to NODE without its data
+
   Flags (before the command, before or after the arguments): --admin ADDR
   (default 127.0.0.1:8766), --admin-token-file FILE (default
   ./data/admin.token), --json (raw API JSON).
@@ -73,7 +81,7 @@ func run(args []string) error {
 	switch args[0] {
 	case "serve":
 		return serve(ctx, append(globals, args[1:]...))
-	case "groups", "slots", "queue", "lock", "stats":
+	case "groups", "slots", "queue", "lock", "stats", "cluster":
 		return adminCommand(ctx, args, globals)
 	case "db":
 		return dbCommand(ctx, args[1:], globals)

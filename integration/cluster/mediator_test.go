@@ -2,7 +2,10 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,6 +20,7 @@ import (
 	"d2m-mediator/d2m"
 	"d2m-mediator/d2m/d2mclient"
 	"d2m-mediator/mediator"
+	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/mediator/mediatortest"
 	"d2m-mediator/proto/d2mpb"
@@ -33,15 +37,24 @@ type mediatorNode struct {
 
 func startMediator(t *testing.T, id, prefix, dir string) *mediatorNode {
 	t.Helper()
+	return startMediatorVia(t, id, prefix, dir, shared.clients)
+}
+
+// startMediatorVia starts a node that reaches etcd at endpoints (proxies,
+// to cut it off).
+func startMediatorVia(t *testing.T, id, prefix, dir string, endpoints []string) *mediatorNode {
+	t.Helper()
 	logs := mediatortest.NewLogBuffer(4 << 20)
 	d, err := daemon.Start(daemon.Config{
 		Server:       mediator.Config{ShutdownSpread: time.Millisecond},
 		DataDir:      dir,
 		DeviceListen: "127.0.0.1:0",
+		AdminListen:  "127.0.0.1:0",
+		AdminToken:   adminToken,
 		NoChatStub:   true,
 		Logger:       zerolog.New(logs).With().Str("node", id).Timestamp().Logger(),
 		Cluster: &daemon.ClusterConfig{
-			Etcd:   clientv3.Config{Endpoints: shared.clients, DialTimeout: 5 * time.Second, Logger: zap.NewNop()},
+			Etcd:   clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()},
 			NodeID: id, Prefix: prefix, LeaseTTL: ttl,
 		},
 	})
@@ -56,6 +69,29 @@ func startMediator(t *testing.T, id, prefix, dir string) *mediatorNode {
 		}
 	})
 	return n
+}
+
+const adminToken = "cluster-test-token"
+
+// admin GETs path from the node's admin API.
+func (n *mediatorNode) admin(t *testing.T, method, path string, v any) int {
+	t.Helper()
+	req, _ := http.NewRequest(method, "http://"+n.d.AdminAddr.String()+path, nil)
+	req.Header.Set("Authorization", "Bearer "+adminToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if v != nil {
+		if s, ok := v.(*string); ok {
+			*s = string(body)
+		} else if err := json.Unmarshal(body, v); err != nil {
+			t.Fatalf("%s %s: %v in %s", method, path, err, body)
+		}
+	}
+	return resp.StatusCode
 }
 
 func (n *mediatorNode) stop(t *testing.T) {
@@ -146,14 +182,48 @@ func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
 		id := fmt.Sprintf("m%d", i+1)
 		nodes[i] = startMediator(t, id, prefix, filepath.Join(base, id))
 	}
-	waitUntil(t, 20*time.Second, "every shard served", func() bool {
-		for s := 0; s < cluster.NumShards; s++ {
-			if _, _, _, ok := nodes[0].d.Cluster.Owner(cluster.Shard(s)); !ok {
-				return false
+	waitUntil(t, 20*time.Second, "every shard served, as every node sees it", func() bool {
+		for _, n := range nodes {
+			for s := 0; s < cluster.NumShards; s++ {
+				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
+					return false
+				}
 			}
 		}
 		return true
 	})
+
+	// The admin API of any node serves the cluster's view.
+	var hmap string
+	if code := nodes[1].admin(t, "GET", "/cluster/haproxy.map", &hmap); code != 200 {
+		t.Fatalf("haproxy.map: %d", code)
+	}
+	lines := 0
+	for _, l := range strings.Split(strings.TrimSpace(hmap), "\n") {
+		if l != "" && !strings.HasPrefix(l, "#") {
+			lines++
+		}
+	}
+	if lines != cluster.NumShards {
+		t.Fatalf("haproxy.map has %d shard lines, want 256:\n%s", lines, hmap)
+	}
+	var cn adminapi.ClusterNodes
+	nodes[2].admin(t, "GET", "/api/v1/cluster/nodes", &cn)
+	if len(cn.Nodes) != 3 {
+		t.Fatalf("cluster nodes: %+v", cn)
+	}
+	var cs adminapi.ClusterShards
+	nodes[0].admin(t, "GET", "/api/v1/cluster/shards", &cs)
+	if len(cs.Shards) != cluster.NumShards || cs.Node != "m1" {
+		t.Fatalf("cluster shards: %d shards from %q", len(cs.Shards), cs.Node)
+	}
+	var ce struct{ Error string }
+	if code := nodes[0].admin(t, "POST", "/api/v1/cluster/shards/00/move?to=nosuchnode", &ce); code != http.StatusNotFound || ce.Error == "" {
+		t.Fatalf("move to an unknown node: %d %q", code, ce.Error)
+	}
+	if code := nodes[0].admin(t, "POST", "/api/v1/cluster/shards/zz/move?to=m2", &ce); code != http.StatusBadRequest {
+		t.Fatalf("move of shard zz: %d %q", code, ce.Error)
+	}
 
 	groups := keysForShards(24)
 	owner := func(k d2d.Keys) string {
@@ -256,4 +326,78 @@ func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
 		t.Fatalf("backlog after the restart: %q", r.Envelope)
 	}
 	_ = back
+}
+
+// TestMediatorFenceWithholdsAcks: a node cut off from etcd (as a paused or
+// partitioned process is, for etcd) stops acking reflections of its shards
+// at last keepalive sent + TTL − margin, before anyone else can own them:
+// its device gets no ReflectAck for a reflection sent after that, only a
+// 1001 close.
+func TestMediatorFenceWithholdsAcks(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	var proxies []*proxy
+	var eps []string
+	for _, c := range shared.clients {
+		p := newProxy(t, c)
+		proxies = append(proxies, p)
+		eps = append(eps, p.addr())
+	}
+	cut := startMediatorVia(t, "m1", prefix, filepath.Join(base, "m1"), eps)
+	other := startMediator(t, "m2", prefix, filepath.Join(base, "m2"))
+	waitUntil(t, 20*time.Second, "every shard served", func() bool {
+		for s := 0; s < cluster.NumShards; s++ {
+			if _, _, _, ok := other.d.Cluster.Owner(cluster.Shard(s)); !ok {
+				return false
+			}
+		}
+		return true
+	})
+	// A group whose shard the node to be cut off serves.
+	var k d2d.Keys
+	for {
+		k = d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		if cut.d.Cluster.MayAck(cluster.Shard(k.DeviceGroupID()[0])) {
+			break
+		}
+	}
+	shard := cluster.Shard(k.DeviceGroupID()[0])
+	a, err := dialDevice(t, cut.d.DeviceURL, k, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectionQueueDry)
+	id, _ := a.Reflect(context.Background(), []byte("before"), 0)
+	if ack, _ := d2m.DecodeReflectAck(recvType(t, a, d2m.TypeReflectAck).Payload); ack.ID != id {
+		t.Fatalf("ack %d, want %d", ack.ID, id)
+	}
+
+	for _, p := range proxies {
+		p.setPaused(true)
+	}
+	cutAt := time.Now()
+	waitUntil(t, 2*ttl, "the fence to close", func() bool { return !cut.d.Cluster.MayAck(shard) })
+	if took := time.Since(cutAt); took > ttl {
+		t.Fatalf("acks for the shard stopped %v after the cut; the lease TTL is %v", took, ttl)
+	}
+	if _, err := a.Reflect(context.Background(), []byte("after-the-fence"), 0); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for {
+		m, err := a.Recv(ctx)
+		if err != nil {
+			break
+		}
+		if m.Type == d2m.TypeReflectAck {
+			t.Fatal("ReflectAck for a reflection sent after the fence closed")
+		}
+	}
+	if code := a.CloseCode(context.Background()); code != int(d2m.CloseGoingAway) {
+		t.Fatalf("close code %d, want 1001", code)
+	}
+	for _, p := range proxies {
+		p.setPaused(false)
+	}
 }

@@ -130,17 +130,27 @@ var _ Backend = (*mediator.Server)(nil)
 
 // API serves the admin endpoints over a Backend.
 type API struct {
-	b   Backend
-	log zerolog.Logger
+	b       Backend
+	cluster ClusterBackend // nil on a single node
+	log     zerolog.Logger
 }
+
+// Option adds to what Handler serves.
+type Option func(*API)
+
+// WithCluster serves the cluster endpoints (cluster mode).
+func WithCluster(c ClusterBackend) Option { return func(a *API) { a.cluster = c } }
 
 func (a *API) store() reflection.Store { return a.b.Store() }
 
 // Handler serves health and readiness without authentication and
 // everything else (admin API, /metrics, /debug/pprof/) behind the bearer
 // token.
-func Handler(b Backend, token string, log zerolog.Logger) http.Handler {
+func Handler(b Backend, token string, log zerolog.Logger, opts ...Option) http.Handler {
 	a := &API{b: b, log: log}
+	for _, o := range opts {
+		o(a)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok\n"))
@@ -160,6 +170,7 @@ func Handler(b Backend, token string, log zerolog.Logger) http.Handler {
 	private.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	private.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	a.register(private)
+	a.registerCluster(private)
 	mux.Handle("/", requireToken(token, private))
 	return mux
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"d2m-mediator/cluster"
@@ -60,8 +61,14 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement)
 	if advertise == "" {
 		advertise = d.DeviceAddr.String()
 	}
+	keepalive := prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "mediator_cluster_keepalive_seconds",
+		Help:    "Round trip of the node's etcd lease keepalives; the fence clock counts from their send time.",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+	})
 	node, err := cluster.New(cli, cluster.Config{
 		NodeID: cc.NodeID, Advertise: advertise, Prefix: cc.Prefix, LeaseTTL: cc.LeaseTTL,
+		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
 		OnEvent: func(ev cluster.Event) {
 			if ev.Kind == cluster.ShardLost {
 				n := s.CloseShard(byte(ev.Shard))
@@ -78,6 +85,18 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement)
 		return err
 	}
 	p.node = node
+	s.Registry().MustRegister(keepalive, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "mediator_cluster_shards_owned",
+		Help: "Shards this node serves and may ack for now.",
+	}, func() float64 {
+		owned := 0
+		for i := 0; i < cluster.NumShards; i++ {
+			if node.MayAck(cluster.Shard(i)) {
+				owned++
+			}
+		}
+		return float64(owned)
+	}))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := node.Join(ctx); err != nil {

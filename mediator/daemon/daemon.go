@@ -221,7 +221,11 @@ func Start(cfg Config) (d *Daemon, err error) {
 	d.device = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 	d.serve(d.device, deviceLn)
 	if adminLn != nil {
-		d.admin = &http.Server{Handler: adminapi.Handler(s, cfg.AdminToken, log), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+		var opts []adminapi.Option
+		if d.Cluster != nil {
+			opts = append(opts, adminapi.WithCluster(d.Cluster))
+		}
+		d.admin = &http.Server{Handler: adminapi.Handler(s, cfg.AdminToken, log, opts...), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 		d.serve(d.admin, adminLn)
 	}
 	s.SetReady(true)

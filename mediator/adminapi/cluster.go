@@ -1,0 +1,251 @@
+package adminapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"d2m-mediator/cluster"
+	"d2m-mediator/reflection"
+)
+
+// Cluster endpoints (cluster mode only; 404 otherwise):
+//
+//	GET  /cluster/haproxy.map                        the shard map as an HAProxy map file
+//	GET  /api/v1/cluster/nodes                       ClusterNodes
+//	GET  /api/v1/cluster/shards                      ClusterShards
+//	POST /api/v1/cluster/shards/{shard}/move?to=N    planned move → MoveResult
+//	POST /api/v1/cluster/nodes/{node}/drain          move every shard away → DrainResult
+//	POST /api/v1/cluster/shards/{shard}/reassign?to=N&accept-data-loss=true
+//
+// {shard} is two hex digits (the /{prefix8}/ URL segment).
+
+// ClusterBackend is what the cluster endpoints need; *cluster.Node
+// implements it.
+type ClusterBackend interface {
+	ID() string
+	Members() []cluster.Member
+	Shards() []cluster.ShardInfo
+	Move(ctx context.Context, s cluster.Shard, to string) (cluster.MoveResult, error)
+	DrainNode(ctx context.Context, node string) ([]cluster.MoveResult, error)
+	Reassign(ctx context.Context, s cluster.Shard, to string, acceptDataLoss bool) error
+	HAProxyMap() string
+}
+
+var _ ClusterBackend = (*cluster.Node)(nil)
+
+// ClusterNode is one live node.
+type ClusterNode struct {
+	ID        string `json:"id"`
+	Advertise string `json:"advertise"`
+	Started   string `json:"started"`
+	Shards    int    `json:"shards"` // shards it serves now
+	This      bool   `json:"this"`   // the node that answered
+}
+
+// ClusterNodes is GET /api/v1/cluster/nodes.
+type ClusterNodes struct {
+	Nodes []ClusterNode `json:"nodes"`
+}
+
+// ClusterShard is one shard. Groups, devices and queued entries are
+// counted only for shards the answering node serves (nil elsewhere).
+type ClusterShard struct {
+	Shard    string `json:"shard"` // two hex digits
+	Assigned string `json:"assigned"`
+	Owner    string `json:"owner"` // "" while nobody serves it (503)
+	Addr     string `json:"addr"`
+	Epoch    int64  `json:"epoch"`
+	Move     string `json:"move"` // serving, or the state of a move in progress
+	MoveTo   string `json:"move_to,omitempty"`
+	Groups   *int   `json:"groups"`
+	Devices  *int   `json:"devices"`
+	Queued   *int   `json:"queued"`
+}
+
+// ClusterShards is GET /api/v1/cluster/shards.
+type ClusterShards struct {
+	Node   string         `json:"node"`
+	Shards []ClusterShard `json:"shards"`
+}
+
+// MoveResult answers a move.
+type MoveResult struct {
+	Shard     string   `json:"shard"`
+	From      string   `json:"from"`
+	To        string   `json:"to"`
+	FromEpoch int64    `json:"from_epoch"`
+	ToEpoch   int64    `json:"to_epoch"`
+	States    []string `json:"states"`
+	Seconds   float64  `json:"seconds"`
+}
+
+// DrainResult answers a drain.
+type DrainResult struct {
+	Node  string       `json:"node"`
+	Moves []MoveResult `json:"moves"`
+}
+
+func (a *API) registerCluster(mux *http.ServeMux) {
+	if a.cluster == nil {
+		return
+	}
+	mux.HandleFunc("GET /cluster/haproxy.map", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Write([]byte(a.cluster.HAProxyMap()))
+	})
+	mux.HandleFunc("GET /api/v1/cluster/nodes", a.apiClusterNodes)
+	mux.HandleFunc("GET /api/v1/cluster/shards", a.apiClusterShards)
+	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/move", a.apiClusterMove)
+	mux.HandleFunc("POST /api/v1/cluster/nodes/{node}/drain", a.apiClusterDrain)
+	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/reassign", a.apiClusterReassign)
+}
+
+func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
+	serving := map[string]int{}
+	for _, s := range a.cluster.Shards() {
+		if s.Owner != "" {
+			serving[s.Owner]++
+		}
+	}
+	out := ClusterNodes{Nodes: []ClusterNode{}}
+	for _, m := range a.cluster.Members() {
+		out.Nodes = append(out.Nodes, ClusterNode{
+			ID: m.ID, Advertise: m.Advertise, Started: m.Started.UTC().Format(time.RFC3339),
+			Shards: serving[m.ID], This: m.ID == a.cluster.ID(),
+		})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *API) apiClusterShards(w http.ResponseWriter, r *http.Request) {
+	type counts struct{ groups, devices, queued int }
+	local := map[byte]*counts{}
+	self := a.cluster.ID()
+	for _, s := range a.cluster.Shards() {
+		if s.Owner == self {
+			local[byte(s.Shard)] = &counts{}
+		}
+	}
+	err := a.store().ForEachGroup(func(g reflection.GroupID, st reflection.GroupState) error {
+		c := local[g[0]]
+		if c == nil || len(st.Slots) == 0 {
+			return nil
+		}
+		c.groups++
+		c.devices += len(a.b.LiveGroup(g).Conns)
+		for _, sl := range st.Slots {
+			if qs, ok := a.store().QueueStats(g, sl.DeviceID); ok {
+				c.queued += qs.Length
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	out := ClusterShards{Node: self, Shards: []ClusterShard{}}
+	for _, s := range a.cluster.Shards() {
+		cs := ClusterShard{
+			Shard: fmt.Sprintf("%02x", byte(s.Shard)), Assigned: s.Assigned, Owner: s.Owner, Addr: s.Addr,
+			Epoch: s.Epoch, Move: string(s.Move), MoveTo: s.MoveTo,
+		}
+		if c := local[byte(s.Shard)]; c != nil {
+			cs.Groups, cs.Devices, cs.Queued = &c.groups, &c.devices, &c.queued
+		}
+		out.Shards = append(out.Shards, cs)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func parseShard(s string) (cluster.Shard, error) {
+	v, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(s), "0x"), 16, 8)
+	if err != nil || len(strings.TrimPrefix(strings.ToLower(s), "0x")) > 2 {
+		return 0, errorf(http.StatusBadRequest, "shard %q: want two hex digits (00..ff), the /{prefix8}/ URL segment", s)
+	}
+	return cluster.Shard(v), nil
+}
+
+func moveResult(m cluster.MoveResult) MoveResult {
+	out := MoveResult{
+		Shard: fmt.Sprintf("%02x", byte(m.Shard)), From: m.From, To: m.To,
+		FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch, Seconds: m.Took.Seconds(), States: []string{},
+	}
+	for _, s := range m.States {
+		out.States = append(out.States, string(s.State))
+	}
+	return out
+}
+
+// clusterErr answers the cluster's refusals with 409 (a state that does
+// not allow it) or 404 (unknown node) and a clear message.
+func (a *API) clusterErr(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, cluster.ErrNodeNotLive):
+		writeError(w, http.StatusNotFound, "%v", err)
+	case errors.Is(err, cluster.ErrMoveInProgress), errors.Is(err, cluster.ErrShardUnavailable),
+		errors.Is(err, cluster.ErrAlreadyOwner), errors.Is(err, cluster.ErrMoveAborted),
+		errors.Is(err, cluster.ErrDataLoss), errors.Is(err, cluster.ErrOwnerLive),
+		errors.Is(err, cluster.ErrNoOtherNode), errors.Is(err, cluster.ErrNoHooks):
+		writeError(w, http.StatusConflict, "%v", err)
+	default:
+		a.writeErr(w, err)
+	}
+}
+
+func (a *API) apiClusterMove(w http.ResponseWriter, r *http.Request) {
+	s, err := parseShard(r.PathValue("shard"))
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	to := r.URL.Query().Get("to")
+	if to == "" {
+		writeError(w, http.StatusBadRequest, "move needs ?to=NODE")
+		return
+	}
+	res, err := a.cluster.Move(r.Context(), s, to)
+	if err != nil {
+		a.clusterErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, moveResult(res))
+}
+
+func (a *API) apiClusterDrain(w http.ResponseWriter, r *http.Request) {
+	node := r.PathValue("node")
+	res, err := a.cluster.DrainNode(r.Context(), node)
+	out := DrainResult{Node: node, Moves: []MoveResult{}}
+	for _, m := range res {
+		out.Moves = append(out.Moves, moveResult(m))
+	}
+	if err != nil {
+		a.clusterErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *API) apiClusterReassign(w http.ResponseWriter, r *http.Request) {
+	s, err := parseShard(r.PathValue("shard"))
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	to := r.URL.Query().Get("to")
+	if to == "" {
+		writeError(w, http.StatusBadRequest, "reassign needs ?to=NODE")
+		return
+	}
+	accept := r.URL.Query().Get("accept-data-loss") == "true"
+	if err := a.cluster.Reassign(r.Context(), s, to, accept); err != nil {
+		a.clusterErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"shard": fmt.Sprintf("%02x", byte(s)), "assigned": to})
+}
