@@ -91,6 +91,10 @@ func (bt *batchTx) apply(r *request) error {
 		return bt.purgeQueue(r.g, r.d)
 	case opPruneTombstones:
 		return bt.pruneTombstones(r.olderThan)
+	case opImportShard:
+		return bt.importShard(r.shard)
+	case opDropShard:
+		return bt.dropShard(r.shard)
 	}
 	return fmt.Errorf("reflection: unknown request kind %d", r.op)
 }

@@ -2,6 +2,7 @@ package reflection
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -12,8 +13,8 @@ import (
 	"go.etcd.io/bbolt"
 )
 
-// Model-based test: random sequences of writes, acks, restarts and crashes
-// against the store and a plain in-memory model of what the store must
+// Model-based test: random sequences of writes, acks, restarts, crashes and
+// shard moves against the store and a plain in-memory model of what the store must
 // hold; after every step everything readable is compared. TestModel runs
 // fixed seeds; FuzzModel drives the same steps from fuzz input.
 
@@ -121,6 +122,7 @@ type modelRun struct {
 	opts Options
 	db   *DB
 	m    *model
+	peer *DB // the other node of shard moves, opened by the first one
 }
 
 var modelGroups = []GroupID{gid(1), gid(2)}
@@ -135,8 +137,50 @@ func newModelRun(t testing.TB) *modelRun {
 		t.Fatal(err)
 	}
 	r.db = db
-	t.Cleanup(func() { _ = r.db.Close() })
+	t.Cleanup(func() {
+		_ = r.db.Close()
+		if r.peer != nil {
+			_ = r.peer.Close()
+		}
+	})
 	return r
+}
+
+// moveShard moves g's shard to the peer and back: export, import on the
+// peer (replacing what an earlier move left there), DropShard here,
+// export from the peer (which must give the same stream) and import here.
+// The model does not change: a move loses nothing and adds nothing.
+func (r *modelRun) moveShard(g GroupID) {
+	t, ctx, shard := r.t, context.Background(), g[0]
+	if r.peer == nil {
+		peer, err := Open(dbPath(t), r.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.peer = peer
+	}
+	var out, back bytes.Buffer
+	if _, err := r.db.ExportShard(ctx, shard, &out); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.peer.ImportShard(ctx, shard, bytes.NewReader(out.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.db.DropShard(ctx, shard); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := r.db.Group(g); err != nil || len(st.Slots)+len(st.Tombstones)+len(st.SharedDeviceData) != 0 {
+		t.Fatalf("group %x after DropShard: %+v %v", shard, st, err)
+	}
+	if _, err := r.peer.ExportShard(ctx, shard, &back); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), back.Bytes()) {
+		t.Fatalf("shard %x: the peer's export differs from the one it imported", shard)
+	}
+	if _, err := r.db.ImportShard(ctx, shard, &back); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // step performs one operation chosen by op and the argument bytes a, b, c.
@@ -148,7 +192,7 @@ func (r *modelRun) step(op, a, b, c byte) string {
 	d := DeviceID(1 + (a>>1)%4)
 	mg := m.group(g)
 	env := bytes.Repeat([]byte{b}, 1+int(c%20))
-	switch op % 13 {
+	switch op % 14 {
 	case 0, 1: // put slot (create or replace)
 		sl := Slot{DeviceID: d, DeviceInfo: []byte{b}, Policy: ExpirationPolicy(c % 2), CreatedAt: now}
 		mustDo(t, func(done func(error)) { db.PutSlot(g, sl, done) })
@@ -235,6 +279,9 @@ func (r *modelRun) step(op, a, b, c byte) string {
 			}
 			return fmt.Sprintf("prune < %d", older)
 		}
+	case 13: // move the group's shard to the peer and back
+		r.moveShard(g)
+		return fmt.Sprintf("move shard %x", g[0])
 	default: // restart: clean, or a crash (the file as of the last commit)
 		crash := b%2 == 1
 		var image []byte

@@ -11,6 +11,8 @@ const (
 	opReleaseHeld
 	opPurgeQueue
 	opPruneTombstones
+	opImportShard
+	opDropShard
 )
 
 // request is one queued write. Only the fields of its op are set.
@@ -23,6 +25,7 @@ type request struct {
 	data      []byte
 	app       AppendRequest
 	olderThan int64
+	shard     *shardOp
 
 	done       func(error)
 	doneAppend func(AppendResult, error)

@@ -1,9 +1,11 @@
 package reflection
 
 import (
+	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -259,3 +261,18 @@ func (r TombstoneReason) String() string {
 	}
 	return fmt.Sprintf("unknown(%d)", uint8(r))
 }
+
+// ShardStore is implemented by stores that can hand a shard (the groups
+// whose id starts with one byte) to another node in a planned move; the
+// mediator type-asserts it. *DB implements it (shard.go).
+type ShardStore interface {
+	// ExportShard writes a consistent snapshot of the shard's state.
+	ExportShard(ctx context.Context, shard byte, w io.Writer) (ShardStats, error)
+	// ImportShard checks a whole stream, then replaces the shard's state
+	// with it in one fsynced transaction; on error nothing changed.
+	ImportShard(ctx context.Context, shard byte, r io.Reader) (ShardStats, error)
+	// DropShard deletes the shard's state (the donor, after a move).
+	DropShard(ctx context.Context, shard byte) (ShardStats, error)
+}
+
+var _ ShardStore = (*DB)(nil)
