@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -192,4 +193,29 @@ func (s *Server) CloseShard(shard byte) int {
 		c.closeWith(d2m.CloseGoingAway, errShardMoved)
 	}
 	return len(conns)
+}
+
+// WaitShardClosed waits until no connection of the shard is left (after
+// CloseShard), or ctx ends.
+func (s *Server) WaitShardClosed(ctx context.Context, shard byte) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		s.mu.Lock()
+		left := 0
+		for c := range s.conns {
+			if shardOf(c.groupID) == shard {
+				left++
+			}
+		}
+		s.mu.Unlock()
+		if left == 0 {
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("%d connections of shard %02x still open: %w", left, shard, ctx.Err())
+		}
+	}
 }

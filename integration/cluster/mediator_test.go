@@ -24,6 +24,7 @@ import (
 	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/mediator/mediatortest"
 	"d2m-mediator/proto/d2mpb"
+	"d2m-mediator/reflection"
 )
 
 // mediatorNode is one in-process mediator in cluster mode, started
@@ -40,9 +41,14 @@ func startMediator(t *testing.T, id, prefix, dir string) *mediatorNode {
 	return startMediatorVia(t, id, prefix, dir, shared.clients)
 }
 
+func startBenchMediator(b *testing.B, id, prefix, dir string) *mediatorNode {
+	b.Helper()
+	return startMediatorVia(b, id, prefix, dir, shared.clients)
+}
+
 // startMediatorVia starts a node that reaches etcd at endpoints (proxies,
 // to cut it off).
-func startMediatorVia(t *testing.T, id, prefix, dir string, endpoints []string) *mediatorNode {
+func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) *mediatorNode {
 	t.Helper()
 	logs := mediatortest.NewLogBuffer(4 << 20)
 	d, err := daemon.Start(daemon.Config{
@@ -94,7 +100,7 @@ func (n *mediatorNode) admin(t *testing.T, method, path string, v any) int {
 	return resp.StatusCode
 }
 
-func (n *mediatorNode) stop(t *testing.T) {
+func (n *mediatorNode) stop(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := n.d.Shutdown(ctx); err != nil {
@@ -399,5 +405,126 @@ func TestMediatorFenceWithholdsAcks(t *testing.T) {
 	}
 	for _, p := range proxies {
 		p.setPaused(false)
+	}
+}
+
+// TestMediatorPlannedMove moves a shard with its data while its devices
+// are connected: the recipient imports the shard (10,000 entries queued for
+// an offline device among it), ownership flips to a higher epoch, the
+// donor closes the devices with 1001, they reconnect on their first attempt
+// and land on the new owner, and the queue continues exactly: every entry
+// arrives in order with consecutive Reflected ids, and new reflections get
+// the next ids.
+func TestMediatorPlannedMove(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	nodes := []*mediatorNode{
+		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
+		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
+	}
+	waitUntil(t, 20*time.Second, "every shard served", func() bool {
+		for _, n := range nodes {
+			for s := 0; s < cluster.NumShards; s++ {
+				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+	shard := cluster.Shard(k.DeviceGroupID()[0])
+	from, _, fromEpoch, _ := nodes[0].d.Cluster.Owner(shard)
+	donor, recipient := nodes[0], nodes[1]
+	if from == "m2" {
+		donor, recipient = nodes[1], nodes[0]
+	}
+
+	// Device 3 goes offline; device 1 fills its queue.
+	c3, err := dialDevice(t, donor.d.DeviceURL, k, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, c3, d2m.TypeReflectionQueueDry)
+	c3.Close()
+	a, err := dialDevice(t, donor.d.DeviceURL, k, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectionQueueDry)
+	const queued = 10000
+	for i := 0; i < queued; i++ {
+		if _, err := a.Reflect(context.Background(), []byte(fmt.Sprintf("e%05d", i)), 0); err != nil {
+			t.Fatal(err)
+		}
+		if i%64 == 63 || i == queued-1 {
+			for j := i - i%64; j <= i; j++ {
+				recvType(t, a, d2m.TypeReflectAck)
+			}
+		}
+	}
+
+	// The move, through the admin API of the node that does not own it.
+	var mr adminapi.MoveResult
+	start := time.Now()
+	if code := recipient.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", byte(shard), recipient.id), &mr); code != 200 {
+		t.Fatalf("move: %d %+v", code, mr)
+	}
+	t.Logf("moved shard %02x with %d queued entries in %v (%v as the cluster measured)", byte(shard), queued, time.Since(start), time.Duration(mr.Seconds*float64(time.Second)))
+	if mr.To != recipient.id || mr.ToEpoch <= fromEpoch {
+		t.Fatalf("move result %+v (from epoch %d)", mr, fromEpoch)
+	}
+	// The connected device was closed with 1001 and reconnects once, to
+	// the donor's address: it is forwarded to the new owner.
+	if code := a.CloseCode(context.Background()); code != int(d2m.CloseGoingAway) {
+		t.Fatalf("device on the donor: close %d, want 1001", code)
+	}
+	a, err = dialDevice(t, donor.d.DeviceURL, k, 1)
+	if err != nil {
+		t.Fatalf("first reconnect after the move: %v", err)
+	}
+	recvType(t, a, d2m.TypeReflectionQueueDry)
+	// The offline device finds its whole queue on the new owner, in order.
+	c3, err = dialDevice(t, recipient.d.DeviceURL, k, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := c3.ServerInfo.DeviceSlotState; st != d2mpb.DeviceSlotState_EXISTING || c3.ServerInfo.ReflectionQueueLength != queued {
+		t.Fatalf("after the move: slot %v, queue %d", st, c3.ServerInfo.ReflectionQueueLength)
+	}
+	var lastID uint32
+	for i := 0; i < queued; i++ {
+		r, _ := d2m.DecodeReflected(recvType(t, c3, d2m.TypeReflected).Payload)
+		if want := fmt.Sprintf("e%05d", i); string(r.Envelope) != want {
+			t.Fatalf("entry %d: %q, want %q", i, r.Envelope, want)
+		}
+		if i > 0 && r.ID != lastID+1 {
+			t.Fatalf("entry %d: id %d after %d", i, r.ID, lastID)
+		}
+		lastID = r.ID
+		c3.AckReflected(context.Background(), r.ID)
+	}
+	recvType(t, c3, d2m.TypeReflectionQueueDry)
+	if _, err := a.Reflect(context.Background(), []byte("after-the-move"), 0); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectAck)
+	r, _ := d2m.DecodeReflected(recvType(t, c3, d2m.TypeReflected).Payload)
+	if string(r.Envelope) != "after-the-move" || r.ID != lastID+1 {
+		t.Fatalf("after the move: %q id %d, want id %d", r.Envelope, r.ID, lastID+1)
+	}
+	// The donor deleted its copy once the shard's devices were gone.
+	gid := reflection.GroupID(k.DeviceGroupID())
+	waitUntil(t, 10*time.Second, "the donor's copy deleted", func() bool {
+		st, err := donor.d.Store.Group(gid)
+		return err == nil && len(st.Slots) == 0
+	})
+	if qs, ok := donor.d.Store.QueueStats(gid, 3); ok {
+		t.Fatalf("the donor still has device 3's queue: %+v", qs)
+	}
+	// To an unknown node a move is refused.
+	var ce struct{ Error string }
+	if code := donor.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=nosuch", byte(shard)), &ce); code != http.StatusNotFound {
+		t.Fatalf("move to an unknown node: %d %q", code, ce.Error)
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"net/http"
+
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -52,7 +54,7 @@ func (p *placement) MayAck(shard byte) bool {
 
 // joinCluster connects to etcd and joins the cluster as the node serving
 // the already listening device listener.
-func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement) error {
+func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement, scheme string) error {
 	cli, err := clientv3.New(cc.Etcd)
 	if err != nil {
 		return fmt.Errorf("etcd client: %w", err)
@@ -69,11 +71,23 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement)
 	node, err := cluster.New(cli, cluster.Config{
 		NodeID: cc.NodeID, Advertise: advertise, Prefix: cc.Prefix, LeaseTTL: cc.LeaseTTL,
 		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
+		Hooks:       &moveHooks{d: d},
+		Transport:   &httpTransport{scheme: scheme, client: &http.Client{Timeout: 5 * time.Minute}},
 		OnEvent: func(ev cluster.Event) {
 			if ev.Kind == cluster.ShardLost {
 				n := s.CloseShard(byte(ev.Shard))
 				d.log.Info().Int("shard", int(ev.Shard)).Int64("epoch", ev.Epoch).Str("reason", ev.Reason).
 					Int("devices_closed", n).Msg("cluster: shard lost")
+				// Moved (or reassigned) away: the data is the new
+				// owner's now. A lost lease keeps it: the shard waits
+				// for this node.
+				if d.assignedElsewhere(ev.Shard) {
+					d.bg.Add(1)
+					go func() {
+						defer d.bg.Done()
+						d.dropMovedShard(s, ev.Shard)
+					}()
+				}
 			} else {
 				d.log.Info().Int("shard", int(ev.Shard)).Int64("epoch", ev.Epoch).Msg("cluster: shard gained")
 			}
@@ -105,6 +119,17 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement)
 	}
 	d.Cluster, d.etcd = node, cli
 	return nil
+}
+
+// assignedElsewhere reports whether the cluster has given the shard's
+// data to another node.
+func (d *Daemon) assignedElsewhere(shard cluster.Shard) bool {
+	for _, si := range d.Cluster.Shards() {
+		if si.Shard == shard {
+			return si.Assigned != "" && si.Assigned != d.Cluster.ID()
+		}
+	}
+	return false
 }
 
 // leaveCluster stops acking at once and revokes the node's lease (its

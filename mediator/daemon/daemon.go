@@ -87,6 +87,7 @@ type Daemon struct {
 	admin     *http.Server
 	errc      chan error
 	serving   sync.WaitGroup // the listeners' Serve goroutines
+	bg        sync.WaitGroup // background work: deleting moved shards
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -210,7 +211,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 	if place != nil {
 		// After the listener exists (other nodes forward to it as soon as
 		// this node claims shards), before it serves.
-		if err := d.joinCluster(*cfg.Cluster, s, place); err != nil {
+		if err := d.joinCluster(*cfg.Cluster, s, place, map[bool]string{false: "http", true: "https"}[scheme == "wss"]); err != nil {
 			return nil, err
 		}
 		undo = append(undo, func() { d.leaveCluster(context.Background()) })
@@ -218,7 +219,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 
 	// Without ReadHeaderTimeout, stuck TLS handshakes and slow request
 	// headers pile up goroutines; the WebSocket has its own deadlines.
-	d.device = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+	d.device = &http.Server{Handler: d.receiveHandler(s.Handler()), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 	d.serve(d.device, deviceLn)
 	if adminLn != nil {
 		var opts []adminapi.Option
@@ -265,6 +266,7 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 			d.admin.Shutdown(ctx)
 		}
 		d.serving.Wait()
+		d.bg.Wait()
 		if d.ChatStub != nil {
 			d.ChatStub.Close()
 		}
