@@ -528,3 +528,84 @@ func TestMediatorPlannedMove(t *testing.T) {
 		t.Fatalf("move to an unknown node: %d %q", code, ce.Error)
 	}
 }
+
+// TestMediatorForwardedSession: through a forwarding node the whole d2m
+// session works (transaction lock, devices info, leader), and an upgrade
+// that already carries the forwarding header for a shard the node does not
+// own is refused with 503 instead of being forwarded again.
+func TestMediatorForwardedSession(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	nodes := []*mediatorNode{
+		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
+		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
+	}
+	waitUntil(t, 20*time.Second, "every shard served", func() bool {
+		for _, n := range nodes {
+			for s := 0; s < cluster.NumShards; s++ {
+				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	// A group owned by m1, dialled through m2.
+	var k d2d.Keys
+	for {
+		k = d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		if node, _, _, _ := nodes[0].d.Cluster.Owner(cluster.Shard(k.DeviceGroupID()[0])); node == "m1" {
+			break
+		}
+	}
+	via := nodes[1].d.DeviceURL
+	a, err := dialDevice(t, via, k, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectionQueueDry)
+	recvType(t, a, d2m.TypeRolePromotedToLeader)
+	b, err := dialDevice(t, via, k, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, b, d2m.TypeReflectionQueueDry)
+	ctx := context.Background()
+	if err := a.SendMessage(ctx, d2m.TypeBeginTransaction, &d2mpb.BeginTransaction{EncryptedScope: []byte("scope")}); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeBeginTransactionAck)
+	if err := b.SendMessage(ctx, d2m.TypeBeginTransaction, &d2mpb.BeginTransaction{EncryptedScope: []byte("other")}); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, b, d2m.TypeTransactionRejected)
+	if err := a.SendMessage(ctx, d2m.TypeCommitTransaction, &d2mpb.CommitTransaction{}); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeCommitTransactionAck)
+	recvType(t, b, d2m.TypeTransactionEnded)
+	if err := b.SendMessage(ctx, d2m.TypeGetDevicesInfo, &d2mpb.GetDevicesInfo{}); err != nil {
+		t.Fatal(err)
+	}
+	info, err := d2m.DecodeDevicesInfo(recvType(t, b, d2m.TypeDevicesInfo).Payload)
+	if err != nil || len(info.AugmentedDeviceInfo) != 2 {
+		t.Fatalf("devices info through the forward: %v %v", info, err)
+	}
+
+	// A forwarded upgrade arriving at a node that does not own the shard.
+	path := "/" + d2mclient.URLFor(via, k, "7f")[len(via)+1:]
+	req, _ := http.NewRequest("GET", "http://"+nodes[1].d.DeviceAddr.String()+path, nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	req.Header.Set(mediator.ForwardedHeader, "elsewhere")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("forwarded upgrade for a foreign shard: %d (Retry-After %q), want 503", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+}
