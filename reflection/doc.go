@@ -40,8 +40,21 @@
 // entries of dropped or purged queues are deleted DeleteChunk per commit,
 // and after a crash Open finds them again by recounting references.
 //
+// Shard moves: a shard is the groups whose id starts with one byte; all
+// their keys are one range per bucket. ExportShard writes a shard's state
+// (slots with counters, tombstones, shared data, held reflections and
+// every entry not yet acked, lazy acks included) as a checksummed stream,
+// snapshotted under commitMu so it holds exactly the commits completed
+// before it; ImportShard checks a whole stream and then replaces the
+// shard in one request through the committer, so in one fsynced
+// transaction ordered with every other write; DropShard removes a moved
+// shard from the donor. Imported entries get new log positions but keep
+// their Seqs and timestamps, and counters continue where they were.
+// *DB offers this as the optional ShardStore interface.
+//
 // Files: layout.go (buckets), codec.go (records), mem.go (the in-memory
 // index), rebuild.go (Open's scan), committer.go (the writer loop, lazy
 // flush and failure policy), apply*.go (what each write does), reads.go,
-// migrate.go (schema 1 → 2), offline.go (Check, Compact).
+// migrate.go (schema 1 → 2), offline.go (Check, Compact), shard.go,
+// shard_codec.go and apply_shard.go (shard export, import and drop).
 package reflection

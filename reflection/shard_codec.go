@@ -103,11 +103,10 @@ type imgEntry struct {
 
 // shardWriter writes a shard stream and counts and hashes it on the way.
 type shardWriter struct {
-	bw   *bufio.Writer
-	h    hash.Hash
-	n    int64
-	kind byte // last record kind, to keep the order
-	hdr  [shardRecHeaderLen]byte
+	bw  *bufio.Writer
+	h   hash.Hash
+	n   int64
+	hdr [shardRecHeaderLen]byte
 }
 
 func newShardWriter(w io.Writer, shard byte) (*shardWriter, error) {
