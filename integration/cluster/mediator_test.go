@@ -464,6 +464,17 @@ func TestMediatorPlannedMove(t *testing.T) {
 		}
 	}
 
+	// A transaction is in progress during the move: its reflection is
+	// acked and held.
+	if err := a.SendMessage(context.Background(), d2m.TypeBeginTransaction, &d2mpb.BeginTransaction{EncryptedScope: []byte("scope")}); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeBeginTransactionAck)
+	if _, err := a.Reflect(context.Background(), []byte("held-in-transaction"), 0); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, a, d2m.TypeReflectAck)
+
 	// The move, through the admin API of the node that does not own it.
 	var mr adminapi.MoveResult
 	start := time.Now()
@@ -489,7 +500,7 @@ func TestMediatorPlannedMove(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st := c3.ServerInfo.DeviceSlotState; st != d2mpb.DeviceSlotState_EXISTING || c3.ServerInfo.ReflectionQueueLength != queued {
+	if st := c3.ServerInfo.DeviceSlotState; st != d2mpb.DeviceSlotState_EXISTING || c3.ServerInfo.ReflectionQueueLength != queued+1 {
 		t.Fatalf("after the move: slot %v, queue %d", st, c3.ServerInfo.ReflectionQueueLength)
 	}
 	var lastID uint32
@@ -504,12 +515,19 @@ func TestMediatorPlannedMove(t *testing.T) {
 		lastID = r.ID
 		c3.AckReflected(context.Background(), r.ID)
 	}
+	// The transaction ended with the move: its held reflection follows.
+	r, _ := d2m.DecodeReflected(recvType(t, c3, d2m.TypeReflected).Payload)
+	if string(r.Envelope) != "held-in-transaction" || r.ID != lastID+1 {
+		t.Fatalf("after the queue: %q id %d, want the held reflection with id %d", r.Envelope, r.ID, lastID+1)
+	}
+	lastID = r.ID
+	c3.AckReflected(context.Background(), r.ID)
 	recvType(t, c3, d2m.TypeReflectionQueueDry)
 	if _, err := a.Reflect(context.Background(), []byte("after-the-move"), 0); err != nil {
 		t.Fatal(err)
 	}
 	recvType(t, a, d2m.TypeReflectAck)
-	r, _ := d2m.DecodeReflected(recvType(t, c3, d2m.TypeReflected).Payload)
+	r, _ = d2m.DecodeReflected(recvType(t, c3, d2m.TypeReflected).Payload)
 	if string(r.Envelope) != "after-the-move" || r.ID != lastID+1 {
 		t.Fatalf("after the move: %q id %d, want id %d", r.Envelope, r.ID, lastID+1)
 	}

@@ -84,8 +84,55 @@ func (h *moveHooks) Import(ctx context.Context, shard cluster.Shard, data io.Rea
 	if err != nil {
 		return err
 	}
+	if err := h.settleImported(ctx, shard); err != nil {
+		return err
+	}
 	h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("groups", stats.Groups).
 		Int("entries", stats.Entries).Msg("cluster: shard imported")
+	return nil
+}
+
+// settleImported ends on this node what the move ended on the donor: no
+// device of the shard is connected here yet, so slots the donor had marked
+// connected are marked disconnected now (their expiry counts again), and
+// reflections held for a transaction are released into the other queues
+// (the holder's connection, and so its transaction, ends with the move;
+// an acked reflection is never lost, protocol.md §18 row 3). Releasing a
+// device that holds nothing changes nothing.
+func (h *moveHooks) settleImported(ctx context.Context, shard cluster.Shard) error {
+	st := h.d.Store
+	now := time.Now().UnixMilli()
+	var waits []chan error
+	err := st.ForEachGroup(func(g reflection.GroupID, gs reflection.GroupState) error {
+		if g[0] != byte(shard) {
+			return nil
+		}
+		for _, sl := range gs.Slots {
+			if sl.ConnectedSince != 0 {
+				sl.ConnectedSince, sl.LastDisconnectAt = 0, now
+				ch := make(chan error, 1)
+				st.PutSlot(g, sl, func(err error) { ch <- err })
+				waits = append(waits, ch)
+			}
+			ch := make(chan error, 1)
+			st.ReleaseHeld(g, sl.DeviceID, func(_ reflection.AppendResult, err error) { ch <- err })
+			waits = append(waits, ch)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, ch := range waits {
+		select {
+		case err := <-ch:
+			if err != nil {
+				return fmt.Errorf("settling the imported shard: %w", err)
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return nil
 }
 
