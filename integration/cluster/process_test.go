@@ -1,0 +1,202 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"d2m-mediator/d2d"
+	"d2m-mediator/d2m"
+	"d2m-mediator/mediator/adminapi"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// mediatorBinary builds cmd/mediator once for the process tests.
+func mediatorBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "d2m-cluster-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "mediator")
+		out, err := exec.Command("go", "build", "-o", binPath, "d2m-mediator/cmd/mediator").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// process is one `mediator serve --cluster-etcd …` process.
+type process struct {
+	id, dir, prefix string
+	cmd             *exec.Cmd
+	url, admin      string
+	token           string
+	done            chan struct{}
+}
+
+func startProcess(t *testing.T, id, prefix, dir string) *process {
+	t.Helper()
+	p := &process{id: id, dir: dir, prefix: prefix, done: make(chan struct{})}
+	cmd := exec.Command(mediatorBinary(t), "serve", "--data", dir, "--listen", "127.0.0.1:0",
+		"--admin-listen", "127.0.0.1:0", "--log-format", "json",
+		"--cluster-etcd", strings.Join(shared.clients, ","), "--node-id", id,
+		"--cluster-prefix", prefix, "--cluster-lease-ttl", ttl.String())
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd = cmd
+	ready := make(chan string, 1)
+	go func() {
+		defer close(p.done)
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			if l := sc.Text(); strings.Contains(l, `"mediator listening"`) {
+				select {
+				case ready <- l:
+				default:
+				}
+			}
+		}
+		cmd.Wait()
+	}()
+	t.Cleanup(func() { p.kill() })
+	select {
+	case l := <-ready:
+		var v struct{ Devices, Admin string }
+		json.Unmarshal([]byte(l), &v)
+		p.url, p.admin = strings.TrimSuffix(v.Devices, "/"), strings.TrimSuffix(v.Admin, "/")
+	case <-p.done:
+		t.Fatalf("%s exited before listening", id)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s did not start", id)
+	}
+	tok, err := os.ReadFile(filepath.Join(dir, "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.token = strings.TrimSpace(string(tok))
+	return p
+}
+
+func (p *process) kill() {
+	if p.cmd.ProcessState == nil {
+		p.cmd.Process.Signal(syscall.SIGKILL)
+	}
+	<-p.done
+}
+
+func (p *process) shards(t *testing.T) adminapi.ClusterShards {
+	t.Helper()
+	req, _ := http.NewRequest("GET", p.admin+"/api/v1/cluster/shards", nil)
+	req.Header.Set("Authorization", "Bearer "+p.token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var cs adminapi.ClusterShards
+	if err := json.NewDecoder(resp.Body).Decode(&cs); err != nil {
+		t.Fatal(err)
+	}
+	return cs
+}
+
+func (p *process) ownerOf(t *testing.T, shard byte) string {
+	return p.shards(t).Shards[shard].Owner
+}
+
+// TestProcessSIGKILL: real `mediator serve` processes in cluster mode.
+// SIGKILL one: its shards answer 503 at the other node, whose own shards
+// keep working; restarted on the same data, it serves them again with the
+// reflections queued before the kill.
+func TestProcessSIGKILL(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	p1 := startProcess(t, "p1", prefix, filepath.Join(base, "p1"))
+	p2 := startProcess(t, "p2", prefix, filepath.Join(base, "p2"))
+	waitUntil(t, 30*time.Second, "every shard served", func() bool {
+		for _, s := range p1.shards(t).Shards {
+			if s.Owner == "" {
+				return false
+			}
+		}
+		return true
+	})
+	var onP2, onP1 d2d.Keys
+	for found := 0; found != 3; {
+		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		switch p1.ownerOf(t, k.DeviceGroupID()[0]) {
+		case "p2":
+			onP2, found = k, found|1
+		case "p1":
+			onP1, found = k, found|2
+		}
+	}
+	// Device 1 (through p1, forwarded to p2) queues a reflection for the
+	// offline device 2.
+	c2, err := dialDevice(t, p1.url, onP2, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, c2, d2m.TypeReflectionQueueDry)
+	c2.Close()
+	c1, err := dialDevice(t, p1.url, onP2, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, c1, d2m.TypeReflectionQueueDry)
+	if _, err := c1.Reflect(context.Background(), []byte("before-the-kill"), 0); err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, c1, d2m.TypeReflectAck)
+
+	p2.kill()
+	shard := onP2.DeviceGroupID()[0]
+	waitUntil(t, 10*time.Second, "p2's shard unserved", func() bool { return p1.ownerOf(t, shard) == "" })
+	if _, err := dialDevice(t, p1.url, onP2, 2); err == nil || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("device of the killed node's shard: %v, want HTTP 503", err)
+	}
+	c, err := dialDevice(t, p1.url, onP1, 1)
+	if err != nil {
+		t.Fatalf("a shard of the live node: %v", err)
+	}
+	recvType(t, c, d2m.TypeReflectionQueueDry)
+
+	startProcess(t, "p2", prefix, p2.dir)
+	waitUntil(t, 30*time.Second, "p2 serves its shard again", func() bool { return p1.ownerOf(t, shard) == "p2" })
+	c2, err = dialDevice(t, p1.url, onP2, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _ := d2m.DecodeReflected(recvType(t, c2, d2m.TypeReflected).Payload)
+	if string(r.Envelope) != "before-the-kill" {
+		t.Fatalf("after the restart: %q", r.Envelope)
+	}
+}
