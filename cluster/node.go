@@ -433,6 +433,13 @@ func (n *Node) claim(lease clientv3.LeaseID, claims []claimReq) {
 // no etcd call: this is the only thing the reflect path asks.
 func (n *Node) MayAck(s Shard) bool { return n.fence.mayAck(s) }
 
+// Draining reports whether a planned move has paused this node's acks for
+// s (it still owns s; the move's flip or abort ends the pause).
+func (n *Node) Draining(s Shard) bool {
+	_, paused, ok := n.fence.ownedAt(s)
+	return ok && paused
+}
+
 // Owns reports whether this node owns s and the epoch it owns it at, even
 // while acks are fenced (a draining move, an expiring lease).
 func (n *Node) Owns(s Shard) (epoch int64, ok bool) {

@@ -506,10 +506,15 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 			if !g.srv.mayAck(g.id) {
 				// The node can no longer be sure it owns the shard: no ack
 				// (the device sends the reflection again after it
-				// reconnects to the owner, protocol.md §10).
+				// reconnects to the owner, protocol.md §10). During a
+				// planned move the device stays until the move closes it:
+				// closed now, it would reconnect while the shard is
+				// between owners and be refused.
 				c.releaseReflect()
 				g.srv.metrics.fenceRefusals.Inc()
-				c.closeWith(d2m.CloseGoingAway, errFenced)
+				if !g.srv.draining(g.id) {
+					c.closeWith(d2m.CloseGoingAway, errFenced)
+				}
 				return
 			}
 			c.enqueueReflectAck(d2m.EncodeReflectAck(id, res.Timestamp))

@@ -25,6 +25,10 @@ type Placement interface {
 	// of the shard. It is asked once per ReflectAck and must answer from
 	// memory (the fence clock), never from the network.
 	MayAck(shard byte) bool
+	// Draining reports that acks are paused for a planned move of the
+	// shard: its devices stay connected, unacknowledged, until the move
+	// closes them (and they send again to the new owner).
+	Draining(shard byte) bool
 }
 
 // Route is where one shard is served.
@@ -53,6 +57,10 @@ func shardOf(g reflection.GroupID) byte { return g[0] }
 // mayAck is the fence on the reflect path.
 func (s *Server) mayAck(g reflection.GroupID) bool {
 	return s.cfg.Placement == nil || s.cfg.Placement.MayAck(shardOf(g))
+}
+
+func (s *Server) draining(g reflection.GroupID) bool {
+	return s.cfg.Placement != nil && s.cfg.Placement.Draining(shardOf(g))
 }
 
 // routeDevice serves an upgrade for a shard this node does not own: it

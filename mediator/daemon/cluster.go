@@ -48,6 +48,10 @@ func (p *placement) Route(shard byte) mediator.Route {
 	return mediator.Route{Node: node, Addr: addr}
 }
 
+func (p *placement) Draining(shard byte) bool {
+	return p.node != nil && p.node.Draining(cluster.Shard(shard))
+}
+
 func (p *placement) MayAck(shard byte) bool {
 	return p.node != nil && p.node.MayAck(cluster.Shard(shard))
 }

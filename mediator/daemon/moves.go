@@ -136,8 +136,12 @@ func (h *moveHooks) settleImported(ctx context.Context, shard cluster.Shard) err
 	return nil
 }
 
+// Resume: the move was aborted. Reflections that arrived while it drained
+// were not acknowledged; the devices are closed with 1001 so that they
+// send them again, to this node, which serves the shard again.
 func (h *moveHooks) Resume(shard cluster.Shard) {
-	h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Msg("cluster: move aborted, serving the shard again")
+	n := h.d.Server.CloseShard(byte(shard))
+	h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("devices_closed", n).Msg("cluster: move aborted, serving the shard again")
 }
 
 // dropMovedShard deletes this node's copy of a shard that now belongs to

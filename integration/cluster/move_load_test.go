@@ -1,0 +1,282 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"d2m-mediator/cluster"
+	"d2m-mediator/d2d"
+	"d2m-mediator/d2m"
+	"d2m-mediator/d2m/d2mclient"
+	"d2m-mediator/mediator/adminapi"
+	"d2m-mediator/proto/d2mpb"
+)
+
+// loadDevice reflects steadily and records what it sees, reconnecting
+// when the server closes it (a move closes with 1001).
+type loadDevice struct {
+	keys d2d.Keys
+	id   uint64
+	url  string
+
+	mu         sync.Mutex
+	acked      []string          // envelopes this device reflected and got a ReflectAck for
+	received   map[string]bool   // envelopes of the others, delivered
+	ids        map[uint32]string // Reflected id → envelope (a redelivery repeats both)
+	closes     []int
+	reconnects int // dials after the first; each must succeed at once
+	failedDial error
+}
+
+func (d *loadDevice) run(ctx context.Context, t *testing.T, every time.Duration) {
+	n := 0
+	for ctx.Err() == nil {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		c, err := d2mclient.Dial(dctx, d2mclient.Config{URL: d.url, Keys: d.keys, DeviceID: d.id,
+			ExpirationPolicy: d2mpb.DeviceSlotExpirationPolicy_PERSISTENT})
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				d.mu.Lock()
+				d.failedDial = err
+				d.mu.Unlock()
+			}
+			return
+		}
+		code := d.session(ctx, c, every, &n)
+		d.mu.Lock()
+		d.closes = append(d.closes, code)
+		d.reconnects++
+		d.mu.Unlock()
+		c.CloseNow()
+	}
+}
+
+// session reflects every interval until the connection ends; returns the
+// close code.
+func (d *loadDevice) session(ctx context.Context, c *d2mclient.Client, every time.Duration, n *int) int {
+	sent := map[uint32]string{}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	msgs := make(chan d2mclient.Message, 64)
+	go func() {
+		defer close(msgs)
+		for {
+			m, err := c.Recv(context.Background())
+			if err != nil {
+				return
+			}
+			msgs <- m
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			c.Close()
+			for range msgs {
+			}
+			return 0
+		case <-tick.C:
+			gid := d.keys.DeviceGroupID()
+			env := fmt.Sprintf("g%x-d%d-%05d", gid[:4], d.id, *n)
+			id, err := c.Reflect(context.Background(), []byte(env), 0)
+			if err == nil {
+				sent[id] = env
+				*n++
+			}
+		case m, ok := <-msgs:
+			if !ok {
+				return c.CloseCode(context.Background())
+			}
+			switch m.Type {
+			case d2m.TypeReflectAck:
+				a, _ := d2m.DecodeReflectAck(m.Payload)
+				d.mu.Lock()
+				d.acked = append(d.acked, sent[a.ID])
+				d.mu.Unlock()
+				delete(sent, a.ID)
+			case d2m.TypeReflected:
+				r, _ := d2m.DecodeReflected(m.Payload)
+				d.mu.Lock()
+				d.received[string(r.Envelope)] = true
+				if prev, ok := d.ids[r.ID]; ok && prev != string(r.Envelope) {
+					d.ids[r.ID] = "CONFLICT " + prev + " / " + string(r.Envelope)
+				} else {
+					d.ids[r.ID] = string(r.Envelope)
+				}
+				d.mu.Unlock()
+				c.AckReflected(context.Background(), r.ID)
+			}
+		}
+	}
+}
+
+// TestMediatorMoveUnderLoad moves a shard while the devices of 12 groups in
+// it (3 devices each) reflect: no acked reflection is lost, every slot's
+// Reflected ids are consecutive (redeliveries repeat an id with the same
+// envelope), no device is closed with 4114 or 4115, and every device gets
+// back on its first reconnect.
+func TestMediatorMoveUnderLoad(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	nodes := []*mediatorNode{
+		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
+		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
+	}
+	waitUntil(t, 20*time.Second, "every shard served", func() bool {
+		for _, n := range nodes {
+			for s := 0; s < cluster.NumShards; s++ {
+				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	// 12 groups in one shard.
+	first := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+	shard := first.DeviceGroupID()[0]
+	groups := []d2d.Keys{first}
+	for len(groups) < 12 {
+		if k := d2d.DeriveKeys(d2d.NewDeviceGroupKey()); k.DeviceGroupID()[0] == shard {
+			groups = append(groups, k)
+		}
+	}
+	owner, _, _, _ := nodes[0].d.Cluster.Owner(cluster.Shard(shard))
+	donor, recipient := nodes[0], nodes[1]
+	if owner == "m2" {
+		donor, recipient = nodes[1], nodes[0]
+	}
+
+	// Every slot exists before the load starts: a reflection reaches only
+	// the slots that exist when it is stored (a new device gets its history
+	// through device join, not through the mediator).
+	for _, k := range groups {
+		for id := uint64(1); id <= 3; id++ {
+			c, err := dialDevice(t, donor.d.DeviceURL, k, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			recvType(t, c, d2m.TypeReflectionQueueDry)
+			c.Close()
+		}
+	}
+
+	ctx, stop := context.WithCancel(context.Background())
+	var devices []*loadDevice
+	var wg sync.WaitGroup
+	for _, k := range groups {
+		for id := uint64(1); id <= 3; id++ {
+			// Every device dials the donor's address: after the move it is
+			// forwarded to the new owner.
+			d := &loadDevice{keys: k, id: id, url: donor.d.DeviceURL, received: map[string]bool{}, ids: map[uint32]string{}}
+			devices = append(devices, d)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				d.run(ctx, t, 20*time.Millisecond)
+			}()
+		}
+	}
+	time.Sleep(time.Second) // load before the move (the load's duration, not an order)
+	var mr adminapi.MoveResult
+	if code := recipient.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, recipient.id), &mr); code != 200 {
+		t.Fatalf("move: %d %+v", code, mr)
+	}
+	t.Logf("moved shard %02x under load in %.0f ms", shard, mr.Seconds*1000)
+	time.Sleep(time.Second) // load after the move
+	stop()
+	wg.Wait()
+	// Let every device collect what is still queued for it: a last
+	// session that drains to ReflectionQueueDry.
+	for _, d := range devices {
+		c, err := dialDevice(t, recipient.d.DeviceURL, d.keys, d.id)
+		if err != nil {
+			t.Fatalf("final drain of device %d: %v", d.id, err)
+		}
+		for {
+			m := recvAny(t, c)
+			if m.Type == d2m.TypeReflectionQueueDry {
+				break
+			}
+			if m.Type == d2m.TypeReflected {
+				r, _ := d2m.DecodeReflected(m.Payload)
+				d.received[string(r.Envelope)] = true
+				if prev, ok := d.ids[r.ID]; ok && prev != string(r.Envelope) {
+					t.Fatalf("device %d: id %d was %q, now %q", d.id, r.ID, prev, r.Envelope)
+				}
+				d.ids[r.ID] = string(r.Envelope)
+				c.AckReflected(context.Background(), r.ID)
+			}
+		}
+		c.Close()
+	}
+
+	total := 0
+	for gi, k := range groups {
+		var ds []*loadDevice
+		for _, d := range devices {
+			if d.keys.DeviceGroupID() == k.DeviceGroupID() {
+				ds = append(ds, d)
+			}
+		}
+		for _, d := range ds {
+			if d.failedDial != nil {
+				t.Errorf("group %d device %d: a reconnect failed: %v", gi, d.id, d.failedDial)
+			}
+			for _, code := range d.closes {
+				if code == int(d2m.CloseQueueLimit) || code == int(d2m.CloseSlotStateMismatch) {
+					t.Errorf("group %d device %d closed with %d", gi, d.id, code)
+				}
+			}
+			// Ids consecutive per slot.
+			var ids []int
+			for id, env := range d.ids {
+				if len(env) > 8 && env[:8] == "CONFLICT" {
+					t.Errorf("group %d device %d: id %d carried two envelopes: %s", gi, d.id, id, env)
+				}
+				ids = append(ids, int(id))
+			}
+			sort.Ints(ids)
+			for i := 1; i < len(ids); i++ {
+				if ids[i] != ids[i-1]+1 {
+					t.Errorf("group %d device %d: Reflected ids jump from %d to %d", gi, d.id, ids[i-1], ids[i])
+					break
+				}
+			}
+			// Every acked reflection of the others arrived.
+			for _, o := range ds {
+				if o == d {
+					continue
+				}
+				for _, env := range o.acked {
+					total++
+					if !d.received[env] {
+						t.Errorf("group %d: %q acked to device %d never reached device %d", gi, env, o.id, d.id)
+					}
+				}
+			}
+		}
+	}
+	t.Logf("%d acked copies checked over %d devices", total, len(devices))
+	if total < 1000 {
+		t.Fatalf("only %d acked copies: the load did not run", total)
+	}
+}
+
+// recvAny returns the next message.
+func recvAny(t *testing.T, c *d2mclient.Client) d2mclient.Message {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m, err := c.Recv(ctx)
+	if err != nil {
+		t.Fatalf("device %d: %v", c.DeviceID(), err)
+	}
+	return m
+}
