@@ -153,36 +153,7 @@ func TestMediatorMoveUnderLoad(t *testing.T) {
 		donor, recipient = nodes[1], nodes[0]
 	}
 
-	// Every slot exists before the load starts: a reflection reaches only
-	// the slots that exist when it is stored (a new device gets its history
-	// through device join, not through the mediator).
-	for _, k := range groups {
-		for id := uint64(1); id <= 3; id++ {
-			c, err := dialDevice(t, donor.d.DeviceURL, k, id)
-			if err != nil {
-				t.Fatal(err)
-			}
-			recvType(t, c, d2m.TypeReflectionQueueDry)
-			c.Close()
-		}
-	}
-
-	ctx, stop := context.WithCancel(context.Background())
-	var devices []*loadDevice
-	var wg sync.WaitGroup
-	for _, k := range groups {
-		for id := uint64(1); id <= 3; id++ {
-			// Every device dials the donor's address: after the move it is
-			// forwarded to the new owner.
-			d := &loadDevice{keys: k, id: id, url: donor.d.DeviceURL, received: map[string]bool{}, ids: map[uint32]string{}}
-			devices = append(devices, d)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				d.run(ctx, t, 20*time.Millisecond)
-			}()
-		}
-	}
+	load := startLoad(t, groups, donor.d.DeviceURL)
 	time.Sleep(time.Second) // load before the move (the load's duration, not an order)
 	var mr adminapi.MoveResult
 	if code := recipient.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, recipient.id), &mr); code != 200 {
@@ -190,12 +161,59 @@ func TestMediatorMoveUnderLoad(t *testing.T) {
 	}
 	t.Logf("moved shard %02x under load in %.0f ms", shard, mr.Seconds*1000)
 	time.Sleep(time.Second) // load after the move
-	stop()
-	wg.Wait()
-	// Let every device collect what is still queued for it: a last
-	// session that drains to ReflectionQueueDry.
-	for _, d := range devices {
-		c, err := dialDevice(t, recipient.d.DeviceURL, d.keys, d.id)
+	load.stopAndCheck(t, recipient.d.DeviceURL)
+}
+
+// load is devices of several groups reflecting steadily.
+type load struct {
+	groups  []d2d.Keys
+	devices []*loadDevice
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+// startLoad registers 3 devices per group (every slot exists before the
+// first reflection: a reflection reaches only the slots that exist when it
+// is stored; a new device gets its history through device join) and starts
+// them reflecting every 20 ms through url.
+func startLoad(t *testing.T, groups []d2d.Keys, url string) *load {
+	t.Helper()
+	for _, k := range groups {
+		for id := uint64(1); id <= 3; id++ {
+			c, err := dialDevice(t, url, k, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			recvType(t, c, d2m.TypeReflectionQueueDry)
+			c.Close()
+		}
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	l := &load{groups: groups, stop: stop}
+	for _, k := range groups {
+		for id := uint64(1); id <= 3; id++ {
+			d := &loadDevice{keys: k, id: id, url: url, received: map[string]bool{}, ids: map[uint32]string{}}
+			l.devices = append(l.devices, d)
+			l.wg.Add(1)
+			go func() {
+				defer l.wg.Done()
+				d.run(ctx, t, 20*time.Millisecond)
+			}()
+		}
+	}
+	return l
+}
+
+// stopAndCheck stops the load, lets every device drain its queue through
+// url, and checks: every acked reflection reached every other device of
+// its group, Reflected ids consecutive per slot (an id never carries two
+// envelopes), no 4114/4115 close, and every reconnect succeeded at once.
+func (l *load) stopAndCheck(t *testing.T, url string) {
+	t.Helper()
+	l.stop()
+	l.wg.Wait()
+	for _, d := range l.devices {
+		c, err := dialDevice(t, url, d.keys, d.id)
 		if err != nil {
 			t.Fatalf("final drain of device %d: %v", d.id, err)
 		}
@@ -216,11 +234,10 @@ func TestMediatorMoveUnderLoad(t *testing.T) {
 		}
 		c.Close()
 	}
-
 	total := 0
-	for gi, k := range groups {
+	for gi, k := range l.groups {
 		var ds []*loadDevice
-		for _, d := range devices {
+		for _, d := range l.devices {
 			if d.keys.DeviceGroupID() == k.DeviceGroupID() {
 				ds = append(ds, d)
 			}
@@ -234,7 +251,6 @@ func TestMediatorMoveUnderLoad(t *testing.T) {
 					t.Errorf("group %d device %d closed with %d", gi, d.id, code)
 				}
 			}
-			// Ids consecutive per slot.
 			var ids []int
 			for id, env := range d.ids {
 				if len(env) > 8 && env[:8] == "CONFLICT" {
@@ -249,7 +265,6 @@ func TestMediatorMoveUnderLoad(t *testing.T) {
 					break
 				}
 			}
-			// Every acked reflection of the others arrived.
 			for _, o := range ds {
 				if o == d {
 					continue
@@ -263,10 +278,56 @@ func TestMediatorMoveUnderLoad(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("%d acked copies checked over %d devices", total, len(devices))
+	t.Logf("%d acked copies checked over %d devices", total, len(l.devices))
 	if total < 1000 {
 		t.Fatalf("only %d acked copies: the load did not run", total)
 	}
+}
+
+// TestMediatorDrainUnderLoad drains a node while devices of 12 groups in
+// 12 of its shards reflect: every shard moves, nothing acked is lost.
+func TestMediatorDrainUnderLoad(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	nodes := []*mediatorNode{
+		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
+		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
+	}
+	waitUntil(t, 20*time.Second, "every shard served", func() bool {
+		for _, n := range nodes {
+			for s := 0; s < cluster.NumShards; s++ {
+				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	seen := map[byte]bool{}
+	var groups []d2d.Keys
+	for len(groups) < 12 {
+		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		s := k.DeviceGroupID()[0]
+		if node, _, _, _ := nodes[0].d.Cluster.Owner(cluster.Shard(s)); node == "m1" && !seen[s] {
+			seen[s] = true
+			groups = append(groups, k)
+		}
+	}
+	load := startLoad(t, groups, nodes[1].d.DeviceURL)
+	time.Sleep(time.Second) // load before the drain
+	var dr adminapi.DrainResult
+	start := time.Now()
+	if code := nodes[1].admin(t, "POST", "/api/v1/cluster/nodes/m1/drain", &dr); code != 200 {
+		t.Fatalf("drain: %d %+v", code, dr)
+	}
+	t.Logf("drained m1 under load: %d shards in %v", len(dr.Moves), time.Since(start))
+	for s := 0; s < cluster.NumShards; s++ {
+		if node, _, _, _ := nodes[1].d.Cluster.Owner(cluster.Shard(s)); node != "m2" {
+			t.Fatalf("after the drain shard %02x is served by %q", s, node)
+		}
+	}
+	time.Sleep(time.Second) // load after the drain
+	load.stopAndCheck(t, nodes[1].d.DeviceURL)
 }
 
 // recvAny returns the next message.
