@@ -305,6 +305,20 @@ func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "503") {
 		t.Fatalf("device of a shard whose node is down: %v, want an HTTP 503", err)
 	}
+	// A move to the stopped node is refused, clearly, and changes nothing.
+	var live byte
+	for s := 0; s < cluster.NumShards; s++ {
+		if node, _, _, _ := others[0].d.Cluster.Owner(cluster.Shard(s)); node == others[0].id {
+			live = byte(s)
+			break
+		}
+	}
+	if code := others[0].admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", live, victim.id), &ce); code != http.StatusNotFound || !strings.Contains(ce.Error, "not live") {
+		t.Fatalf("move to a stopped node: %d %q", code, ce.Error)
+	}
+	if node, _, _, _ := others[0].d.Cluster.Owner(cluster.Shard(live)); node != others[0].id {
+		t.Fatalf("after the refused move shard %02x is served by %q", live, node)
+	}
 	// Another group whose shard the stopped node does not own still works.
 	for _, g := range groups[1:] {
 		if owner(g) != victim.id && owner(g) != "" {
@@ -539,6 +553,9 @@ func TestMediatorPlannedMove(t *testing.T) {
 	})
 	if qs, ok := donor.d.Store.QueueStats(gid, 3); ok {
 		t.Fatalf("the donor still has device 3's queue: %+v", qs)
+	}
+	if v := counter(donor, "mediator_cluster_moves_total"); v != 1 {
+		t.Errorf("mediator_cluster_moves_total on the donor = %v, want 1", v)
 	}
 	// To an unknown node a move is refused.
 	var ce struct{ Error string }

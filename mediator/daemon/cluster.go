@@ -67,6 +67,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	if advertise == "" {
 		advertise = d.DeviceAddr.String()
 	}
+	hooks := newMoveHooks(d)
 	keepalive := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "mediator_cluster_keepalive_seconds",
 		Help:    "Round trip of the node's etcd lease keepalives; the fence clock counts from their send time.",
@@ -75,7 +76,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	node, err := cluster.New(cli, cluster.Config{
 		NodeID: cc.NodeID, Advertise: advertise, Prefix: cc.Prefix, LeaseTTL: cc.LeaseTTL,
 		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
-		Hooks:       &moveHooks{d: d},
+		Hooks:       hooks,
 		Transport:   &httpTransport{scheme: scheme, client: &http.Client{Timeout: 5 * time.Minute}},
 		OnEvent: func(ev cluster.Event) {
 			if ev.Kind == cluster.ShardLost {
@@ -86,6 +87,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 				// owner's now. A lost lease keeps it: the shard waits
 				// for this node.
 				if d.assignedElsewhere(ev.Shard) {
+					hooks.handedOver(ev.Shard)
 					d.bg.Add(1)
 					go func() {
 						defer d.bg.Done()
@@ -103,7 +105,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		return err
 	}
 	p.node = node
-	s.Registry().MustRegister(keepalive, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+	s.Registry().MustRegister(keepalive, hooks.moves, hooks.moveSeconds, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "mediator_cluster_shards_owned",
 		Help: "Shards this node serves and may ack for now.",
 	}, func() float64 {

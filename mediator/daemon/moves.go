@@ -9,7 +9,10 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"d2m-mediator/cluster"
 	"d2m-mediator/mediator"
@@ -34,6 +37,39 @@ const receivePath = "/_cluster/v1/moves/"
 // moveHooks implements cluster.Hooks over the server and its store.
 type moveHooks struct {
 	d *Daemon
+
+	mu      sync.Mutex
+	started map[cluster.Shard]time.Time // donor side: when Drain ran
+
+	moves       *prometheus.CounterVec // donor side, by outcome: handed_over, aborted
+	moveSeconds prometheus.Histogram   // donor side: Drain to the shard lost to its new owner
+}
+
+func newMoveHooks(d *Daemon) *moveHooks {
+	return &moveHooks{
+		d: d, started: make(map[cluster.Shard]time.Time),
+		moves: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mediator_cluster_moves_total",
+			Help: "Planned shard moves this node gave away, by outcome: handed_over, aborted.",
+		}, []string{"outcome"}),
+		moveSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "mediator_cluster_move_seconds",
+			Help:    "Donor side of a planned move, from the drain (acks paused) to the shard served by its new owner.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
+		}),
+	}
+}
+
+// handedOver records a finished move of a shard this node drained.
+func (h *moveHooks) handedOver(shard cluster.Shard) {
+	h.mu.Lock()
+	start, ok := h.started[shard]
+	delete(h.started, shard)
+	h.mu.Unlock()
+	if ok {
+		h.moves.WithLabelValues("handed_over").Inc()
+		h.moveSeconds.Observe(time.Since(start).Seconds())
+	}
 }
 
 func (h *moveHooks) shards() (reflection.ShardStore, error) {
@@ -48,6 +84,9 @@ func (h *moveHooks) shards() (reflection.ShardStore, error) {
 // store completes writes in submission order, so a no-op write's
 // completion is the barrier.
 func (h *moveHooks) Drain(ctx context.Context, shard cluster.Shard) error {
+	h.mu.Lock()
+	h.started[shard] = time.Now()
+	h.mu.Unlock()
 	done := make(chan error, 1)
 	h.d.Store.PruneTombstones(math.MinInt64, func(err error) { done <- err })
 	select {
@@ -140,6 +179,10 @@ func (h *moveHooks) settleImported(ctx context.Context, shard cluster.Shard) err
 // were not acknowledged; the devices are closed with 1001 so that they
 // send them again, to this node, which serves the shard again.
 func (h *moveHooks) Resume(shard cluster.Shard) {
+	h.mu.Lock()
+	delete(h.started, shard)
+	h.mu.Unlock()
+	h.moves.WithLabelValues("aborted").Inc()
 	n := h.d.Server.CloseShard(byte(shard))
 	h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("devices_closed", n).Msg("cluster: move aborted, serving the shard again")
 }
