@@ -200,3 +200,77 @@ func TestProcessSIGKILL(t *testing.T) {
 		t.Fatalf("after the restart: %q", r.Envelope)
 	}
 }
+
+// TestProcessSIGSTOP: a real `mediator serve` process stopped with SIGSTOP
+// past its lease TTL, then continued. A reflection its device sent while
+// it was stopped (the bytes wait in the kernel) gets no ReflectAck after
+// SIGCONT, only a 1001 close. Two mechanisms race here: the fence (MayAck
+// false at once after SIGCONT) and the lease-loss event that closes the
+// shard's devices; TestMediatorFenceWithholdsAcks proves the fence alone
+// (it fails with the fence ignored, this test does not).
+func TestProcessSIGSTOP(t *testing.T) {
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	p1 := startProcess(t, "p1", prefix, filepath.Join(base, "p1"))
+	p2 := startProcess(t, "p2", prefix, filepath.Join(base, "p2"))
+	waitUntil(t, 30*time.Second, "every shard served", func() bool {
+		for _, s := range p1.shards(t).Shards {
+			if s.Owner == "" {
+				return false
+			}
+		}
+		return true
+	})
+	var k d2d.Keys
+	for {
+		k = d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		if p1.ownerOf(t, k.DeviceGroupID()[0]) == "p2" {
+			break
+		}
+	}
+	c, err := dialDevice(t, p2.url, k, 1) // directly to the owner
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, c, d2m.TypeReflectionQueueDry)
+	id, _ := c.Reflect(context.Background(), []byte("before-the-stop"), 0)
+	if a, _ := d2m.DecodeReflectAck(recvType(t, c, d2m.TypeReflectAck).Payload); a.ID != id {
+		t.Fatalf("ack %d, want %d", a.ID, id)
+	}
+
+	if err := p2.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	if _, err := c.Reflect(context.Background(), []byte("during-the-stop"), 0); err != nil {
+		t.Fatal(err)
+	}
+	shard := k.DeviceGroupID()[0]
+	waitUntil(t, 10*time.Second, "the stopped node's lease to expire", func() bool { return p1.ownerOf(t, shard) == "" })
+	time.Sleep(ttl - time.Since(stopped)%ttl) // well past the TTL (the stop's length, not an order)
+	if err := p2.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for {
+		m, err := c.Recv(ctx)
+		if err != nil {
+			break
+		}
+		if m.Type == d2m.TypeReflectAck {
+			t.Fatal("ReflectAck after SIGCONT for a reflection sent while the node was stopped past its TTL")
+		}
+	}
+	if code := c.CloseCode(context.Background()); code != int(d2m.CloseGoingAway) {
+		t.Fatalf("close %d, want 1001", code)
+	}
+	// The node comes back: it rejoins under a new lease and serves the
+	// shard again.
+	waitUntil(t, 30*time.Second, "p2 serves its shard again", func() bool { return p1.ownerOf(t, shard) == "p2" })
+	c2, err := dialDevice(t, p1.url, k, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvType(t, c2, d2m.TypeReflectionQueueDry)
+}
