@@ -26,22 +26,7 @@ func TestHAProxyInFrontOfMediators(t *testing.T) {
 	if err != nil {
 		t.Skip("haproxy not installed (apt-get install haproxy; .ci/run installs it)")
 	}
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	nodes := []*mediatorNode{
-		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
-		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
-	}
-	waitUntil(t, 20*time.Second, "every shard served", func() bool {
-		for _, n := range nodes {
-			for s := 0; s < cluster.NumShards; s++ {
-				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	nodes := startCluster(t, "m1", "m2")
 	dir := t.TempDir()
 	var hmap string
 	if code := nodes[0].admin(t, "GET", "/cluster/haproxy.map", &hmap); code != 200 {

@@ -30,10 +30,35 @@ import (
 // mediatorNode is one in-process mediator in cluster mode, started
 // through daemon.Start exactly as `mediator serve --cluster-etcd …` does.
 type mediatorNode struct {
-	id   string
-	dir  string
-	logs *mediatortest.LogBuffer
-	d    *daemon.Daemon
+	id     string
+	dir    string
+	prefix string
+	logs   *mediatortest.LogBuffer
+	d      *daemon.Daemon
+}
+
+// startCluster starts the named mediators (one cluster prefix, data under
+// one temporary directory) and waits until every node sees every shard
+// served.
+func startCluster(t *testing.T, ids ...string) []*mediatorNode {
+	t.Helper()
+	prefix := "/t/" + t.Name() + "/"
+	base := t.TempDir()
+	var nodes []*mediatorNode
+	for _, id := range ids {
+		nodes = append(nodes, startMediator(t, id, prefix, filepath.Join(base, id)))
+	}
+	waitUntil(t, 20*time.Second, "every shard served, as every node sees it", func() bool {
+		for _, n := range nodes {
+			for s := 0; s < cluster.NumShards; s++ {
+				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	return nodes
 }
 
 func startMediator(t *testing.T, id, prefix, dir string) *mediatorNode {
@@ -67,7 +92,7 @@ func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) 
 	if err != nil {
 		t.Fatalf("start %s: %v", id, err)
 	}
-	n := &mediatorNode{id: id, dir: dir, logs: logs, d: d}
+	n := &mediatorNode{id: id, dir: dir, prefix: prefix, logs: logs, d: d}
 	t.Cleanup(func() {
 		n.stop(t)
 		if t.Failed() {
@@ -181,23 +206,7 @@ func forwarded(n *mediatorNode) float64 {
 // keeps working; restarted with its data, it serves them again, backlog
 // included.
 func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	nodes := make([]*mediatorNode, 3)
-	for i := range nodes {
-		id := fmt.Sprintf("m%d", i+1)
-		nodes[i] = startMediator(t, id, prefix, filepath.Join(base, id))
-	}
-	waitUntil(t, 20*time.Second, "every shard served, as every node sees it", func() bool {
-		for _, n := range nodes {
-			for s := 0; s < cluster.NumShards; s++ {
-				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	nodes := startCluster(t, "m1", "m2", "m3")
 
 	// The admin API of any node serves the cluster's view.
 	var hmap string
@@ -332,7 +341,7 @@ func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
 	}
 
 	// Restarted with its data, the node serves its shards again.
-	back := startMediator(t, victim.id, prefix, victim.dir)
+	back := startMediator(t, victim.id, victim.prefix, victim.dir)
 	waitUntil(t, 20*time.Second, "the shard served again", func() bool {
 		node, _, _, ok := others[0].d.Cluster.Owner(shard)
 		return ok && node == victim.id
@@ -430,22 +439,7 @@ func TestMediatorFenceWithholdsAcks(t *testing.T) {
 // arrives in order with consecutive Reflected ids, and new reflections get
 // the next ids.
 func TestMediatorPlannedMove(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	nodes := []*mediatorNode{
-		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
-		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
-	}
-	waitUntil(t, 20*time.Second, "every shard served", func() bool {
-		for _, n := range nodes {
-			for s := 0; s < cluster.NumShards; s++ {
-				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	nodes := startCluster(t, "m1", "m2")
 	k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
 	shard := cluster.Shard(k.DeviceGroupID()[0])
 	from, _, fromEpoch, _ := nodes[0].d.Cluster.Owner(shard)
@@ -569,22 +563,7 @@ func TestMediatorPlannedMove(t *testing.T) {
 // that already carries the forwarding header for a shard the node does not
 // own is refused with 503 instead of being forwarded again.
 func TestMediatorForwardedSession(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	nodes := []*mediatorNode{
-		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
-		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
-	}
-	waitUntil(t, 20*time.Second, "every shard served", func() bool {
-		for _, n := range nodes {
-			for s := 0; s < cluster.NumShards; s++ {
-				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	nodes := startCluster(t, "m1", "m2")
 	// A group owned by m1, dialled through m2.
 	var k d2d.Keys
 	for {

@@ -122,22 +122,7 @@ func (d *loadDevice) session(ctx context.Context, c *d2mclient.Client, every tim
 // envelope), no device is closed with 4114 or 4115, and every device gets
 // back on its first reconnect.
 func TestMediatorMoveUnderLoad(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	nodes := []*mediatorNode{
-		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
-		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
-	}
-	waitUntil(t, 20*time.Second, "every shard served", func() bool {
-		for _, n := range nodes {
-			for s := 0; s < cluster.NumShards; s++ {
-				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	nodes := startCluster(t, "m1", "m2")
 	// 12 groups in one shard.
 	first := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
 	shard := first.DeviceGroupID()[0]
@@ -287,22 +272,7 @@ func (l *load) stopAndCheck(t *testing.T, url string) {
 // TestMediatorDrainUnderLoad drains a node while devices of 12 groups in
 // 12 of its shards reflect: every shard moves, nothing acked is lost.
 func TestMediatorDrainUnderLoad(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	nodes := []*mediatorNode{
-		startMediator(t, "m1", prefix, filepath.Join(base, "m1")),
-		startMediator(t, "m2", prefix, filepath.Join(base, "m2")),
-	}
-	waitUntil(t, 20*time.Second, "every shard served", func() bool {
-		for _, n := range nodes {
-			for s := 0; s < cluster.NumShards; s++ {
-				if _, _, _, ok := n.d.Cluster.Owner(cluster.Shard(s)); !ok {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	nodes := startCluster(t, "m1", "m2")
 	seen := map[byte]bool{}
 	var groups []d2d.Keys
 	for len(groups) < 12 {
