@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -102,6 +103,7 @@ type deviceConn struct {
 	closingCtx    context.Context
 	closingCancel context.CancelFunc // cancels closingCtx (dials give up on a close)
 	writerDone    chan struct{}      // closed when the writer has ended for good
+	writerEnded   sync.Once          // closes writerDone
 }
 
 type outFrame struct {
@@ -322,8 +324,18 @@ func (c *deviceConn) write(b []byte) error {
 // it ends; the next kick starts it again. Once the connection closes it
 // performs the close handshake and ends for good (writerDone).
 func (c *deviceConn) sendLoop() {
+	defer func() {
+		if r := recover(); r != nil {
+			// A bug: end this connection, not the process. No writer runs
+			// again (writerRunning stays set), so run can stop waiting.
+			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("writer panicked")
+			c.closeWith(d2m.CloseInternalError, fmt.Errorf("writer panic: %v", r))
+			c.ws.CloseNow()
+			c.writerEnded.Do(func() { close(c.writerDone) })
+		}
+	}()
 	if c.writeUntilIdle() {
-		close(c.writerDone)
+		c.writerEnded.Do(func() { close(c.writerDone) })
 	}
 }
 

@@ -278,6 +278,12 @@ func (c *deviceConn) writeUpstream(b []byte) error {
 // TCP upstream. When the upstream ends, every complete unit goes out
 // before the close (4000, or 4009 for a frame the re-framer cannot take).
 func (c *deviceConn) readUpstream(up *chatproxy.Upstream) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("upstream reader panicked")
+			c.closeWith(d2m.CloseUpstreamError, fmt.Errorf("upstream reader panic: %v", r))
+		}
+	}()
 	for {
 		unit, err := up.ReadUnit()
 		if err != nil {
