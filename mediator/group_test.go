@@ -3,6 +3,7 @@ package mediator
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -176,7 +177,7 @@ func TestGroupSlotLimit(t *testing.T) {
 		}
 		synctest.Wait()
 		st, _ := h.fs.Group(h.gid)
-		if ids := slotIDs(st); !equalIDs(ids, 1, 3, 4) {
+		if ids := slotIDs(st); !is(ids, 1, 3, 4) {
 			t.Fatalf("slots %v, want 1 3 4 (2 evicted)", ids)
 		}
 		// All connected: the oldest connected_since goes, closed with 4113.
@@ -196,18 +197,6 @@ func slotIDs(st reflection.GroupState) []reflection.DeviceID {
 		out = append(out, s.DeviceID)
 	}
 	return out
-}
-
-func equalIDs(got []reflection.DeviceID, want ...reflection.DeviceID) bool {
-	if len(got) != len(want) {
-		return false
-	}
-	for i := range got {
-		if got[i] != want[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestGroupLeaderElection(t *testing.T) {
@@ -278,10 +267,10 @@ func TestGroupTransactionLock(t *testing.T) {
 			t.Fatal(err)
 		}
 		synctest.Wait()
-		if f := frames(a); !equalTypes(f, d2m.TypeBeginTransactionAck, d2m.TypeReflectAck, d2m.TypeCommitTransactionAck) {
+		if f := frames(a); !is(f, d2m.TypeBeginTransactionAck, d2m.TypeReflectAck, d2m.TypeCommitTransactionAck) {
 			t.Fatalf("holder: %v", f)
 		}
-		if f := frames(b); !equalTypes(f, d2m.TypeTransactionRejected, d2m.TypeReflectAck, d2m.TypeTransactionEnded) {
+		if f := frames(b); !is(f, d2m.TypeTransactionRejected, d2m.TypeReflectAck, d2m.TypeTransactionEnded) {
 			t.Fatalf("other: %v", f)
 		}
 		if n := h.fs.heldCount(h.gid); n != 0 {
@@ -304,30 +293,21 @@ func TestGroupTransactionLock(t *testing.T) {
 		}
 		frames(a)
 		h.disconnect(b)
-		if f := frames(a); !equalTypes(f, d2m.TypeTransactionEnded) {
+		if f := frames(a); !is(f, d2m.TypeTransactionEnded) {
 			t.Fatalf("after the holder's disconnect: %v", f)
 		}
 		// The lock is free again.
 		if err := g.beginTransaction(a, nil, 0); err != nil {
 			t.Fatal(err)
 		}
-		if f := frames(a); !equalTypes(f, d2m.TypeBeginTransactionAck) {
+		if f := frames(a); !is(f, d2m.TypeBeginTransactionAck) {
 			t.Fatalf("begin after TTL: %v", f)
 		}
 	})
 }
 
-func equalTypes(got []d2m.PayloadType, want ...d2m.PayloadType) bool {
-	if len(got) != len(want) {
-		return false
-	}
-	for i := range got {
-		if got[i] != want[i] {
-			return false
-		}
-	}
-	return true
-}
+// is reports whether got holds exactly want, in order.
+func is[T comparable](got []T, want ...T) bool { return slices.Equal(got, want) }
 
 func TestGroupQueueLimitDrop(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
@@ -343,7 +323,7 @@ func TestGroupQueueLimitDrop(t *testing.T) {
 		if closed(b) != d2m.CloseQueueLimit || closed(a) != 0 {
 			t.Fatalf("b %v, a %v; want b closed with 4114", closed(b), closed(a))
 		}
-		if f := frames(a); !equalTypes(f, d2m.TypeReflectAck, d2m.TypeReflectAck, d2m.TypeReflectAck) {
+		if f := frames(a); !is(f, d2m.TypeReflectAck, d2m.TypeReflectAck, d2m.TypeReflectAck) {
 			t.Fatalf("sender: %v (every reflection acked)", f)
 		}
 		h.disconnect(b)

@@ -5,9 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -27,63 +25,15 @@ func TestHAProxyInFrontOfMediators(t *testing.T) {
 		t.Skip("haproxy not installed (apt-get install haproxy; .ci/run installs it)")
 	}
 	nodes := startCluster(t, "m1", "m2")
-	dir := t.TempDir()
 	var hmap string
 	if code := nodes[0].admin(t, "GET", "/cluster/haproxy.map", &hmap); code != 200 {
 		t.Fatalf("haproxy.map: %d", code)
 	}
-	mapFile := filepath.Join(dir, "shards.map")
-	if err := os.WriteFile(mapFile, []byte(hmap), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	front := ln.Addr().String()
-	ln.Close()
-	sock := filepath.Join(dir, "admin.sock")
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, `global
-    stats socket %s level admin
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-    timeout tunnel 1h
-frontend devices
-    bind %s
-    use_backend %%[path,field(2,/),lower,map(%s,mediators)]
-    default_backend mediators
-backend mediators
-`, sock, front, mapFile)
+	var backends [][2]string
 	for _, n := range nodes {
-		fmt.Fprintf(&cfg, "    server %s %s\n", n.id, n.d.DeviceAddr)
+		backends = append(backends, [2]string{n.id, n.d.DeviceAddr.String()})
 	}
-	for _, n := range nodes {
-		fmt.Fprintf(&cfg, "backend %s\n    server %s %s\n", n.id, n.id, n.d.DeviceAddr)
-	}
-	cfgFile := filepath.Join(dir, "haproxy.cfg")
-	if err := os.WriteFile(cfgFile, []byte(cfg.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-db", "-f", cfgFile)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	waitUntil(t, 10*time.Second, "haproxy listening", func() bool {
-		conn, err := net.Dial("tcp", front)
-		if err == nil {
-			conn.Close()
-		}
-		return err == nil
-	})
+	front, mapFile, sock := startHAProxy(t, bin, backends, hmap)
 	url := "ws://" + front
 	forwards := func() float64 { return forwarded(nodes[0]) + forwarded(nodes[1]) }
 

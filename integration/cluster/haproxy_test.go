@@ -42,58 +42,11 @@ func TestHAProxyRoutesByShard(t *testing.T) {
 	a, b, c := e.start("node-a"), e.start("node-b"), e.start("node-c")
 	waitUntil(t, 10*time.Second, "all shards served", func() bool { return allServed(a, b, c) })
 
-	dir := t.TempDir()
-	mapFile := filepath.Join(dir, "shards.map")
-	if err := os.WriteFile(mapFile, []byte(a.HAProxyMap()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	front := ln.Addr().String()
-	ln.Close()
-	sock := filepath.Join(dir, "admin.sock")
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, `global
-    stats socket %s level admin
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend devices
-    bind %s
-    use_backend %%[path,field(2,/),lower,map(%s,mediators)]
-    default_backend mediators
-backend mediators
-`, sock, front, mapFile)
+	backends := make([][2]string, 0, len(ids))
 	for _, id := range ids {
-		fmt.Fprintf(&cfg, "    server %s %s\n", id, adv[id])
+		backends = append(backends, [2]string{id, adv[id]})
 	}
-	for _, id := range ids {
-		fmt.Fprintf(&cfg, "backend %s\n    server %s %s\n", id, id, adv[id])
-	}
-	cfgFile := filepath.Join(dir, "haproxy.cfg")
-	if err := os.WriteFile(cfgFile, []byte(cfg.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-db", "-f", cfgFile)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	waitUntil(t, 10*time.Second, "haproxy listening", func() bool {
-		conn, err := net.Dial("tcp", front)
-		if err == nil {
-			conn.Close()
-		}
-		return err == nil
-	})
+	front, mapFile, sock := startHAProxy(t, bin, backends, a.HAProxyMap())
 
 	get := func(path string) string {
 		t.Helper()
@@ -150,4 +103,66 @@ backend mediators
 	if got := get("/" + s.String() + "/0a20"); got != "node-c" {
 		t.Fatalf("after the move, shard %s reached %q", s, got)
 	}
+}
+
+// startHAProxy runs a real HAProxy routing devices by the /{prefix8}/
+// segment with shardMap (HAProxy map format) over one backend per node
+// (id, address), plus a default backend of every node; it returns the
+// frontend address, the map file and the runtime API socket.
+func startHAProxy(t *testing.T, bin string, backends [][2]string, shardMap string) (front, mapFile, sock string) {
+	t.Helper()
+	dir := t.TempDir()
+	mapFile = filepath.Join(dir, "shards.map")
+	if err := os.WriteFile(mapFile, []byte(shardMap), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	front = ln.Addr().String()
+	ln.Close()
+	sock = filepath.Join(dir, "admin.sock")
+	var cfg strings.Builder
+	fmt.Fprintf(&cfg, `global
+    stats socket %s level admin
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout tunnel 1h
+frontend devices
+    bind %s
+    use_backend %%[path,field(2,/),lower,map(%s,mediators)]
+    default_backend mediators
+backend mediators
+`, sock, front, mapFile)
+	for _, b := range backends {
+		fmt.Fprintf(&cfg, "    server %s %s\n", b[0], b[1])
+	}
+	for _, b := range backends {
+		fmt.Fprintf(&cfg, "backend %s\n    server %s %s\n", b[0], b[0], b[1])
+	}
+	cfgFile := filepath.Join(dir, "haproxy.cfg")
+	if err := os.WriteFile(cfgFile, []byte(cfg.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-db", "-f", cfgFile)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	waitUntil(t, 10*time.Second, "haproxy listening", func() bool {
+		conn, err := net.Dial("tcp", front)
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	})
+	return front, mapFile, sock
 }

@@ -132,11 +132,10 @@ func (p *process) ownerOf(t *testing.T, shard byte) string {
 	return p.shards(t).Shards[shard].Owner
 }
 
-// TestProcessSIGKILL: real `mediator serve` processes in cluster mode.
-// SIGKILL one: its shards answer 503 at the other node, whose own shards
-// keep working; restarted on the same data, it serves them again with the
-// reflections queued before the kill.
-func TestProcessSIGKILL(t *testing.T) {
+// startProcesses starts processes p1 and p2 of one cluster and waits until
+// every shard is served.
+func startProcesses(t *testing.T) (*process, *process) {
+	t.Helper()
 	prefix := "/t/" + t.Name() + "/"
 	base := t.TempDir()
 	p1 := startProcess(t, "p1", prefix, filepath.Join(base, "p1"))
@@ -149,6 +148,15 @@ func TestProcessSIGKILL(t *testing.T) {
 		}
 		return true
 	})
+	return p1, p2
+}
+
+// TestProcessSIGKILL: real `mediator serve` processes in cluster mode.
+// SIGKILL one: its shards answer 503 at the other node, whose own shards
+// keep working; restarted on the same data, it serves them again with the
+// reflections queued before the kill.
+func TestProcessSIGKILL(t *testing.T) {
+	p1, p2 := startProcesses(t)
 	var onP2, onP1 d2d.Keys
 	for found := 0; found != 3; {
 		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
@@ -189,7 +197,7 @@ func TestProcessSIGKILL(t *testing.T) {
 	}
 	recvType(t, c, d2m.TypeReflectionQueueDry)
 
-	startProcess(t, "p2", prefix, p2.dir)
+	startProcess(t, "p2", p2.prefix, p2.dir)
 	waitUntil(t, 30*time.Second, "p2 serves its shard again", func() bool { return p1.ownerOf(t, shard) == "p2" })
 	c2, err = dialDevice(t, p1.url, onP2, 2)
 	if err != nil {
@@ -209,18 +217,7 @@ func TestProcessSIGKILL(t *testing.T) {
 // shard's devices; TestMediatorFenceWithholdsAcks proves the fence alone
 // (it fails with the fence ignored, this test does not).
 func TestProcessSIGSTOP(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
-	base := t.TempDir()
-	p1 := startProcess(t, "p1", prefix, filepath.Join(base, "p1"))
-	p2 := startProcess(t, "p2", prefix, filepath.Join(base, "p2"))
-	waitUntil(t, 30*time.Second, "every shard served", func() bool {
-		for _, s := range p1.shards(t).Shards {
-			if s.Owner == "" {
-				return false
-			}
-		}
-		return true
-	})
+	p1, p2 := startProcesses(t)
 	var k d2d.Keys
 	for {
 		k = d2d.DeriveKeys(d2d.NewDeviceGroupKey())
