@@ -198,15 +198,23 @@ func (a *API) clusterErr(w http.ResponseWriter, err error) {
 	}
 }
 
-func (a *API) apiClusterMove(w http.ResponseWriter, r *http.Request) {
+// shardTarget reads {shard} and ?to=NODE of a move or reassign request.
+func shardTarget(r *http.Request, verb string) (cluster.Shard, string, error) {
 	s, err := parseShard(r.PathValue("shard"))
 	if err != nil {
-		a.writeErr(w, err)
-		return
+		return 0, "", err
 	}
 	to := r.URL.Query().Get("to")
 	if to == "" {
-		writeError(w, http.StatusBadRequest, "move needs ?to=NODE")
+		return 0, "", errorf(http.StatusBadRequest, "%s needs ?to=NODE", verb)
+	}
+	return s, to, nil
+}
+
+func (a *API) apiClusterMove(w http.ResponseWriter, r *http.Request) {
+	s, to, err := shardTarget(r, "move")
+	if err != nil {
+		a.writeErr(w, err)
 		return
 	}
 	res, err := a.cluster.Move(r.Context(), s, to)
@@ -220,26 +228,21 @@ func (a *API) apiClusterMove(w http.ResponseWriter, r *http.Request) {
 func (a *API) apiClusterDrain(w http.ResponseWriter, r *http.Request) {
 	node := r.PathValue("node")
 	res, err := a.cluster.DrainNode(r.Context(), node)
-	out := DrainResult{Node: node, Moves: []MoveResult{}}
-	for _, m := range res {
-		out.Moves = append(out.Moves, moveResult(m))
-	}
 	if err != nil {
 		a.clusterErr(w, err)
 		return
+	}
+	out := DrainResult{Node: node, Moves: []MoveResult{}}
+	for _, m := range res {
+		out.Moves = append(out.Moves, moveResult(m))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
 func (a *API) apiClusterReassign(w http.ResponseWriter, r *http.Request) {
-	s, err := parseShard(r.PathValue("shard"))
+	s, to, err := shardTarget(r, "reassign")
 	if err != nil {
 		a.writeErr(w, err)
-		return
-	}
-	to := r.URL.Query().Get("to")
-	if to == "" {
-		writeError(w, http.StatusBadRequest, "reassign needs ?to=NODE")
 		return
 	}
 	accept := r.URL.Query().Get("accept-data-loss") == "true"
