@@ -214,6 +214,11 @@ var (
 	ErrClosed = errors.New("reflection: store is closed")
 	// ErrLocked wraps the error of Open when another process has the file.
 	ErrLocked = errors.New("reflection: database is locked by another process")
+	// ErrFenced is passed to done when a replicated store refused a write
+	// because this node no longer owns the group's shard (another node
+	// raised the shard's epoch): the write did not happen, nothing may be
+	// acked, and the shard's devices belong to the new owner.
+	ErrFenced = errors.New("reflection: shard fenced: another node owns it now")
 )
 
 // Sync submits one write and waits for its done. Example:

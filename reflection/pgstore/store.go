@@ -1,0 +1,422 @@
+package pgstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"d2m-mediator/reflection"
+)
+
+// Options configures Open. Zero values select the defaults.
+type Options struct {
+	// Store carries the engine-independent settings: queue limits, lazy
+	// ack window, cache size, OnCommit, Logger and Now.
+	Store reflection.Options
+
+	// Epoch returns this node's epoch for a shard (cluster mode: the
+	// revision of its etcd owner key) and whether the node owns the
+	// shard now. nil runs a single node: Open claims every shard with an
+	// epoch one above the database's, which fences any other process
+	// still writing with the same database.
+	Epoch func(shard byte) (epoch int64, ok bool)
+	// OnFenced is told when a commit was refused because the database's
+	// epoch for a shard is no longer this node's. It runs on the
+	// committer and must not block.
+	OnFenced func(shard byte, epoch int64)
+	// NodeID is recorded as the owner of the shards this node claims.
+	NodeID string
+	// AllowAsync lets Open accept a primary without a synchronous
+	// standby: acks then mean "on the primary's disk" only.
+	AllowAsync bool
+	// StatementTimeout bounds every statement on the server (5s); a
+	// commit batch also gives up after it.
+	StatementTimeout time.Duration
+	// MaxConns bounds the connection pool (16).
+	MaxConns int32
+}
+
+// Store is the PostgreSQL implementation of reflection.Store.
+type Store struct {
+	pool *pgxpool.Pool
+	opts Options
+	so   reflection.Options
+	log  zerolog.Logger
+
+	mem *memIndex
+	// claimed is the epoch this node last claimed for each shard in the
+	// database (0: not claimed). Written only by the committer.
+	claimed [256]atomic.Int64
+
+	mu      sync.Mutex // guards pending and closed
+	pending []*request
+	closed  bool
+	// abandoned (tests): the committer exits without writing the lazy
+	// acks, as a process killed after its last commit would.
+	abandoned bool
+	wake      chan struct{}
+	stopped   chan struct{}
+
+	// flushRetry: after a failed flush no flush of its own before this
+	// (committer only).
+	flushRetry time.Time
+
+	closeOnce sync.Once
+	// Replication describes how an ack is replicated, for the startup
+	// line ("synchronous standby …" or "asynchronous").
+	Replication string
+}
+
+var _ reflection.Store = (*Store)(nil)
+
+// IsDSN reports whether a --store value names a PostgreSQL database.
+func IsDSN(s string) bool {
+	return strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://")
+}
+
+func (o Options) withDefaults() Options {
+	so := &o.Store
+	if so.MaxQueueLength <= 0 {
+		so.MaxQueueLength = reflection.DefaultMaxQueueLength
+	}
+	if so.MaxQueueBytes <= 0 {
+		so.MaxQueueBytes = reflection.DefaultMaxQueueBytes
+	}
+	if so.AckFlushInterval <= 0 {
+		so.AckFlushInterval = reflection.DefaultAckFlushInterval
+	}
+	if so.AckFlushAcks <= 0 {
+		so.AckFlushAcks = reflection.DefaultAckFlushAcks
+	}
+	if so.CacheBytes == 0 {
+		so.CacheBytes = reflection.DefaultCacheBytes
+	}
+	if so.Now == nil {
+		so.Now = time.Now
+	}
+	if o.StatementTimeout <= 0 {
+		o.StatementTimeout = 5 * time.Second
+	}
+	if o.MaxConns <= 0 {
+		o.MaxConns = 16
+	}
+	if o.NodeID == "" {
+		o.NodeID = "single"
+	}
+	return o
+}
+
+// Open connects to the database, checks that an ack will be replicated
+// (a synchronous standby, unless AllowAsync), applies the schema
+// migrations and starts the committer. Without Options.Epoch it claims
+// every shard, marks slots left connected as disconnected and delivers
+// held reflections left by a crash, as the bbolt store does at Open.
+func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
+	opts = opts.withDefaults()
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	cfg.MaxConns = opts.MaxConns
+	rp := cfg.ConnConfig.RuntimeParams
+	if _, ok := rp["statement_timeout"]; !ok {
+		rp["statement_timeout"] = fmt.Sprint(opts.StatementTimeout.Milliseconds())
+	}
+	if _, ok := rp["application_name"]; !ok {
+		rp["application_name"] = "d2m-mediator"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	s := &Store{
+		pool:    pool,
+		opts:    opts,
+		so:      opts.Store,
+		log:     opts.Store.Logger,
+		mem:     newMemIndex(opts.Store.CacheBytes),
+		wake:    make(chan struct{}, 1),
+		stopped: make(chan struct{}),
+	}
+	if err := s.start(ctx); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	go s.run()
+	return s, nil
+}
+
+func (s *Store) start(ctx context.Context) error {
+	if err := s.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("pgstore: connecting to %s: %w", s.pool.Config().ConnConfig.Host, err)
+	}
+	if err := s.checkReplication(ctx); err != nil {
+		return err
+	}
+	applied, err := migrate(ctx, s.pool)
+	if err != nil {
+		return fmt.Errorf("pgstore: %w", err)
+	}
+	if len(applied) > 0 {
+		s.log.Info().Ints("versions", applied).Msg("pgstore: applied schema migrations")
+	}
+	if s.opts.Epoch == nil {
+		return s.claimAll(ctx)
+	}
+	return nil
+}
+
+// checkReplication refuses a standby, and a primary whose commits would
+// not wait for a synchronous standby, unless AllowAsync.
+func (s *Store) checkReplication(ctx context.Context) error {
+	var inRecovery bool
+	if err := s.pool.QueryRow(ctx, `SELECT pg_is_in_recovery()`).Scan(&inRecovery); err != nil {
+		return fmt.Errorf("pgstore: %w", err)
+	}
+	if inRecovery {
+		return errors.New("pgstore: the database is a standby (in recovery): point --store at the primary")
+	}
+	var names, commit string
+	if err := s.pool.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')`).Scan(&names, &commit); err != nil {
+		return fmt.Errorf("pgstore: %w", err)
+	}
+	var connected int
+	_ = s.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')`).Scan(&connected)
+	syncCommit := commit == "on" || commit == "remote_apply"
+	switch {
+	case names != "" && syncCommit:
+		s.Replication = fmt.Sprintf("synchronous standby %q, synchronous_commit=%s, %d connected", names, commit, connected)
+		if connected == 0 {
+			s.log.Warn().Str("synchronous_standby_names", names).
+				Msg("pgstore: no synchronous standby is connected: commits, and so acks, wait until one is")
+		}
+	case s.opts.AllowAsync:
+		s.Replication = fmt.Sprintf("asynchronous (synchronous_standby_names=%q, synchronous_commit=%s): an ack may be on the primary only", names, commit)
+	case names == "":
+		return errors.New("pgstore: the primary has no synchronous standby (synchronous_standby_names is empty), so an ack would be on one machine only: configure one, or pass --store-allow-async to accept that")
+	default:
+		return fmt.Errorf("pgstore: synchronous_commit is %q: an ack would not wait for the standby; set it to on or remote_apply, or pass --store-allow-async", commit)
+	}
+	return nil
+}
+
+// claimAll claims every shard for a single node.
+func (s *Store) claimAll(ctx context.Context) error {
+	now := s.so.Now().UnixMilli()
+	var epochs [256]int64
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, `UPDATE d2m_shards SET epoch = epoch + 1, owner = $1 RETURNING shard, epoch`, s.opts.NodeID)
+		if err != nil {
+			return err
+		}
+		var sh int32
+		var e int64
+		_, err = pgx.ForEachRow(rows, []any{&sh, &e}, func() error {
+			epochs[sh&0xff] = e
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, `UPDATE d2m_slots SET connected_since = 0, last_disconnect_at = $1 WHERE connected_since <> 0`, now)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("pgstore: claiming the shards: %w", err)
+	}
+	for i := range epochs {
+		s.claimed[i].Store(epochs[i])
+	}
+	return s.releaseAllHeld(ctx, nil)
+}
+
+// releaseAllHeld delivers the held reflections of the given shards (all if
+// nil) left by a crash or by the previous owner.
+func (s *Store) releaseAllHeld(ctx context.Context, shards []int32) error {
+	q := `SELECT DISTINCT group_id, sender FROM d2m_held`
+	args := []any{}
+	if shards != nil {
+		q += ` WHERE shard = ANY($1)`
+		args = append(args, shards)
+	}
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return fmt.Errorf("pgstore: reading held reflections: %w", err)
+	}
+	var reqs []*request
+	var gb []byte
+	var sender int64
+	_, err = pgx.ForEachRow(rows, []any{&gb, &sender}, func() error {
+		reqs = append(reqs, &request{op: opReleaseHeld, g: reflection.GroupID(gb), d: reflection.DeviceID(sender)})
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("pgstore: reading held reflections: %w", err)
+	}
+	if len(reqs) == 0 {
+		return nil
+	}
+	released := 0
+	for _, r := range reqs {
+		r.doneAppend = func(res reflection.AppendResult, err error) { released += len(res.Delivered) }
+	}
+	if err := s.commitBatch(reqs, false); err != nil {
+		return fmt.Errorf("pgstore: releasing held reflections: %w", err)
+	}
+	s.log.Info().Int("senders", len(reqs)).Int("held_copies_delivered", released).Msg("pgstore: released held reflections left by the previous owner")
+	return nil
+}
+
+// Close completes every write already submitted, writes the acks not yet
+// written, stops the committer and closes the pool.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		s.poke()
+		<-s.stopped
+		s.pool.Close()
+	})
+	return nil
+}
+
+func (s *Store) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Store) submit(r *request) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		go r.complete(reflection.ErrClosed)
+		return
+	}
+	s.pending = append(s.pending, r)
+	s.mu.Unlock()
+	s.poke()
+}
+
+// PutSlot creates or replaces a slot (see reflection.DB.PutSlot).
+func (s *Store) PutSlot(g reflection.GroupID, sl reflection.Slot, done func(error)) {
+	sl.DeviceInfo = append([]byte(nil), sl.DeviceInfo...)
+	s.submit(&request{op: opPutSlot, g: g, d: sl.DeviceID, slot: sl, done: done})
+}
+
+// DeleteSlot removes the slot and its queue, optionally leaving a
+// tombstone (see reflection.DB.DeleteSlot).
+func (s *Store) DeleteSlot(g reflection.GroupID, d reflection.DeviceID, t *reflection.Tombstone, done func(error)) {
+	r := &request{op: opDeleteSlot, g: g, d: d, done: done}
+	if t != nil {
+		tc := *t
+		tc.DeviceID = d
+		r.tomb = &tc
+	}
+	s.submit(r)
+}
+
+// SetSharedDeviceData stores the group's opaque shared data; empty data
+// removes it.
+func (s *Store) SetSharedDeviceData(g reflection.GroupID, data []byte, done func(error)) {
+	s.submit(&request{op: opSetShared, g: g, data: append([]byte(nil), data...), done: done})
+}
+
+// Append fans a reflection out (see reflection.DB.Append).
+func (s *Store) Append(r reflection.AppendRequest, done func(reflection.AppendResult, error)) {
+	s.submit(&request{op: opAppend, g: r.Group, d: r.Sender, app: r, doneAppend: done})
+}
+
+// ReleaseHeld moves the sender's held reflections into the queues.
+func (s *Store) ReleaseHeld(g reflection.GroupID, sender reflection.DeviceID, done func(reflection.AppendResult, error)) {
+	s.submit(&request{op: opReleaseHeld, g: g, d: sender, doneAppend: done})
+}
+
+// PurgeQueue empties d's queue, keeping the slot and its counter.
+func (s *Store) PurgeQueue(g reflection.GroupID, d reflection.DeviceID, done func(error)) {
+	s.submit(&request{op: opPurgeQueue, g: g, d: d, done: done})
+}
+
+// PruneTombstones removes tombstones with At < olderThan in the shards
+// this node owns.
+func (s *Store) PruneTombstones(olderThan int64, done func(error)) {
+	s.submit(&request{op: opPruneTombstones, olderThan: olderThan, done: done})
+}
+
+// Ack removes an entry: at once in memory, in the database with the next
+// commit once due (as reflection.DB.Ack: a lost ack only re-delivers).
+func (s *Store) Ack(g reflection.GroupID, d reflection.DeviceID, seq uint64, done func(error)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		if done != nil {
+			go done(reflection.ErrClosed)
+		}
+		return
+	}
+	m := s.mem
+	m.mu.Lock()
+	if sm := m.slot(g, d); sm != nil {
+		if i := sm.find(seq); i >= 0 && !sm.q[i].acked {
+			m.ack(sm, i)
+		}
+	}
+	m.acks = append(m.acks, ackRef{g, d, seq})
+	if done != nil {
+		m.ackDone = append(m.ackDone, done)
+	}
+	m.noteWork()
+	poke := len(m.acks) == 1 || len(m.acks) == s.so.AckFlushAcks
+	m.mu.Unlock()
+	if poke {
+		s.poke()
+	}
+}
+
+// ownedEpoch is the epoch this node may write the shard with now.
+func (s *Store) ownedEpoch(shard byte) (int64, bool) {
+	if s.opts.Epoch == nil {
+		return s.claimed[shard].Load(), true
+	}
+	return s.opts.Epoch(shard)
+}
+
+// ensureClaimed makes sure the database carries this node's current epoch
+// for the shard before anything of it is read into memory. It reports
+// whether the shard is this node's (claimed now).
+func (s *Store) ensureClaimed(shard byte) (bool, error) {
+	e, ok := s.ownedEpoch(shard)
+	if !ok {
+		return false, nil
+	}
+	if s.claimed[shard].Load() == e {
+		return true, nil
+	}
+	err := reflection.Sync(func(done func(error)) {
+		s.submit(&request{op: opClaim, shard: shard, done: done})
+	})
+	if err != nil {
+		return false, err
+	}
+	return s.claimed[shard].Load() == e, nil
+}
+
+// Claimed reports the epoch this node last claimed in the database for the
+// shard (0: none).
+func (s *Store) Claimed(shard byte) int64 { return s.claimed[shard].Load() }
+
+func i64(d reflection.DeviceID) int64 { return int64(d) }
+
+// maxSeq guards the int64 columns.
+const maxSeq = math.MaxInt64
