@@ -658,10 +658,17 @@ func (s *Server) waitReady(p *process, deadline time.Time) error {
 // psql runs one statement in database db and returns its output, unaligned
 // and without headers.
 func (s *Server) psql(db, sql string) (string, error) {
-	return s.psqlEnv(nil, db, sql)
+	out, err := s.psqlEnv(nil, db, sql)
+	return out.stdout, err
 }
 
-func (s *Server) psqlEnv(extraEnv []string, db, sql string) (string, error) {
+// psqlOutput is what psql printed: the result on stdout, notices and
+// warnings on stderr.
+type psqlOutput struct{ stdout, stderr string }
+
+// psqlEnv runs psql with extraEnv added to its environment (PGOPTIONS sets
+// parameters of the session).
+func (s *Server) psqlEnv(extraEnv []string, db, sql string) (psqlOutput, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), psqlTimeout)
 	defer cancel()
 	conn := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=%s connect_timeout=5", s.port, db)
@@ -670,10 +677,12 @@ func (s *Server) psqlEnv(extraEnv []string, db, sql string) (string, error) {
 	cmd.Env = append(cleanEnv(), extraEnv...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("psql on %s (port %d): %s: %v: %s", s.name, s.port, sql, err, strings.TrimSpace(stderr.String()))
+	err := cmd.Run()
+	out := psqlOutput{strings.TrimSpace(stdout.String()), strings.TrimSpace(stderr.String())}
+	if err != nil {
+		return out, fmt.Errorf("psql on %s (port %d): %s: %v: %s", s.name, s.port, sql, err, out.stderr)
 	}
-	return strings.TrimSpace(stdout.String()), nil
+	return out, nil
 }
 
 // logTail is the end of the server's log, for error messages.

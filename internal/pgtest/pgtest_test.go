@@ -1,15 +1,38 @@
 package pgtest
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
 )
 
+func TestMain(m *testing.M) {
+	code := m.Run()
+	StopShared()
+	os.Exit(code)
+}
+
+// TestShared gets the same cluster twice and a database of its own each
+// time.
+func TestShared(t *testing.T) {
+	t.Parallel()
+	c := Shared(t)
+	if c != Shared(t) || c.Standby == nil {
+		t.Fatal("Shared returned another cluster or one without standby")
+	}
+	a, b := c.NewDatabase(t), c.NewDatabase(t)
+	if a == b {
+		t.Fatalf("NewDatabase twice gave %s", a)
+	}
+	c.WaitSync(t)
+}
+
 // TestClusterStandbyRestart starts a primary with a synchronous standby,
 // writes through a database of its own, crashes and restarts the standby
 // and checks that the primary waits for it again.
 func TestClusterStandbyRestart(t *testing.T) {
+	t.Parallel()
 	begin := time.Now()
 	c := Start(t, Options{Standby: true})
 	t.Logf("cluster with standby started in %v", time.Since(begin))
@@ -46,13 +69,29 @@ func TestClusterStandbyRestart(t *testing.T) {
 	if c.Standby.PID() != 0 {
 		t.Fatalf("PID %d after Kill", c.Standby.PID())
 	}
+	// Without the standby a commit waits for it, and completes once the
+	// standby is back.
+	inserted := make(chan error, 1)
+	go func() {
+		_, err := c.Primary.psql(db, "INSERT INTO m VALUES (2)")
+		inserted <- err
+	}()
+	waitQuery(t, c.Primary, "postgres", "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'", "1")
+	select {
+	case err := <-inserted:
+		t.Fatalf("commit returned (%v) while the standby was down", err)
+	default:
+	}
 	c.Standby.Start(t)
 	if c.Standby.PID() == pid || c.Standby.PID() == 0 {
 		t.Fatalf("PID %d after restart, was %d", c.Standby.PID(), pid)
 	}
 	c.WaitSync(t)
-	query(t, c.Primary, db, "INSERT INTO m VALUES (2)")
-	waitQuery(t, c.Standby, db, "SELECT count(*) FROM m", "2")
+	if err := <-inserted; err != nil {
+		t.Fatalf("commit waiting for the standby: %v", err)
+	}
+	query(t, c.Primary, db, "INSERT INTO m VALUES (3)")
+	waitQuery(t, c.Standby, db, "SELECT count(*) FROM m", "3")
 
 	c.Primary.Stop(t)
 	if _, err := c.Primary.psql("postgres", "SELECT 1"); err == nil {
@@ -63,6 +102,7 @@ func TestClusterStandbyRestart(t *testing.T) {
 // TestPromote promotes the standby of a cluster without its primary and
 // writes to it.
 func TestPromote(t *testing.T) {
+	t.Parallel()
 	c := Start(t, Options{Standby: true})
 	dsn := c.NewDatabase(t)
 	db := dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]
@@ -78,6 +118,7 @@ func TestPromote(t *testing.T) {
 
 // TestNoStandby starts a lone primary: commits wait for nobody.
 func TestNoStandby(t *testing.T) {
+	t.Parallel()
 	c := Start(t, Options{})
 	if c.Standby != nil {
 		t.Fatal("standby without Options.Standby")
