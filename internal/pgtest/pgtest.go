@@ -532,6 +532,9 @@ func (s *Server) stop() error {
 		return nil
 	}
 	defer p.log.Close()
+	// A test may have left the server stopped with SIGSTOP; a stopped
+	// process would not act on the SIGINT.
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGCONT)
 	_ = p.cmd.Process.Signal(syscall.SIGINT)
 	select {
 	case <-p.done:
