@@ -82,8 +82,8 @@ func (bt *batchTx) apply(r *request) error {
 			s.reset, s.appended, s.length, s.bytes = true, nil, 0, 0
 		}
 		return nil
-	case opClaim:
-		return nil // done before the batch (prepareShards)
+	case opClaim, opPruneTombstones:
+		return nil // claims run before the batch (prepareShards), prunes are SQL only (buildSQL)
 	}
 	return fmt.Errorf("pgstore: unknown request kind %d", r.op)
 }
