@@ -144,10 +144,14 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 			}
 			continue
 		}
-		if !settled {
+		a := v.assign[s]
+		failover := a != nil && !live[a.Node] && v.owner[s] == nil && n.cfg.AutoFailover && len(ids) > 0
+		if !settled && !failover {
+			// A failover does not wait for the live set to settle: the
+			// shard's devices are waiting, and the data is in the
+			// replicated store.
 			continue
 		}
-		a := v.assign[s]
 		switch {
 		case a == nil:
 			to, _ := leastLoaded(load, "")
@@ -156,7 +160,7 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 				cmps: []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(n.k.assign(s)), "=", 0)},
 				op:   clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: to, By: "controller"})),
 			})
-		case !live[a.Node] && v.owner[s] == nil && n.cfg.AutoFailover:
+		case failover:
 			to, _ := leastLoaded(load, "")
 			load[to]++
 			writes = append(writes, plannedWrite{

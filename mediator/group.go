@@ -404,7 +404,7 @@ func (g *group) endTransactionLocked(committed bool) {
 			// The held entries stay on disk and are released at the next
 			// start; the lock must not stay taken meanwhile.
 			g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Msg("releasing held reflections failed")
-			t.holder.closeWith(d2m.CloseInternalError, err)
+			t.holder.closeWith(storeCloseCode(err), err)
 		}
 		g.mu.Lock()
 		defer g.mu.Unlock()
@@ -479,7 +479,7 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 		g.srv.store.Append(req, g.trackedAppend(func(res reflection.AppendResult, err error) {
 			c.releaseReflect()
 			if err != nil {
-				c.closeWith(d2m.CloseInternalError, err)
+				c.closeWith(storeCloseCode(err), err)
 				return
 			}
 			g.mu.Lock()
@@ -500,7 +500,7 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 			if err != nil {
 				c.releaseReflect()
 				g.srv.log.Error().Err(err).Str("group", shortID(g.id)).Msg("storing reflection failed")
-				c.closeWith(d2m.CloseInternalError, err)
+				c.closeWith(storeCloseCode(err), err)
 				return
 			}
 			if !g.srv.mayAck(g.id) {
@@ -554,7 +554,7 @@ func (g *group) dropDevice(c *deviceConn, target reflection.DeviceID) error {
 	}
 	g.mu.Unlock()
 	if err := <-done; err != nil {
-		return d2m.Close(d2m.CloseInternalError, err)
+		return d2m.Close(storeCloseCode(err), err)
 	}
 	c.enqueue(d2m.MustEncodeMessage(d2m.TypeDropDeviceAck, &d2mpb.DropDeviceAck{DeviceId: uint64(target)}))
 	if self {

@@ -227,3 +227,13 @@ func (s *Server) WaitShardClosed(ctx context.Context, shard byte) error {
 		}
 	}
 }
+
+// storeCloseCode is the close code for a device whose store write or read
+// failed: 1001 when a replicated store fenced the shard (another node
+// serves it now, so the device should simply reconnect), else 1011.
+func storeCloseCode(err error) d2m.CloseCode {
+	if errors.Is(err, reflection.ErrFenced) {
+		return d2m.CloseGoingAway
+	}
+	return d2m.CloseInternalError
+}

@@ -662,7 +662,7 @@ func (c *deviceConn) handshake() (uint64, error) {
 	c.log = c.log.With().Str("device", deviceStr(c.deviceID)).Logger()
 	c.group = s.acquireGroup(c.groupID)
 	if err := c.group.load(); err != nil {
-		return 0, d2m.Close(d2m.CloseInternalError, err)
+		return 0, d2m.Close(storeCloseCode(err), err)
 	}
 	state, persisted, err := c.group.register(c, ch)
 	if err != nil {
@@ -670,7 +670,7 @@ func (c *deviceConn) handshake() (uint64, error) {
 	}
 	if err := <-persisted; err != nil {
 		c.group.abandonRegistration(c, state == d2mpb.DeviceSlotState_NEW)
-		return 0, d2m.Close(d2m.CloseInternalError, err)
+		return 0, d2m.Close(storeCloseCode(err), err)
 	}
 	if c.isClosing() {
 		// Replaced (4112) or dropped while the slot was being stored.

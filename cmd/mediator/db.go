@@ -14,8 +14,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"d2m-mediator/reflection"
+	"d2m-mediator/reflection/pgstore"
 )
 
 const dbUsage = `usage:
@@ -182,9 +184,14 @@ func dbCheck(args []string) error {
 			"entry, cursor and counter. FILE is a backup (or any copy) of the database;\n"+
 			"without it the stopped server's <--data>/mediator.db is checked. Log entries\n"+
 			"no device needs any more are normal after a crash (the next start reclaims\n"+
-			"them), a problem after a clean stop. Exits non-zero if it finds a problem.", args)
+			"them), a problem after a clean stop. FILE may also be the postgres:// DSN\n"+
+			"of a PostgreSQL store (checked live, in one read-only snapshot). Exits\n"+
+			"non-zero if it finds a problem.", args)
 	if err != nil {
 		return err
+	}
+	if pgstore.IsDSN(path) {
+		return dbCheckPG(path, jsonOut)
 	}
 	res, err := reflection.CheckReport(path)
 	if errors.Is(err, reflection.ErrLocked) {
@@ -246,6 +253,36 @@ func dbCompact(args []string) error {
 		fmt.Fprintf(stdout, "freed %s of disk space\n", fmtBytes(b.DiskBytes-a.DiskBytes))
 	default:
 		fmt.Fprintln(stdout, "freed no disk space: the file had no free pages worth dropping")
+	}
+	return nil
+}
+
+// dbCheckPG checks a PostgreSQL store.
+func dbCheckPG(dsn string, jsonOut bool) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := pgstore.Check(ctx, dsn)
+	shown := redactDSN(dsn)
+	var problems []string
+	if err != nil {
+		problems = strings.Split(err.Error(), "\n")
+	}
+	if jsonOut {
+		if err := printJSON(map[string]any{"store": shown, "ok": err == nil, "problems": append([]string{}, problems...),
+			"schema": res.Schema, "slots": res.Slots, "queue_entries": res.Entries, "held": res.Held,
+			"tombstones": res.Tombstones, "claimed_shards": res.OwnedShards}); err != nil {
+			return err
+		}
+	} else if err == nil {
+		fmt.Fprintf(stdout, "ok: %s is consistent (schema %d, %d slots, %d queued entries, %d held, %d tombstones, %d shards claimed)\n",
+			shown, res.Schema, res.Slots, res.Entries, res.Held, res.Tombstones, res.OwnedShards)
+	} else {
+		for _, p := range problems {
+			fmt.Fprintln(stdout, p)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%s: the check found %d problem(s)", shown, len(problems))
 	}
 	return nil
 }

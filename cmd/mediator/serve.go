@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,11 +20,25 @@ import (
 	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/reflection"
+	"d2m-mediator/reflection/pgstore"
 )
+
+// redactDSN hides a password in a DSN before it is logged or printed.
+func redactDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil || u.User == nil {
+		return dsn
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	}
+	return u.String()
+}
 
 type serveFlags struct {
 	listen, tlsCert, tlsKey, data, chatServer, adminListen string
-	adminTokenFile                                         string
+	adminTokenFile, store                                  string
+	storeAllowAsync                                        bool
 	logFormat, logLevel                                    string
 	cfg                                                    mediator.Config
 	maxQueueLength                                         int
@@ -43,6 +58,8 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "serve wss:// with this certificate `file` (with --tls-key); plain ws:// without")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "private key `file` for --tls-cert")
 	fs.StringVar(&f.data, "data", "./data", "`directory` of the database (created 0700)")
+	fs.StringVar(&f.store, "store", "", "where the state lives: empty for the embedded bbolt file in --data, or a PostgreSQL `DSN` (postgres://user@host:5432/db) whose primary has a synchronous standby")
+	fs.BoolVar(&f.storeAllowAsync, "store-allow-async", false, "accept a PostgreSQL primary without a synchronous standby (an ack is then on one machine only)")
 	fs.StringVar(&f.chatServer, "chat-server", "", "upstream chat server `host:port`; {group} is replaced by the device's server group. Empty: start the local stand-in chat server in-process")
 	fs.StringVar(&f.adminListen, "admin-listen", "127.0.0.1:8766", "admin HTTP `address` (health, metrics, admin API)")
 	fs.StringVar(&f.adminTokenFile, "admin-token-file", "", "bearer token `file` for the admin API (default <data>/admin.token, generated if absent)")
@@ -80,6 +97,12 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	case f.cfg.HandshakeTimeout <= 0, f.cfg.IdleTimeout <= 0, f.cfg.MaxTransactionTTL <= 0,
 		f.cfg.VolatileSlotGrace <= 0, f.cfg.PersistentSlotExpiry <= 0:
 		return nil, errors.New("--handshake-timeout, --idle-timeout, --max-transaction-ttl, --volatile-slot-grace and --persistent-slot-expiry must be positive")
+	}
+	if f.store != "" && !pgstore.IsDSN(f.store) {
+		return nil, fmt.Errorf("--store must be empty (bbolt in --data) or a postgres:// DSN, not %q", redactDSN(f.store))
+	}
+	if f.storeAllowAsync && f.store == "" {
+		return nil, errors.New("--store-allow-async applies only to a PostgreSQL --store")
 	}
 	if f.maxQueueLength < 1 || f.maxQueueBytes < 1 {
 		return nil, errors.New("--max-queue-length and --max-queue-bytes must be positive")
@@ -151,24 +174,31 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	d, err := daemon.Start(daemon.Config{
-		Server:       f.cfg,
-		DataDir:      f.data,
-		StoreOptions: reflection.Options{MaxQueueLength: f.maxQueueLength, MaxQueueBytes: f.maxQueueBytes},
-		DeviceListen: f.listen,
-		AdminListen:  f.adminListen,
-		AdminToken:   token,
-		TLSCert:      f.tlsCert,
-		TLSKey:       f.tlsKey,
-		Logger:       log,
-		Cluster:      f.clusterCfg,
+		Server:          f.cfg,
+		DataDir:         f.data,
+		StoreOptions:    reflection.Options{MaxQueueLength: f.maxQueueLength, MaxQueueBytes: f.maxQueueBytes},
+		StoreDSN:        f.store,
+		StoreAllowAsync: f.storeAllowAsync,
+		DeviceListen:    f.listen,
+		AdminListen:     f.adminListen,
+		AdminToken:      token,
+		TLSCert:         f.tlsCert,
+		TLSKey:          f.tlsKey,
+		Logger:          log,
+		Cluster:         f.clusterCfg,
 	})
 	if err != nil {
 		return err
+	}
+	store := "bbolt " + filepath.Join(f.data, "mediator.db")
+	if d.PG != nil {
+		store = "postgres " + redactDSN(f.store) + " (" + d.PG.Replication + ")"
 	}
 	log.Info().
 		Str("devices", d.DeviceURL+"/").
 		Str("admin", fmt.Sprintf("http://%s/", d.AdminAddr)).
 		Str("data", f.data).
+		Str("store", store).
 		Str("chat_server", d.ChatServer).
 		Msg("mediator listening")
 

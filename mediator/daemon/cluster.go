@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"net/http"
@@ -25,23 +26,44 @@ type ClusterConfig struct {
 }
 
 // placement adapts a cluster node to the server's Placement. Before Join
-// (node nil) it serves nothing.
-type placement struct{ node *cluster.Node }
+// (node nil) it serves nothing. With a shared store, a shard whose commit
+// the database fenced is not served at that epoch any more, even while
+// this node's view of etcd still says it owns it.
+type placement struct {
+	node   atomic.Pointer[cluster.Node]
+	fenced [cluster.NumShards]atomic.Int64 // epoch the database refused (0: none)
+}
+
+// epoch is this node's epoch for the shard, if it owns the shard and the
+// database has not refused that epoch.
+func (p *placement) epoch(shard byte) (int64, bool) {
+	n := p.node.Load()
+	if n == nil {
+		return 0, false
+	}
+	e, ok := n.Owns(cluster.Shard(shard))
+	if !ok || p.fenced[shard].Load() == e {
+		return 0, false
+	}
+	return e, true
+}
 
 func (p *placement) Route(shard byte) mediator.Route {
-	if p.node == nil {
+	n := p.node.Load()
+	if n == nil {
 		return mediator.Route{}
 	}
 	s := cluster.Shard(shard)
-	if p.node.MayAck(s) {
-		return mediator.Route{Local: true, Node: p.node.ID()}
+	if p.MayAck(shard) {
+		return mediator.Route{Local: true, Node: n.ID()}
 	}
-	if _, ok := p.node.Owns(s); ok {
+	if _, ok := n.Owns(s); ok {
 		// Owned but fenced (a move draining it, a lease about to
-		// expire): neither serve nor forward to ourselves.
+		// expire, the database refusing our epoch): neither serve nor
+		// forward to ourselves.
 		return mediator.Route{}
 	}
-	node, addr, _, ok := p.node.Owner(s)
+	node, addr, _, ok := n.Owner(s)
 	if !ok {
 		return mediator.Route{}
 	}
@@ -49,11 +71,17 @@ func (p *placement) Route(shard byte) mediator.Route {
 }
 
 func (p *placement) Draining(shard byte) bool {
-	return p.node != nil && p.node.Draining(cluster.Shard(shard))
+	n := p.node.Load()
+	return n != nil && n.Draining(cluster.Shard(shard))
 }
 
 func (p *placement) MayAck(shard byte) bool {
-	return p.node != nil && p.node.MayAck(cluster.Shard(shard))
+	n := p.node.Load()
+	if n == nil || !n.MayAck(cluster.Shard(shard)) {
+		return false
+	}
+	e, _ := n.Owns(cluster.Shard(shard))
+	return p.fenced[shard].Load() != e
 }
 
 // joinCluster connects to etcd and joins the cluster as the node serving
@@ -77,7 +105,10 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		NodeID: cc.NodeID, Advertise: advertise, Prefix: cc.Prefix, LeaseTTL: cc.LeaseTTL,
 		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
 		Hooks:       hooks,
-		Transport:   &httpTransport{scheme: scheme, client: &http.Client{Timeout: 5 * time.Minute}},
+		// With a replicated store a lost node's shards are served by
+		// another node at once: the data is in the database.
+		AutoFailover: d.shared,
+		Transport:    &httpTransport{scheme: scheme, client: &http.Client{Timeout: 5 * time.Minute}},
 		OnEvent: func(ev cluster.Event) {
 			if ev.Kind == cluster.ShardLost {
 				n := s.CloseShard(byte(ev.Shard))
@@ -104,7 +135,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		cli.Close()
 		return err
 	}
-	p.node = node
+	p.node.Store(node)
 	s.Registry().MustRegister(keepalive, hooks.moves, hooks.moveSeconds, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "mediator_cluster_shards_owned",
 		Help: "Shards this node serves and may ack for now.",

@@ -31,6 +31,7 @@ import (
 	"d2m-mediator/mediator"
 	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/reflection"
+	"d2m-mediator/reflection/pgstore"
 )
 
 // Config describes one process. Zero values select the defaults noted.
@@ -43,6 +44,14 @@ type Config struct {
 	// caller owns it (tests with fault-injecting stores).
 	Store        reflection.Store
 	StoreOptions reflection.Options // OnCommit and Logger are filled in
+	// StoreDSN, if set (postgres://…), keeps the state in PostgreSQL
+	// instead of DataDir/mediator.db (package pgstore): an ack then waits
+	// for the primary's synchronous standby, and in cluster mode a lost
+	// node's shards fail over at once.
+	StoreDSN string
+	// StoreAllowAsync accepts a PostgreSQL primary without a synchronous
+	// standby (acks on one machine only).
+	StoreAllowAsync bool
 
 	DeviceListen string // default 127.0.0.1:8765
 	AdminListen  string // "" = no admin listener
@@ -69,7 +78,8 @@ type Config struct {
 type Daemon struct {
 	Server   *mediator.Server
 	Store    reflection.Store
-	DB       *reflection.DB   // nil when Config.Store was given
+	DB       *reflection.DB   // nil when Config.Store or StoreDSN was given
+	PG       *pgstore.Store   // the PostgreSQL store (StoreDSN)
 	ChatStub *chatstub.Server // nil when an upstream is configured
 	// ChatServer is the upstream address template in use (the stand-in's
 	// address when it runs).
@@ -83,6 +93,8 @@ type Daemon struct {
 	etcd    *clientv3.Client
 
 	log       zerolog.Logger
+	shared    bool // the store is one database every node reaches (PostgreSQL)
+	place     *placement
 	device    *http.Server
 	admin     *http.Server
 	errc      chan error
@@ -127,8 +139,18 @@ func Start(cfg Config) (d *Daemon, err error) {
 	// The committer may report a commit (trash collection at open) before
 	// the server exists: the hook reads the server through an atomic.
 	var srv atomic.Pointer[mediator.Server]
+	if cfg.Cluster != nil {
+		d.place = &placement{}
+	}
 	if cfg.Store != nil {
 		d.Store = cfg.Store
+	} else if cfg.StoreDSN != "" {
+		pg, err := d.openPG(cfg, &srv)
+		if err != nil {
+			return nil, err
+		}
+		d.Store, d.PG, d.shared = pg, pg, true
+		undo = append(undo, func() { pg.Close() })
 	} else {
 		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 			return nil, fmt.Errorf("data directory: %w", err)
@@ -168,9 +190,8 @@ func Start(cfg Config) (d *Daemon, err error) {
 	}
 
 	d.ChatServer = cfg.Server.ChatServer
-	var place *placement
-	if cfg.Cluster != nil {
-		place = &placement{}
+	place := d.place
+	if place != nil {
 		cfg.Server.Placement = place
 		cfg.Server.NodeID = cfg.Cluster.NodeID
 	}
@@ -275,9 +296,52 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 				err = fmt.Errorf("closing the database: %w", cerr)
 			}
 		}
+		if d.PG != nil {
+			if cerr := d.PG.Close(); cerr != nil && err == nil {
+				err = fmt.Errorf("closing the PostgreSQL store: %w", cerr)
+			}
+		}
 		d.closeErr = err
 	})
 	return d.closeErr
+}
+
+// openPG opens the PostgreSQL store. In cluster mode its epochs are the
+// node's (etcd owner key revisions); a commit the database fences closes
+// the shard's devices (1001) and stops serving the shard at that epoch.
+func (d *Daemon) openPG(cfg Config, srv *atomic.Pointer[mediator.Server]) (*pgstore.Store, error) {
+	so := cfg.StoreOptions
+	so.Logger = d.log
+	if so.OnCommit == nil {
+		so.OnCommit = func(n int, took time.Duration, err error) {
+			if s := srv.Load(); s != nil {
+				s.ObserveCommit(n, took, err)
+			}
+		}
+	}
+	po := pgstore.Options{Store: so, AllowAsync: cfg.StoreAllowAsync}
+	if cfg.Cluster != nil {
+		place := d.place
+		po.NodeID = cfg.Cluster.NodeID
+		po.Epoch = place.epoch
+		po.OnFenced = func(shard byte, epoch int64) {
+			place.fenced[shard].Store(epoch)
+			if s := srv.Load(); s != nil {
+				n := s.CloseShard(shard)
+				d.log.Warn().Int("shard", int(shard)).Int64("epoch", epoch).Int("devices_closed", n).
+					Msg("the database refused this node's epoch for the shard: another node owns it; stopped serving it")
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pg, err := pgstore.Open(ctx, cfg.StoreDSN, po)
+	if err != nil {
+		return nil, err
+	}
+	d.log.Info().Str("store", "postgres").Str("replication", pg.Replication).Int("schema", pgstore.SchemaVersion).
+		Msg("state in PostgreSQL")
+	return pg, nil
 }
 
 func startChatStub(cfg Config, log zerolog.Logger) (*chatstub.Server, string, error) {

@@ -55,6 +55,7 @@ type settings struct {
 	chatStub      bool
 	readHeaderTTL time.Duration
 	dataDir       string
+	storeDSN      string
 }
 
 // Option changes how NewServer builds the server.
@@ -68,6 +69,10 @@ func WithStore(st reflection.Store) Option { return func(s *settings) { s.store 
 // (queue limits, ...). Logger is always the server's; OnCommit is filled in
 // when nil.
 func WithStoreOptions(o reflection.Options) Option { return func(s *settings) { s.storeOpts = o } }
+
+// WithStoreDSN keeps the state in the PostgreSQL database dsn (package
+// pgstore) instead of a bbolt file.
+func WithStoreDSN(dsn string) Option { return func(s *settings) { s.storeDSN = dsn } }
 
 // WithDataDir puts the bbolt file (mediator.db) into dir instead of a new
 // t.TempDir().
@@ -119,6 +124,7 @@ func NewServer(t testing.TB, cfg mediator.Config, opts ...Option) *Server {
 		Server:            cfg,
 		Store:             set.store,
 		StoreOptions:      set.storeOpts,
+		StoreDSN:          set.storeDSN,
 		DeviceListen:      "127.0.0.1:0",
 		NoChatStub:        !set.chatStub,
 		ReadHeaderTimeout: set.readHeaderTTL,
