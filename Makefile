@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke crashtest deploy-check clean
+.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke bench-postgres crashtest deploy-check clean
 
 all: build
 
@@ -94,6 +94,9 @@ crashtest: ## long SIGKILL crash loop, then 50 power cuts (needs FUSE: root and 
 # with a message; CI installs them and sets DEPLOY_CHECK_STRICT=1. The metric
 # names in the rules and dashboard are checked by TestDeployMetricsExist in
 # make test.
+bench-postgres: build ## PostgreSQL store (primary + synchronous standby) against bbolt, alternating, in one run (~3 min)
+	BIN=bin cmd/d2m-load/pgbench.sh
+
 bench-smoke: ## every Go benchmark once, so none can rot (CI, ~30 s)
 	$(GO) test -run '^$$' -bench=. -benchtime=1x ./...
 

@@ -14,10 +14,16 @@
 #       --pipeline 8) for 100 and 1000 groups; draws $OUT/curve.svg with
 #       `d2m-load curve` (several outputs can be drawn together the same way)
 #
+#   PG_DSN_BASE=postgres://postgres@127.0.0.1:PORT BIN=… cmd/d2m-load/storebench.sh
+#       the same runs with the state in PostgreSQL: a fresh database per run
+#       (created with psql), `serve --store $PG_DSN_BASE/<db>`; bytes/reflect
+#       then counts only the mediator's own writes (none), not the database's
+#
 # Only the server this script started is stopped, by PID.
 set -euo pipefail
 BIN=${BIN:?BIN=directory with mediator and d2m-load}
 OUT=${OUT:-$(mktemp -d /tmp/storebench.XXXXXX)}
+mkdir -p "$OUT"
 RUNS=${RUNS:-"rate:1000 rate:5000 pipeline:8"}
 DURATION=${DURATION:-15s}
 GROUPS_N=${GROUPS_N:-1000}
@@ -49,7 +55,13 @@ echo "# bin=$BIN out=$OUT load=$(cut -d' ' -f1-3 /proc/loadavg)"
 for run in $RUNS; do
 	kind=${run%%:*} val=${run#*:}
 	DATA=$(mktemp -d /tmp/storebench-data.XXXXXX)
-	"$BIN/mediator" serve --data "$DATA" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$((PORT + 1)) \
+	store=()
+	if [ -n "${PG_DSN_BASE:-}" ]; then
+		db="bench_$(date +%s%N)"
+		psql -X -q "$PG_DSN_BASE/postgres" -c "CREATE DATABASE $db" >/dev/null
+		store=(--store "$PG_DSN_BASE/$db?sslmode=disable")
+	fi
+	"$BIN/mediator" serve "${store[@]}" --data "$DATA" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$((PORT + 1)) \
 		--log-format json --log-level info 2>"$OUT/server-$kind-$val.log" &
 	SERVER_PID=$!
 	for _ in $(seq 1 100); do grep -q '"mediator listening"' "$OUT/server-$kind-$val.log" && break; sleep 0.1; done
