@@ -214,6 +214,17 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 	} else {
 		err = fmt.Errorf("pgstore: commit of %d requests: %w", len(batch), err)
 		s.log.Error().Err(err).Msg("pgstore: commit failed")
+		// The outcome may be unknown (a connection lost or a timeout
+		// while the commit waited for the standby: PostgreSQL may have
+		// committed locally). Nothing is acked either way, but memory
+		// may now be behind the database: forget the batch's shards, so
+		// they are read again from what the database really holds.
+		m := s.mem
+		m.mu.Lock()
+		for sh := range epochs {
+			m.forgetShard(sh)
+		}
+		m.mu.Unlock()
 		if af != nil {
 			s.putBack(af)
 			af = nil
