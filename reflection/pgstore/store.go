@@ -38,10 +38,13 @@ type Options struct {
 	// AllowAsync lets Open accept a primary without a synchronous
 	// standby: acks then mean "on the primary's disk" only.
 	AllowAsync bool
-	// StatementTimeout bounds every statement on the server (5s); a
-	// commit batch also gives up after it.
+	// StatementTimeout bounds every statement on the server (5s;
+	// statement_timeout in the DSN takes precedence); a commit batch
+	// gives up after twice that (the wait for the synchronous standby is
+	// not a statement PostgreSQL times out).
 	StatementTimeout time.Duration
-	// MaxConns bounds the connection pool (16).
+	// MaxConns bounds the connection pool (16; pool_max_conns in the
+	// DSN takes precedence).
 	MaxConns int32
 }
 
@@ -126,7 +129,9 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: %w", err)
 	}
-	cfg.MaxConns = opts.MaxConns
+	if !strings.Contains(dsn, "pool_max_conns") {
+		cfg.MaxConns = opts.MaxConns
+	}
 	rp := cfg.ConnConfig.RuntimeParams
 	if _, ok := rp["statement_timeout"]; !ok {
 		rp["statement_timeout"] = fmt.Sprint(opts.StatementTimeout.Milliseconds())
