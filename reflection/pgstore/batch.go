@@ -34,7 +34,8 @@ type bslot struct {
 	counter uint64
 	length  int
 	bytes   int64
-	// dirty: the counter changed (an append); record: a PutSlot's row.
+	// dirty: the counter column must be written (an ephemeral
+	// reflection, a purge); record: a PutSlot's row.
 	dirty    bool
 	record   *reflection.Slot
 	appended []qent
@@ -79,7 +80,8 @@ func (bt *batchTx) apply(r *request) error {
 		return bt.releaseHeld(r)
 	case opPurgeQueue:
 		if s := bt.slot(r.g, r.d); s.present && s.length > 0 {
-			s.reset, s.appended, s.length, s.bytes = true, nil, 0, 0
+			// The rows go: the counter column must hold the counter.
+			s.reset, s.appended, s.length, s.bytes, s.dirty = true, nil, 0, 0, true
 		}
 		return nil
 	case opClaim, opPruneTombstones:
@@ -211,8 +213,10 @@ func (bt *batchTx) fanOut(g reflection.GroupID, to []reflection.DeviceID, ts uin
 			res.Dropped = append(res.Dropped, d)
 			continue
 		}
+		// The counter column is not written for a durable copy: the
+		// queue row carries its seq, and a load takes the larger of the
+		// two (sqlAckDelete keeps that true when rows go).
 		s.counter++
-		s.dirty = true
 		s.length++
 		s.bytes += envLen
 		s.appended = append(s.appended, qent{seq: s.counter, ts: ts, size: uint32(envLen), env: env})

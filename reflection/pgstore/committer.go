@@ -455,6 +455,7 @@ func (s *Store) loadGroups(ctx context.Context, gs []reflection.GroupID) (map[re
 			return nil // an orphan row (db check reports it)
 		}
 		sm.q = append(sm.q, qent{seq: uint64(seq), ts: uint64(ts), size: uint32(size)})
+		sm.counter = max(sm.counter, uint64(seq)) // rows come in seq order
 		sm.length++
 		sm.bytes += int64(size)
 		return nil

@@ -119,3 +119,43 @@ func TestOpenRefusesAsyncPrimary(t *testing.T) {
 		t.Fatalf("Replication = %q", s.Replication)
 	}
 }
+
+// Appends write only queue rows, not the slot's counter column; when acks
+// delete the rows, the counter must survive them (a Reflected id is never
+// reused within a slot's life, protocol.md §5.4).
+func TestCounterSurvivesAckedQueue(t *testing.T) {
+	t.Parallel()
+	dsn := pgtest.Shared(t).NewDatabase(t)
+	ctx := context.Background()
+	s, err := Open(ctx, dsn, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := storetest.GID(9)
+	for _, d := range []reflection.DeviceID{1, 2} {
+		if err := reflection.Sync(func(done func(error)) { s.PutSlot(g, reflection.Slot{DeviceID: d, CreatedAt: 1}, done) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 3 {
+		if _, err := reflection.SyncAppend(func(done func(reflection.AppendResult, error)) {
+			s.Append(reflection.AppendRequest{Group: g, Sender: 1, Envelope: []byte("x")}, done)
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for seq := uint64(1); seq <= 3; seq++ {
+		if err := reflection.Sync(func(done func(error)) { s.Ack(g, 2, seq, done) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	s, err = Open(ctx, dsn, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if qs, ok := s.QueueStats(g, 2); !ok || qs != (reflection.QueueStats{NextSeq: 4}) {
+		t.Fatalf("after acking everything and reopening: %+v %v, want NextSeq 4 and an empty queue", qs, ok)
+	}
+}

@@ -26,8 +26,17 @@ const (
 	RETURNING 1)
 SELECT 1 / CASE WHEN (SELECT count(*) FROM f) = $3 THEN 1 ELSE 0 END`
 
-	sqlAckDelete = `DELETE FROM d2m_queue AS q USING unnest($1::bytea[], $2::int8[], $3::int8[]) AS c(g, d, s)
-WHERE q.group_id = c.g AND q.device_id = c.d AND q.seq = c.s`
+	// Acked rows go, and each slot's counter column is raised to the
+	// largest seq deleted: a slot's counter is the larger of its column
+	// and its queue rows' seqs (appends write only rows), so it must not
+	// shrink when the rows go.
+	sqlAckDelete = `WITH del AS (
+	DELETE FROM d2m_queue AS q USING unnest($1::bytea[], $2::int8[], $3::int8[]) AS c(g, d, s)
+	WHERE q.group_id = c.g AND q.device_id = c.d AND q.seq = c.s
+	RETURNING q.group_id, q.device_id, q.seq)
+UPDATE d2m_slots AS s SET counter = m.mx
+FROM (SELECT group_id, device_id, max(seq) AS mx FROM del GROUP BY group_id, device_id) AS m
+WHERE s.group_id = m.group_id AND s.device_id = m.device_id AND s.counter < m.mx`
 	sqlQueueReset = `DELETE FROM d2m_queue AS q USING unnest($1::bytea[], $2::int8[]) AS c(g, d)
 WHERE q.group_id = c.g AND q.device_id = c.d`
 	sqlSlotDelete = `DELETE FROM d2m_slots AS s USING unnest($1::bytea[], $2::int8[]) AS c(g, d)
