@@ -4,7 +4,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,78 +11,10 @@ import (
 	"go.etcd.io/bbolt"
 )
 
-// Many goroutines submit mixed writes; the submission order is fixed by a
-// ticket taken under the same mutex as the submit call (as the server does
-// with its per-group mutex). done callbacks must fire in ticket order.
-// (Ack is not among them: it takes effect in memory at once and its done
-// fires with the lazy flush, see TestLazyAck*.)
-func TestDoneCallbacksFireInSubmissionOrder(t *testing.T) {
-	db := openAt(t, dbPath(t), Options{})
-	g := gid(30)
-	putSlots(t, db, g, 1, 2, 3)
-
-	const writers, perWriter = 32, 100
-	var (
-		submitMu sync.Mutex
-		next     int
-		gotMu    sync.Mutex
-		got      []int
-		wg       sync.WaitGroup
-	)
-	record := func(ticket int) {
-		gotMu.Lock()
-		got = append(got, ticket)
-		gotMu.Unlock()
-		wg.Done()
-	}
-	wg.Add(writers * perWriter)
-	var start sync.WaitGroup
-	start.Add(1)
-	for w := range writers {
-		go func() {
-			start.Wait()
-			for range perWriter {
-				submitMu.Lock()
-				ticket := next
-				next++
-				switch ticket % 4 {
-				case 0, 1:
-					db.Append(AppendRequest{Group: g, Sender: DeviceID(1 + w%3), Envelope: []byte("m")}, func(_ AppendResult, err error) {
-						if err != nil {
-							t.Error(err)
-						}
-						record(ticket)
-					})
-				case 2:
-					db.SetSharedDeviceData(g, []byte{byte(ticket)}, func(err error) {
-						if err != nil {
-							t.Error(err)
-						}
-						record(ticket)
-					})
-				case 3:
-					db.PutSlot(g, Slot{DeviceID: 3, ConnectedSince: int64(ticket)}, func(err error) {
-						if err != nil {
-							t.Error(err)
-						}
-						record(ticket)
-					})
-				}
-				submitMu.Unlock()
-			}
-		}()
-	}
-	start.Done()
-	wg.Wait()
-	if len(got) != writers*perWriter {
-		t.Fatalf("%d callbacks, want %d", len(got), writers*perWriter)
-	}
-	for i, ticket := range got {
-		if ticket != i {
-			t.Fatalf("callback %d was ticket %d: not FIFO", i, ticket)
-		}
-	}
-}
+// The engine-independent committer tests (done callbacks in submission
+// order, Close completing queued writes) are in package storetest's suite;
+// these need the bbolt engine's internals: a hook inside its transaction,
+// a record corrupted in its file, its lock file and file modes.
 
 // blockFirstBatch installs a hook that holds the committer inside the
 // transaction of the next batch until release is called, so the test can
@@ -216,43 +147,6 @@ func TestBadRequestFailsAlone(t *testing.T) {
 	if b.res.Delivered[0].Seq != 2 {
 		t.Fatalf("B delivered %v", b.res.Delivered)
 	}
-}
-
-func TestCloseCompletesQueuedWritesThenRejects(t *testing.T) {
-	path := dbPath(t)
-	db := openAt(t, path, Options{})
-	g := gid(33)
-	putSlots(t, db, g, 1, 2)
-	const n = 3000
-	var ok atomic.Int64
-	for range n {
-		db.Append(AppendRequest{Group: g, Sender: 1, Envelope: []byte("q")}, func(_ AppendResult, err error) {
-			if err == nil {
-				ok.Add(1)
-			}
-		})
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if got := ok.Load(); got != n {
-		t.Fatalf("%d of %d queued writes completed before Close returned", got, n)
-	}
-	errc := make(chan error, 1)
-	db.Ack(g, 2, 1, func(err error) { errc <- err })
-	select {
-	case err := <-errc:
-		if !errors.Is(err, ErrClosed) {
-			t.Fatalf("after Close: %v", err)
-		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("write after Close did not fail promptly")
-	}
-	if err := db.Close(); err != nil {
-		t.Fatalf("second Close: %v", err)
-	}
-	db = openAt(t, path, Options{})
-	wantStats(t, db, g, 2, QueueStats{Length: n, Bytes: n, NextSeq: n + 1})
 }
 
 func TestOpenFailsWhenLocked(t *testing.T) {

@@ -58,3 +58,9 @@ func (db *DB) CheckAckRanges(g GroupID, d DeviceID) error {
 	}
 	return nil
 }
+
+// ReclaimPending reports whether dead log entries wait to be deleted.
+func (db *DB) ReclaimPending() bool { return db.reclaimPending() }
+
+// ForEachPage is how many groups ForEachGroup reads per read transaction.
+const ForEachPage = forEachPage

@@ -103,9 +103,35 @@ func (e *boltEngine) Move(t testing.TB, s reflection.Store, g reflection.GroupID
 	return false, false
 }
 
+// ReclaimPending and StoredLog make the suite check the deletion of dead
+// log records, which bbolt does in the background (storetest.Reclaimer).
+func (e *boltEngine) ReclaimPending(s reflection.Store) bool {
+	return s.(*reflection.DB).ReclaimPending()
+}
+
+func (e *boltEngine) StoredLog(t testing.TB) (live, dead int) {
+	res, err := reflection.CheckReport(e.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.LogEntries, res.Reclaimable
+}
+
+// ForEachPage makes the suite walk more than two of ForEachGroup's pages.
+func (e *boltEngine) ForEachPage() int { return reflection.ForEachPage }
+
+func newBoltEngine(t testing.TB) *boltEngine {
+	return &boltEngine{path: filepath.Join(t.TempDir(), "data", "mediator.db")}
+}
+
+// TestStoreSuite runs the engine-independent store tests on bbolt; the
+// tests of its internals stay in package reflection.
+func TestStoreSuite(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) storetest.Engine { return newBoltEngine(t) })
+}
+
 func runBoltModel(t testing.TB, ops []byte) {
-	e := &boltEngine{path: filepath.Join(t.TempDir(), "data", "mediator.db")}
-	storetest.RunModel(t, e, ops, func(s reflection.Store, g reflection.GroupID, d reflection.DeviceID) {
+	storetest.RunModel(t, newBoltEngine(t), ops, func(s reflection.Store, g reflection.GroupID, d reflection.DeviceID) {
 		if err := s.(*reflection.DB).CheckAckRanges(g, d); err != nil {
 			t.Fatal(err)
 		}
