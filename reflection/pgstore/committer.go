@@ -163,7 +163,11 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 	for _, r := range batch {
 		r.err = nil
 	}
-	epochs, err := s.prepareShards(ctx, batch)
+	err := s.settle(ctx)
+	var epochs map[byte]int64
+	if err == nil {
+		epochs, err = s.prepareShards(ctx, batch)
+	}
 	var bt *batchTx
 	for err == nil {
 		if err = s.loadForBatch(ctx, batch); err != nil {
@@ -246,6 +250,59 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		}
 	}
 	return err
+}
+
+// unsettled is a commit whose outcome the committer does not know: the
+// backend that ran it and the shards it wrote.
+type unsettled struct {
+	pid    uint32
+	shards []byte
+}
+
+// settle ends every commit of unknown outcome before the next batch. A
+// backend whose client gave up keeps waiting for the synchronous standby
+// and would make its transaction visible whenever the standby returns,
+// behind the back of a memory that was rebuilt without it (and the next
+// batch would reuse its Seqs). Terminating it ends the wait: PostgreSQL
+// keeps the transaction committed locally (never acked, so never
+// promised; the standby gets it with the rest of the WAL), and it is
+// visible at once. Only then are its shards read again.
+func (s *Store) settle(ctx context.Context) error {
+	for len(s.unsettled) > 0 {
+		u := s.unsettled[0]
+		var gone bool
+		err := s.pool.QueryRow(ctx, `SELECT pg_terminate_backend($1) IS NOT NULL
+			AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND pid <> pg_backend_pid())`, int32(u.pid)).Scan(&gone)
+		for err == nil && !gone {
+			select {
+			case <-ctx.Done():
+				err = ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+				err = s.pool.QueryRow(ctx, `SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)`, int32(u.pid)).Scan(&gone)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("settling an earlier commit of unknown outcome (backend %d): %w", u.pid, err)
+		}
+		m := s.mem
+		m.mu.Lock()
+		for _, sh := range u.shards {
+			m.forgetShard(sh)
+		}
+		m.mu.Unlock()
+		s.unsettled = s.unsettled[1:]
+		s.log.Warn().Uint32("backend", u.pid).Ints("shards", shardInts(u.shards)).
+			Msg("pgstore: ended a commit of unknown outcome (it may have committed without an ack); its shards are read again")
+	}
+	return nil
+}
+
+func shardInts(sh []byte) []int {
+	out := make([]int, len(sh))
+	for i, s := range sh {
+		out[i] = int(s)
+	}
+	return out
 }
 
 // fenced forgets a shard whose epoch in the database is no longer ours.
@@ -495,16 +552,33 @@ func (s *Store) exec(ctx context.Context, bt *batchTx, batch []*request, af *ack
 	if b.Len() <= 1 {
 		return nil, nil // nothing to write
 	}
-	br := s.pool.SendBatch(ctx, b)
-	_, err := br.Exec()
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pid := conn.Conn().PgConn().PID()
+	br := conn.SendBatch(ctx, b)
+	_, err = br.Exec()
 	if err == nil {
 		for i := 1; i < b.Len() && err == nil; i++ {
 			_, err = br.Exec()
 		}
 	}
 	cerr := br.Close()
+	conn.Release()
 	if err == nil {
 		err = cerr
+	}
+	var pe *pgconn.PgError
+	if err != nil && !errors.As(err, &pe) {
+		// No answer from the server (timeout, connection lost): the
+		// transaction may still commit, for example once the standby
+		// is back. Settle it before anything else is written.
+		touched := make([]byte, 0, len(epochs))
+		for sh := range epochs {
+			touched = append(touched, sh)
+		}
+		s.unsettled = append(s.unsettled, unsettled{pid: pid, shards: touched})
 	}
 	if err == nil {
 		return nil, nil

@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"context"
+	"math"
 	"sync"
 	"testing"
 
@@ -136,8 +137,13 @@ func (e *pgEngine) Move(t testing.TB, st reflection.Store, g reflection.GroupID)
 	peerEpoch := e.epochs[sh] + 1
 	e.epochs[sh] += 2
 	e.mu.Unlock()
-	// From here this node writes nothing of the shard: take what is
-	// stored before the peer's claim changes it.
+	// From here this node writes nothing of the shard (a batch that
+	// starts now leaves its acks out); a barrier through the committer
+	// waits for a batch already under way. Then take what is stored
+	// before the peer's claim changes it.
+	if err := reflection.Sync(func(done func(error)) { st.PruneTombstones(math.MinInt64, done) }); err != nil {
+		t.Fatal(err)
+	}
 	e.stored = make(map[slotRef][]uint64)
 	for _, d := range []reflection.DeviceID{1, 2, 3, 4} {
 		e.stored[slotRef{g, d}] = e.read(t, g, d)

@@ -72,6 +72,9 @@ type Store struct {
 	// flushRetry: after a failed flush no flush of its own before this
 	// (committer only).
 	flushRetry time.Time
+	// unsettled: commits of unknown outcome to end before the next batch
+	// (committer only).
+	unsettled []unsettled
 
 	closeOnce sync.Once
 	// Replication describes how an ack is replicated, for the startup
