@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -300,6 +301,82 @@ func TestPostgresPrimaryDown(t *testing.T) {
 	}
 	if out := s.Logs(); strings.Contains(out, "panic") {
 		t.Fatalf("the server logged a panic:\n%s", tailString(out, 8000))
+	}
+	s.stop()
+	pgCheck(t, dsn)
+}
+
+// TestPostgresLongStandbyOutage: the standby stays down longer than a
+// commit may take (twice the 5 s statement timeout), so the sender is
+// closed with 1011 without a ReflectAck, although PostgreSQL has already
+// committed the reflection locally and finishes the commit once the
+// standby is back. The store must come out of that state: after the
+// outage the group reflects again, ids go on without a gap or a
+// repetition, and `mediator db check` passes.
+//
+// It fails today and so runs only with PG_KNOWN_BUGS=1: the store
+// publishes nothing of a failed commit, so its memory no longer matches
+// the database (the next reflection of the group fails with a duplicate
+// key in d2m_queue, and a later write of the slot row puts the old
+// counter back, which outlives a restart: "queue rows above their slot's
+// counter", and the group fails every reflection for good).
+func TestPostgresLongStandbyOutage(t *testing.T) {
+	if os.Getenv("PG_KNOWN_BUGS") == "" {
+		t.Skip("known bug: an in-doubt commit (standby down > 10 s) leaves the group unable to reflect; PG_KNOWN_BUGS=1 runs this test")
+	}
+	c := pgtest.Start(t, pgtest.Options{Standby: true})
+	dsn := c.NewDatabase(t)
+	s := startServer(t, "--store", dsn)
+	g := newGroup()
+	a, _ := connectReady(t, s, g.config(s, 1))
+	b, _ := connectReady(t, s, g.config(s, 2))
+	reflectAcked(t, a, 0)
+	first := expectReflected(t, b, envelope(0))
+	b.AckReflected(ctxT(t, time.Second), first.ID)
+	devicesInfo(t, b)
+
+	c.Standby.Kill(t)
+	if _, err := a.Reflect(ctxT(t, time.Second), envelope(1), 0); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m, err := a.Conn.Recv(ctxT(t, 30*time.Second))
+		if errors.Is(err, d2mclient.ErrClosed) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("sender neither acked nor closed with the standby down: %v", err)
+		}
+		if m.Type == d2m.TypeReflectAck {
+			t.Fatal("ReflectAck with the standby down")
+		}
+	}
+	if code := a.Conn.CloseCode(ctxT(t, time.Second)); code != int(d2m.CloseInternalError) {
+		t.Fatalf("sender closed with %d, want 1011", code)
+	}
+	c.Standby.Start(t)
+	c.WaitSync(t)
+
+	cfgA := g.config(s, 1)
+	cfgA.ExpectedState = d2mclient.Expect(d2mpb.DeviceSlotState_EXISTING)
+	a2, _ := connectReady(t, s, cfgA)
+	reflectAcked(t, a2, 2)
+	// #1 was not acked, but PostgreSQL committed it: it may reach b,
+	// before #2 and with the next id.
+	want := first.ID + 1
+	r, err := d2m.DecodeReflected(recvType(t, b.Conn, d2m.TypeReflected))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(r.Envelope, envelope(1)) {
+		if r.ID != want {
+			t.Fatalf("#1 with id %d, want %d", r.ID, want)
+		}
+		want++
+		r = expectReflected(t, b, envelope(2))
+	}
+	if !bytes.Equal(r.Envelope, envelope(2)) || r.ID != want {
+		t.Fatalf("got id %d %q, want id %d %q", r.ID, r.Envelope, want, envelope(2))
 	}
 	s.stop()
 	pgCheck(t, dsn)
