@@ -57,7 +57,8 @@ func envIterations(name string, def, short int) int {
 //   - the devices of a group see the others' reflections in one order;
 //   - slots stay intact: every reconnect expects EXISTING and
 //     GetDevicesInfo lists the whole group;
-//   - after a final clean stop, `mediator db check` passes.
+//   - after a final clean stop, `mediator db check` passes (on the data
+//     directory, or on the --store DSN).
 //
 // crashes names the crashes in the summary line ("SIGKILLs").
 func runCrashLoop(t *testing.T, s *server, iterations int, crashes string, crash func()) {
@@ -114,7 +115,11 @@ func runCrashLoop(t *testing.T, s *server, iterations int, crashes string, crash
 		t.FailNow()
 	}
 	s.stop()
-	dbCheck(t, s.dataDir)
+	if dsn := s.storeDSN(); dsn != "" {
+		pgCheck(t, dsn)
+	} else {
+		dbCheck(t, s.dataDir)
+	}
 
 	// Every acked reflection reached every other device of its group, in
 	// its sender's order; the devices of a group agree on the order.

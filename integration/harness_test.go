@@ -20,6 +20,7 @@ import (
 	"d2m-mediator/d2d"
 	"d2m-mediator/d2m"
 	"d2m-mediator/d2m/d2mclient"
+	"d2m-mediator/internal/pgtest"
 	"d2m-mediator/mediator/mediatortest"
 	"d2m-mediator/proto/d2mpb"
 )
@@ -44,6 +45,7 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	code := m.Run()
+	pgtest.StopShared()
 	os.RemoveAll(dir)
 	if code == 0 {
 		// In-process servers (mediatortest) are shut down by their tests'

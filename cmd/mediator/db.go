@@ -154,6 +154,10 @@ func offlineFlags(name, args, help string, argv []string) (string, bool, error) 
 			return "", false, fmt.Errorf("%s: give FILE or --data, not both", name)
 		}
 		path = pos[0]
+		if pgstore.IsDSN(path) {
+			// A PostgreSQL store: no file to look for (db check).
+			return path, *jsonOut, nil
+		}
 		if st, err := os.Stat(path); err == nil && st.IsDir() {
 			path = filepath.Join(path, "mediator.db")
 		}
