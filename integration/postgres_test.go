@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -314,16 +313,11 @@ func TestPostgresPrimaryDown(t *testing.T) {
 // outage the group reflects again, ids go on without a gap or a
 // repetition, and `mediator db check` passes.
 //
-// It fails today and so runs only with PG_KNOWN_BUGS=1: the store
-// publishes nothing of a failed commit, so its memory no longer matches
-// the database (the next reflection of the group fails with a duplicate
-// key in d2m_queue, and a later write of the slot row puts the old
-// counter back, which outlives a restart: "queue rows above their slot's
-// counter", and the group fails every reflection for good).
+// The store settles such a commit before its next batch (it terminates
+// the backend that still waits for the standby, so the transaction is
+// visible, and reads the shard again); before that fix the group's next
+// reflection failed with a duplicate key in d2m_queue for good.
 func TestPostgresLongStandbyOutage(t *testing.T) {
-	if os.Getenv("PG_KNOWN_BUGS") == "" {
-		t.Skip("known bug: an in-doubt commit (standby down > 10 s) leaves the group unable to reflect; PG_KNOWN_BUGS=1 runs this test")
-	}
 	c := pgtest.Start(t, pgtest.Options{Standby: true})
 	dsn := c.NewDatabase(t)
 	s := startServer(t, "--store", dsn)
