@@ -69,8 +69,13 @@ func TestChunkedDeleteDoesNotStallOtherGroups(t *testing.T) {
 	slices.Sort(during)
 	t.Logf("%d appends to another group during the deletion: median %v, max %v; deletion took %d chunk commits, %v in total",
 		len(during), during[len(during)/2], during[len(during)-1], chunks.Load(), time.Duration(chunkTime.Load()))
-	if worst := during[len(during)-1]; worst >= 50*time.Millisecond {
-		t.Fatalf("an append to another group took %v while a queue was being deleted", worst)
+	// Deleted in one commit, the queue would hold an append for the whole
+	// deletion; chunked, an append waits for one chunk at most. Compared
+	// with the deletion's own total, not with a fixed time, so a loaded
+	// machine (which slows both alike) does not fail it.
+	total := time.Duration(chunkTime.Load())
+	if worst := during[len(during)-1]; worst >= total/2 {
+		t.Fatalf("an append to another group took %v while a queue was being deleted (the deletion's commits took %v in all)", worst, total)
 	}
 	if got := chunks.Load(); got < DefaultMaxQueueLength/DefaultDeleteChunk {
 		t.Fatalf("only %d chunk commits for %d keys", got, DefaultMaxQueueLength)
