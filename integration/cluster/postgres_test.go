@@ -2,7 +2,10 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -22,6 +25,7 @@ import (
 	"d2m-mediator/d2m"
 	"d2m-mediator/d2m/d2mclient"
 	"d2m-mediator/internal/pgtest"
+	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/proto/d2mpb"
 )
 
@@ -487,6 +491,14 @@ func TestPostgresSIGSTOPFencing(t *testing.T) {
 		pc.query(t, `SELECT device_id, seq, ts FROM d2m_queue WHERE envelope = $1`, []any{[]byte("during-the-stop")}, &dev, &seq, &ts)
 		t.Logf("row: device %d seq %d ts %s; SIGSTOP at %s, SIGCONT at %s", dev, seq, time.UnixMilli(ts).Format("15:04:05.000"),
 			stopped.Format("15:04:05.000"), resumed.Format("15:04:05.000"))
+		for _, p := range []*process{p1, p2} {
+			for _, l := range p.logLines(fmt.Sprintf(`"shard":%d`, shard)) {
+				t.Logf("%s: %s", p.id, l)
+			}
+			for _, l := range p.logLines(`"component":"cluster"`) {
+				t.Logf("%s: %s", p.id, l)
+			}
+		}
 		t.Fatalf("%d queue rows of the reflection sent to the stopped old owner", rows)
 	}
 	pc.query(t, `SELECT epoch, owner FROM d2m_shards WHERE shard = $1`, []any{int32(shard)}, &dbEpoch, &dbOwner)
@@ -515,4 +527,65 @@ func TestPostgresSIGSTOPFencing(t *testing.T) {
 	if string(r.Envelope) != "during-the-stop" {
 		t.Fatalf("device 2 got %q, want the resent reflection", r.Envelope)
 	}
+}
+
+// post POSTs path to the process's admin API and decodes the answer.
+func (p *process) post(t *testing.T, path string, v any) int {
+	t.Helper()
+	req, _ := http.NewRequest("POST", p.admin+path, nil)
+	req.Header.Set("Authorization", "Bearer "+p.token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if err := json.Unmarshal(body, v); err != nil {
+		t.Fatalf("POST %s: %v in %s", path, err, body)
+	}
+	return resp.StatusCode
+}
+
+// TestPostgresDrainUnderLoad drains a node of a PostgreSQL cluster while
+// devices of 12 groups in 12 of its shards reflect through both nodes: a
+// move with a shared store hands over only the epoch (no data streams),
+// every shard ends at the other node, the database holds the new owner's
+// epoch for each, and nothing acked is lost.
+func TestPostgresDrainUnderLoad(t *testing.T) {
+	pc := startPGCluster(t, "p1", "p2")
+	p1, p2 := pc.procs["p1"], pc.procs["p2"]
+	view := p2.shards(t)
+	seen := map[byte]bool{}
+	var groups []d2d.Keys
+	for len(groups) < 12 {
+		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		if s := k.DeviceGroupID()[0]; view.Shards[s].Owner == "p1" && !seen[s] {
+			seen[s] = true
+			groups = append(groups, k)
+		}
+	}
+	ld := startLoadAnyNode(t, groups, pc, 50*time.Millisecond, &firstAcks{})
+	time.Sleep(time.Second) // load before the drain (its length, not an order)
+	var dr adminapi.DrainResult
+	start := time.Now()
+	if code := p2.post(t, "/api/v1/cluster/nodes/p1/drain", &dr); code != 200 {
+		t.Fatalf("drain: %d %+v", code, dr)
+	}
+	t.Logf("drained p1 under load: %d shards in %v", len(dr.Moves), time.Since(start).Round(time.Millisecond))
+	time.Sleep(time.Second) // load after the drain
+	view = p1.shards(t)
+	for i, si := range view.Shards {
+		if si.Owner != "p2" {
+			t.Fatalf("after the drain shard %02x is served by %q", i, si.Owner)
+		}
+	}
+	for s := range seen {
+		var epoch int64
+		var owner string
+		pc.query(t, `SELECT epoch, owner FROM d2m_shards WHERE shard = $1`, []any{int32(s)}, &epoch, &owner)
+		if epoch != view.Shards[s].Epoch || owner != "p2" {
+			t.Errorf("d2m_shards for %02x: epoch %d owner %q; etcd: epoch %d owner p2", s, epoch, owner, view.Shards[s].Epoch)
+		}
+	}
+	ld.stopAndCheck(t, p2.url)
 }
