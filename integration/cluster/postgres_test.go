@@ -432,6 +432,9 @@ func TestPostgresSIGSTOPFencing(t *testing.T) {
 	}
 	stopped := time.Now()
 	t.Cleanup(func() { p2.cmd.Process.Signal(syscall.SIGCONT) })
+	// kill(2) returns before every thread has stopped: a reflection sent
+	// at once can still be stored, at the old epoch, before the takeover.
+	waitUntil(t, 5*time.Second, "every thread of p2 stopped", func() bool { return allThreadsStopped(t, p2.cmd.Process.Pid) })
 	if _, err := c1.Reflect(context.Background(), []byte("during-the-stop"), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -588,4 +591,25 @@ func TestPostgresDrainUnderLoad(t *testing.T) {
 		}
 	}
 	ld.stopAndCheck(t, p2.url)
+}
+
+// allThreadsStopped reports whether every thread of process pid is in
+// state T (stopped), from /proc.
+func allThreadsStopped(t *testing.T, pid int) bool {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+	if err != nil || len(tasks) == 0 {
+		t.Fatalf("threads of %d: %v", pid, err)
+	}
+	for _, f := range tasks {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return false
+		}
+		// pid (comm) state …: comm may hold spaces and parentheses.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
 }
