@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke bench-postgres crashtest deploy-check clean
+.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
 
 all: build
 
@@ -87,6 +87,9 @@ bench-store: build ## reflection-store figures: the store alone at fixed rates, 
 crashtest: ## long SIGKILL crash loop, then 50 power cuts (needs FUSE: root and /dev/fuse)
 	CRASH_ITERATIONS=200 $(GO) test -count=1 -timeout=60m -run 'TestCrashLoop' ./integration/
 	POWERCUT_ITERATIONS=50 $(GO) test -count=1 -timeout=60m -run 'TestPowerCut' ./integration/...
+
+crashtest-cluster: ## 50 rounds of SIGKILL to a node of 3 on one PostgreSQL database under load (needs the Debian package postgresql)
+	cd $(CLUSTER_TESTS) && CRASH_CLUSTER_ROUNDS=50 $(GO) test -count=1 -timeout=60m -run 'TestPostgresSIGKILLUnderLoad' -v .
 
 # deploy-check checks deploy/ with the tools that read those files
 # (systemd-analyze, nginx, haproxy, caddy, promtool; Debian packages

@@ -20,6 +20,7 @@ import (
 
 	"d2m-mediator/cluster"
 	"d2m-mediator/cluster/clusterfake"
+	"d2m-mediator/internal/pgtest"
 )
 
 const (
@@ -136,6 +137,7 @@ func TestMain(m *testing.M) {
 	}
 	fmt.Fprintf(os.Stderr, "etcd: 3 members ready in %v\n", time.Since(start).Round(time.Millisecond))
 	code := m.Run()
+	pgtest.StopShared()
 	if p50, p99, n := keepalives.percentiles(); n > 0 {
 		fmt.Fprintf(os.Stderr, "lease keepalive round trip over %d keepalives: p50 %v, p99 %v\n", n, p50, p99)
 	}

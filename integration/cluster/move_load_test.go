@@ -31,6 +31,7 @@ type loadDevice struct {
 	closes     []int
 	reconnects int // dials after the first; each must succeed at once
 	failedDial error
+	onAck      func() // optional: called on every ReflectAck, by the goroutine running session
 }
 
 func (d *loadDevice) run(ctx context.Context, t *testing.T, every time.Duration) {
@@ -96,6 +97,9 @@ func (d *loadDevice) session(ctx context.Context, c *d2mclient.Client, every tim
 			switch m.Type {
 			case d2m.TypeReflectAck:
 				a, _ := d2m.DecodeReflectAck(m.Payload)
+				if d.onAck != nil {
+					d.onAck()
+				}
 				d.mu.Lock()
 				d.acked = append(d.acked, sent[a.ID])
 				d.mu.Unlock()

@@ -54,15 +54,21 @@ type process struct {
 	url, admin      string
 	token           string
 	done            chan struct{}
+
+	mu    sync.Mutex
+	lines []string // the log
 }
 
-func startProcess(t *testing.T, id, prefix, dir string) *process {
+// startProcess starts `mediator serve` in cluster mode with extra flags
+// (--store postgres://… for a shared store).
+func startProcess(t *testing.T, id, prefix, dir string, extra ...string) *process {
 	t.Helper()
 	p := &process{id: id, dir: dir, prefix: prefix, done: make(chan struct{})}
-	cmd := exec.Command(mediatorBinary(t), "serve", "--data", dir, "--listen", "127.0.0.1:0",
+	args := []string{"serve", "--data", dir, "--listen", "127.0.0.1:0",
 		"--admin-listen", "127.0.0.1:0", "--log-format", "json",
 		"--cluster-etcd", strings.Join(shared.clients, ","), "--node-id", id,
-		"--cluster-prefix", prefix, "--cluster-lease-ttl", ttl.String())
+		"--cluster-prefix", prefix, "--cluster-lease-ttl", ttl.String()}
+	cmd := exec.Command(mediatorBinary(t), append(args, extra...)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -77,12 +83,16 @@ func startProcess(t *testing.T, id, prefix, dir string) *process {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
-			if l := sc.Text(); strings.Contains(l, `"mediator listening"`) {
+			l := sc.Text()
+			if strings.Contains(l, `"mediator listening"`) {
 				select {
 				case ready <- l:
 				default:
 				}
 			}
+			p.mu.Lock()
+			p.lines = append(p.lines, l)
+			p.mu.Unlock()
 		}
 		cmd.Wait()
 	}()
@@ -103,6 +113,19 @@ func startProcess(t *testing.T, id, prefix, dir string) *process {
 	}
 	p.token = strings.TrimSpace(string(tok))
 	return p
+}
+
+// logLines returns the process's log lines that contain s.
+func (p *process) logLines(s string) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for _, l := range p.lines {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 func (p *process) kill() {
