@@ -8,6 +8,8 @@
 #
 #   make build && BIN=bin cmd/d2m-load/pgbench.sh
 #   RUNS="pipeline:8" REPEAT=1 BIN=bin cmd/d2m-load/pgbench.sh
+#   SETUP_ONLY=1 BIN=bin cmd/d2m-load/pgbench.sh   # start the two servers, print
+#       the DSN and leave them running (stop: pg_ctl -D DIR/{standby,primary} stop)
 set -euo pipefail
 BIN=$(cd "${BIN:?BIN=directory with mediator and d2m-load}" && pwd)
 RUNS=${RUNS:-"pipeline:8 rate:2000"}
@@ -24,7 +26,7 @@ cleanup() {
 	"${as_pg[@]}" "$PGBIN/pg_ctl" -D "$DIR/primary" -m immediate stop >/dev/null 2>&1 || true
 	rm -rf "$DIR"
 }
-trap cleanup EXIT
+[ "${SETUP_ONLY:-0}" = 1 ] || trap cleanup EXIT
 "${as_pg[@]}" "$PGBIN/initdb" -D "$DIR/primary" -U postgres -A trust --no-sync >/dev/null
 cat >>"$DIR/primary/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
@@ -50,6 +52,10 @@ for _ in $(seq 1 100); do
 	sleep 0.1
 done
 echo "# postgres $("$PGBIN/postgres" --version | awk '{print $3}') primary :$P1, synchronous standby :$P2 ($s); out=$OUT"
+if [ "${SETUP_ONLY:-0}" = 1 ]; then
+	echo "postgres://postgres@127.0.0.1:$P1/postgres?sslmode=disable  (data in $DIR)"
+	exit 0
+fi
 # PostgreSQL's own CPU (both servers; backends are counted when their
 # postmaster reaps them): utime+stime+cutime+cstime of each postmaster.
 pgcpu() {

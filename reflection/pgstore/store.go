@@ -139,6 +139,12 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	if _, ok := rp["statement_timeout"]; !ok {
 		rp["statement_timeout"] = fmt.Sprint(opts.StatementTimeout.Milliseconds())
 	}
+	// A node stopped (SIGSTOP, a VM pause) in the middle of a claim's
+	// transaction would keep the shard's row locked, and so every other
+	// node's claim waiting, for as long as it stays stopped.
+	if _, ok := rp["idle_in_transaction_session_timeout"]; !ok {
+		rp["idle_in_transaction_session_timeout"] = fmt.Sprint(opts.StatementTimeout.Milliseconds())
+	}
 	if _, ok := rp["application_name"]; !ok {
 		rp["application_name"] = "d2m-mediator"
 	}
