@@ -1,8 +1,10 @@
 // Package reflection owns all persistent state of the mediator: device
 // groups, device slots, tombstones, shared device data, each slot's durable
 // reflection queue and the reflections a transaction holder keeps back until
-// its transaction ends. Everything lives in one bbolt file (schema 2,
-// layout.go), and every write goes through one group-commit goroutine (the
+// its transaction ends (reflection/pgstore keeps the same in PostgreSQL
+// behind the same Store interface). Here everything lives in one bbolt
+// file (schema 2, layout.go), and every write goes through one
+// group-commit goroutine (the
 // committer) that drains all pending requests into a single bbolt
 // transaction, so one pair of fsyncs is shared by many messages
 // (measurements.md §0, §3.3).

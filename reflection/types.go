@@ -110,8 +110,9 @@ type AppendResult struct {
 	Dropped   []DeviceID // slots dropped because their queue hit a limit
 }
 
-// Store is what the server uses. *DB (bbolt) implements it; tests and a
-// future engine may add others.
+// Store is what the server uses. *DB (bbolt, this package) and
+// *pgstore.Store (PostgreSQL) implement it; package storetest holds the
+// tests both pass.
 //
 // Writes are queued to one committer and applied in submission order,
 // except Ack, which takes effect in memory at once (see Ack). done
