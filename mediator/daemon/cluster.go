@@ -37,13 +37,27 @@ func (p *placement) Route(shard byte) mediator.Route {
 		return mediator.Route{Local: true, Node: p.node.ID()}
 	}
 	if _, ok := p.node.Owns(s); ok {
-		// Owned but fenced (a move draining it, a lease about to
-		// expire): neither serve nor forward to ourselves.
-		return mediator.Route{}
+		// Owned but fenced (a move draining it, a keepalive late):
+		// neither serve nor forward to ourselves. It settles: the
+		// keepalive renews the fence or the lease is lost, the move
+		// flips or resumes.
+		return mediator.Route{Settling: true}
+	}
+	if p.node.Incoming(s) {
+		// Being moved here: the donor drains it and closes its
+		// devices at the flip, possibly before this node has recorded
+		// the flip; forwarded to the donor, they would be refused.
+		return mediator.Route{Settling: true}
 	}
 	node, addr, _, ok := p.node.Owner(s)
 	if !ok {
 		return mediator.Route{}
+	}
+	if node == p.node.ID() {
+		// The shard map names this node but the fence has not
+		// recorded it yet (the watch saw a flip or claim first):
+		// forwarding to ourselves would refuse it as a loop.
+		return mediator.Route{Settling: true}
 	}
 	return mediator.Route{Node: node, Addr: addr}
 }
