@@ -62,7 +62,7 @@ const settleWait = 3 * time.Second
 
 // settlePoll is how often a waiting upgrade asks the placement again; the
 // placement answers from memory, so polling costs no network.
-const settlePoll = 5 * time.Millisecond
+const settlePoll = 20 * time.Millisecond
 
 var (
 	errFenced     = errors.New("shard no longer owned here: not acknowledging")
