@@ -300,6 +300,16 @@ func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 	if n.cfg.Hooks == nil {
 		return fail("%v", ErrNoHooks)
 	}
+	n.mu.Lock()
+	n.receiving[s]++
+	n.mu.Unlock()
+	defer func() {
+		n.mu.Lock()
+		if n.receiving[s]--; n.receiving[s] == 0 {
+			delete(n.receiving, s)
+		}
+		n.mu.Unlock()
+	}()
 	resp, err := n.cli.Txn(ctx).Then(clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.owner(s))).Commit()
 	if err != nil {
 		return fail("%v", err)

@@ -36,10 +36,11 @@ type Node struct {
 	kick     chan struct{} // wakes the watch loop (after a rejoin)
 	ctrlKick chan struct{} // wakes the controller
 
-	mu       sync.Mutex // guards view, donating, joined; lock order: mu → fence.mu
-	view     view
-	donating map[Shard]donation // moves this node is giving a shard away in
-	joined   bool
+	mu        sync.Mutex // guards view, donating, receiving, joined; lock order: mu → fence.mu
+	view      view
+	donating  map[Shard]donation // moves this node is giving a shard away in
+	receiving map[Shard]int      // Receive calls running, per shard
+	joined    bool
 
 	controllerRev atomic.Int64 // revision of the view the controller last reconciled (0: not leading)
 	processedRev  atomic.Int64 // revision the watch loop has fully acted on (events queued)
@@ -65,14 +66,15 @@ func New(cli *clientv3.Client, cfg Config) (*Node, error) {
 	f := newFence(cfg.FenceMargin)
 	n := &Node{
 		cfg: cfg, cli: cli, k: newKeys(cfg.Prefix), log: cfg.Log,
-		fence:    f,
-		keep:     keeper{lease: cli.Lease, fence: f, ttl: cfg.LeaseTTL, observe: cfg.OnKeepAlive},
-		ctx:      ctx,
-		cancel:   cancel,
-		kick:     make(chan struct{}, 1),
-		ctrlKick: make(chan struct{}, 1),
-		view:     newView(),
-		donating: make(map[Shard]donation),
+		fence:     f,
+		keep:      keeper{lease: cli.Lease, fence: f, ttl: cfg.LeaseTTL, observe: cfg.OnKeepAlive},
+		ctx:       ctx,
+		cancel:    cancel,
+		kick:      make(chan struct{}, 1),
+		ctrlKick:  make(chan struct{}, 1),
+		view:      newView(),
+		donating:  make(map[Shard]donation),
+		receiving: make(map[Shard]int),
 	}
 	n.events = newEventQueue(cfg.OnEvent)
 	return n, nil
@@ -438,6 +440,22 @@ func (n *Node) MayAck(s Shard) bool { return n.fence.mayAck(s) }
 func (n *Node) Draining(s Shard) bool {
 	_, paused, ok := n.fence.ownedAt(s)
 	return ok && paused
+}
+
+// Incoming reports whether a planned move is giving s to this node right
+// now: the donor drains or exports it, or Receive is importing it or
+// flipping ownership. The donor closes the shard's devices as soon as it
+// sees the flip, which can be before this node has recorded it; a device
+// reconnecting here meanwhile must wait for the flip, not be forwarded to
+// the donor, which no longer serves it by the time the forward arrives.
+func (n *Node) Incoming(s Shard) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.receiving[s] > 0 {
+		return true
+	}
+	m := n.view.moves[s]
+	return m != nil && m.To == n.cfg.NodeID && (m.State == StateDraining || m.State == StateExported)
 }
 
 // Owns reports whether this node owns s and the epoch it owns it at, even

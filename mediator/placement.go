@@ -36,6 +36,11 @@ type Route struct {
 	Local bool   // this node owns the shard
 	Node  string // the owner's node id ("" when nobody serves it)
 	Addr  string // the owner's device listener, host:port ("" when nobody serves it)
+	// Settling: the answer is about to change on this node (it owns the
+	// shard but may not ack for it at this instant, or it is taking the
+	// shard over in a move). An upgrade waits up to settleWait for a
+	// settled answer instead of being refused.
+	Settling bool
 }
 
 // ForwardedHeader marks an upgrade request one node forwarded to another.
@@ -46,6 +51,18 @@ const ForwardedHeader = "D2m-Forwarded-By"
 // unavailableRetryAfter is the Retry-After of a 503 for a shard nobody
 // serves: about the lease TTL, after which a returning node has claimed it.
 const unavailableRetryAfter = "5"
+
+// settleWait bounds how long an upgrade waits for a settling route. A
+// fence clock that ran out because one keepalive was late is renewed by
+// the next one (LeaseTTL/3 later, about 1.7 s at the default TTL); a move
+// flips ownership in one etcd round trip after the import. Both are far
+// below a client's dial timeout; anything longer is an outage, answered
+// with 503 as before.
+const settleWait = 3 * time.Second
+
+// settlePoll is how often a waiting upgrade asks the placement again; the
+// placement answers from memory, so polling costs no network.
+const settlePoll = 20 * time.Millisecond
 
 var (
 	errFenced     = errors.New("shard no longer owned here: not acknowledging")
@@ -73,6 +90,9 @@ func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte)
 		return false
 	}
 	rt := s.cfg.Placement.Route(shard)
+	if rt.Settling {
+		rt = s.awaitSettled(r.Context(), shard, rt)
+	}
 	if rt.Local {
 		return false
 	}
@@ -90,6 +110,32 @@ func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte)
 	}
 	s.forward(w, r, rt)
 	return true
+}
+
+// awaitSettled asks the placement again until the shard's route has
+// settled, settleWait has passed or the device gave up, and returns the
+// last answer. Without it, a device that a fence blip or a move's flip
+// closed with 1001 reconnects within milliseconds into a 503: the node
+// that owns the shard but may not ack at this instant has nowhere to send
+// it, and the recipient of a move that has not recorded its own flip yet
+// forwards it back to the donor, which refuses it as a loop.
+func (s *Server) awaitSettled(ctx context.Context, shard byte, rt Route) Route {
+	s.metrics.forwards.WithLabelValues("settle_wait").Inc()
+	deadline := time.NewTimer(settleWait)
+	defer deadline.Stop()
+	poll := time.NewTicker(settlePoll)
+	defer poll.Stop()
+	for rt.Settling {
+		select {
+		case <-ctx.Done():
+			return rt
+		case <-deadline.C:
+			return rt
+		case <-poll.C:
+			rt = s.cfg.Placement.Route(shard)
+		}
+	}
+	return rt
 }
 
 // forward copies the device's connection to the owner's device listener,

@@ -58,14 +58,28 @@ func (p *placement) Route(shard byte) mediator.Route {
 		return mediator.Route{Local: true, Node: n.ID()}
 	}
 	if _, ok := n.Owns(s); ok {
-		// Owned but fenced (a move draining it, a lease about to
-		// expire, the database refusing our epoch): neither serve nor
-		// forward to ourselves.
-		return mediator.Route{}
+		// Owned but fenced (a move draining it, a keepalive late, the
+		// database refusing our epoch because another node claimed
+		// it): neither serve nor forward to ourselves. It settles: the
+		// keepalive renews the fence or the lease is lost, the move
+		// flips or resumes, etcd tells us the new owner.
+		return mediator.Route{Settling: true}
+	}
+	if n.Incoming(s) {
+		// Being moved here: the donor drains it and closes its
+		// devices at the flip, possibly before this node has recorded
+		// the flip; forwarded to the donor, they would be refused.
+		return mediator.Route{Settling: true}
 	}
 	node, addr, _, ok := n.Owner(s)
 	if !ok {
 		return mediator.Route{}
+	}
+	if node == n.ID() {
+		// The shard map names this node but the fence has not
+		// recorded it yet (the watch saw a flip or claim first):
+		// forwarding to ourselves would refuse it as a loop.
+		return mediator.Route{Settling: true}
 	}
 	return mediator.Route{Node: node, Addr: addr}
 }
