@@ -261,6 +261,9 @@ func TestProcessSIGSTOP(t *testing.T) {
 	if err := p2.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	// kill returns before every thread has stopped: a reflection the node
+	// still handles in that moment is a legitimate ack of the owner.
+	waitUntil(t, 5*time.Second, "every thread of p2 stopped", func() bool { return allThreadsStopped(t, p2.cmd.Process.Pid) })
 	stopped := time.Now()
 	if _, err := c.Reflect(context.Background(), []byte("during-the-stop"), 0); err != nil {
 		t.Fatal(err)
