@@ -109,9 +109,9 @@ func TestFenceStopsAtLastSendPlusTTLMinusMargin(t *testing.T) {
 		}
 		// etcd still knew the lease (it was only unreachable): the next
 		// successful keepalive restores acks: the hanging request times out
-		// after one interval, the retry follows a quarter interval later.
+		// after TTL − interval, the retry follows a quarter interval later.
 		fl.set(false, false)
-		time.Sleep(2 * interval)
+		time.Sleep(ttl)
 		synctest.Wait()
 		if !f.mayAck(7) {
 			t.Fatal("MayAck false after a keepalive succeeded again")
@@ -120,6 +120,36 @@ func TestFenceStopsAtLastSendPlusTTLMinusMargin(t *testing.T) {
 		if err := <-done; !errors.Is(err, context.Canceled) {
 			t.Fatalf("run returned %v, want context.Canceled", err)
 		}
+	})
+}
+
+// TestSlowKeepAliveKeepsTheFence: keepalives that take longer than the
+// interval (TTL/3) on a busy machine are waited for, not abandoned, so
+// the fence, renewed from each send time, never lapses (abandoned at the
+// interval and retried, 700 ms replies let it lapse every few seconds).
+// Replies slower than (TTL − margin)/2 would need overlapping requests.
+func TestSlowKeepAliveKeepsTheFence(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const ttl, margin = 2 * time.Second, 400 * time.Millisecond
+		fl := &fakeLease{delay: 700 * time.Millisecond} // > TTL/3
+		f := newFence(margin)
+		k := keeper{lease: fl, fence: f, ttl: ttl}
+		id, err := k.grant(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.claim(7, id, 42)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- k.run(ctx, id) }()
+		for range 200 { // 20 s in steps of 100 ms
+			time.Sleep(100 * time.Millisecond)
+			if !f.mayAck(7) {
+				t.Fatalf("the fence lapsed with keepalives answered after 700 ms (last sent %v ago)", time.Since(f.status().LastKeepAliveSent))
+			}
+		}
+		cancel()
+		<-done
 	})
 }
 

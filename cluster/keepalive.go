@@ -46,8 +46,7 @@ func (k *keeper) grant(ctx context.Context) (clientv3.LeaseID, error) {
 }
 
 // run keeps id alive every TTL/3 until ctx ends or etcd says the lease is
-// gone (errLeaseLost). A failed request is retried at once at a shorter
-// interval; the fence clock only moves on success, so while etcd is
+// gone (errLeaseLost). A failed request is retried after TTL/12; the fence clock only moves on success, so while etcd is
 // unreachable the deadline approaches and mayAck turns false at
 // last send + TTL − margin.
 func (k *keeper) run(ctx context.Context, id clientv3.LeaseID) error {
@@ -58,7 +57,12 @@ func (k *keeper) run(ctx context.Context, id clientv3.LeaseID) error {
 	<-timer.C
 	for {
 		sent := time.Now()
-		rctx, cancel := context.WithTimeout(ctx, interval)
+		// A slow keepalive is waited for, not abandoned at the next
+		// interval: its reply renews the fence from its send time, so
+		// one that takes longer than TTL/3 on a busy machine still
+		// keeps the fence from lapsing; past 2/3 of the TTL the fence
+		// is about to lapse anyway and a fresh request is better.
+		rctx, cancel := context.WithTimeout(ctx, k.ttl-interval)
 		resp, err := k.lease.KeepAliveOnce(rctx, id)
 		cancel()
 		if ctx.Err() != nil {
