@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -310,7 +311,12 @@ func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 		}
 		n.mu.Unlock()
 	}()
-	resp, err := n.cli.Txn(ctx).Then(clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.owner(s))).Commit()
+	var resp *clientv3.TxnResponse
+	err := retryTransient(ctx, func() error {
+		var err error
+		resp, err = n.cli.Txn(ctx).Then(clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.owner(s))).Commit()
+		return err
+	})
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -335,22 +341,88 @@ func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 		return fail("this node has no lease")
 	}
 	m.State = StateHandedOver
-	flip, err := n.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", moveRev),
-			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
-		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: n.cfg.NodeID, By: "move"})),
-			clientv3.OpPut(n.k.owner(s), mustJSON(ownerRecord{Node: n.cfg.NodeID, Advertise: n.cfg.Advertise}), clientv3.WithLease(lease)),
-			clientv3.OpPut(n.k.move(s), mustJSON(m))).Commit()
+	var flip *clientv3.TxnResponse
+	err = retryTransient(ctx, func() error {
+		var err error
+		flip, err = n.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", moveRev),
+				clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
+			Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: n.cfg.NodeID, By: "move"})),
+				clientv3.OpPut(n.k.owner(s), mustJSON(ownerRecord{Node: n.cfg.NodeID, Advertise: n.cfg.Advertise}), clientv3.WithLease(lease)),
+				clientv3.OpPut(n.k.move(s), mustJSON(m))).Commit()
+		return err
+	})
 	if err != nil {
 		return fail("flip ownership: %v", err)
 	}
+	epoch := flip.Header.Revision
 	if !flip.Succeeded {
-		return fail("the move or the donor's ownership changed before the flip")
+		// An earlier attempt may have been applied before its answer
+		// was lost (a leader change): then the move record says handed
+		// over by this move and the owner key is ours.
+		var ok bool
+		if epoch, ok = n.flippedHere(ctx, s, mi.ID, lease); !ok {
+			return fail("the move or the donor's ownership changed before the flip")
+		}
 	}
-	if n.fence.claim(s, lease, flip.Header.Revision) {
-		n.events.push(Event{Kind: ShardGained, Shard: s, Epoch: flip.Header.Revision})
+	if n.fence.claim(s, lease, epoch) {
+		n.events.push(Event{Kind: ShardGained, Shard: s, Epoch: epoch})
 	}
 	return nil
+}
+
+// flippedHere reports whether move id already handed shard s to this node
+// under lease, and the owner key's revision (the epoch) if so.
+func (n *Node) flippedHere(ctx context.Context, s Shard, id string, lease clientv3.LeaseID) (int64, bool) {
+	var resp *clientv3.TxnResponse
+	if err := retryTransient(ctx, func() error {
+		var err error
+		resp, err = n.cli.Txn(ctx).Then(clientv3.OpGet(n.k.move(s)), clientv3.OpGet(n.k.owner(s))).Commit()
+		return err
+	}); err != nil {
+		return 0, false
+	}
+	moveKV := resp.Responses[0].GetResponseRange().Kvs
+	ownerKV := resp.Responses[1].GetResponseRange().Kvs
+	var m moveRecord
+	var o ownerRecord
+	if len(moveKV) == 0 || json.Unmarshal(moveKV[0].Value, &m) != nil || m.ID != id || m.State != StateHandedOver ||
+		len(ownerKV) == 0 || json.Unmarshal(ownerKV[0].Value, &o) != nil || o.Node != n.cfg.NodeID ||
+		clientv3.LeaseID(ownerKV[0].Lease) != lease {
+		return 0, false
+	}
+	return ownerKV[0].ModRevision, true
+}
+
+// retryTransient runs an etcd request again (up to 5 times, 50 ms
+// doubling) when it failed because etcd was between leaders: under CPU
+// starvation a 3-member etcd elects now and then, and a move should not
+// be aborted for that. Only for requests that are safe to repeat (reads,
+// and transactions guarded by compares).
+func retryTransient(ctx context.Context, req func() error) error {
+	wait := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := req()
+		if err == nil || attempt == 5 || !transientEtcd(err) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+}
+
+func transientEtcd(err error) bool {
+	for _, e := range []error{rpctypes.ErrLeaderChanged, rpctypes.ErrNoLeader, rpctypes.ErrTimeout,
+		rpctypes.ErrTimeoutDueToLeaderFail, rpctypes.ErrTimeoutDueToConnectionLost} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // DrainNode moves every shard node serves to the least loaded other live
