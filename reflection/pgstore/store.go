@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -431,6 +430,3 @@ func (s *Store) ensureClaimed(shard byte) (bool, error) {
 func (s *Store) Claimed(shard byte) int64 { return s.claimed[shard].Load() }
 
 func i64(d reflection.DeviceID) int64 { return int64(d) }
-
-// maxSeq guards the int64 columns.
-const maxSeq = math.MaxInt64

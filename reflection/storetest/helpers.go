@@ -1,5 +1,7 @@
 package storetest
 
+//lint:file-ignore ST1001 the tests read like the store's own code, which names these types unqualified
+
 import (
 	"bytes"
 	"fmt"
@@ -7,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	. "d2m-mediator/reflection" //nolint:staticcheck // the tests read like the store's own
+	. "d2m-mediator/reflection"
 )
 
 // Helpers of the suite: each submits through the Store interface and

@@ -6,6 +6,8 @@
 // tests only.
 package storetest
 
+//lint:file-ignore ST1001 the tests read like the store's own code, which names these types unqualified
+
 import (
 	"bytes"
 	"fmt"
@@ -17,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	. "d2m-mediator/reflection" //nolint:staticcheck // the model reads like the store's own code
+	. "d2m-mediator/reflection"
 )
 
 // Engine is one store implementation under test.
