@@ -26,11 +26,11 @@ import (
 type Engine interface {
 	// Open opens the store the engine keeps (creating it the first time).
 	Open(t testing.TB, opts Options) Store
-	// Restart closes the store; crash: as if the process died right after
+	// Stop closes the store; crash: as if the process died right after
 	// its last commit (acks not yet written are lost). Open follows.
 	Stop(t testing.TB, s Store, crash bool)
-	// Stored returns the seqs of every slot's queue as stored right now
-	// (after Stop), to check what a crash brought back.
+	// Stored returns the seqs of d's queue as stored (after Stop, or as
+	// Move found them), to check what a crash or a move brought back.
 	Stored(t testing.TB, g GroupID, d DeviceID) []uint64
 	// Check checks the stored data's consistency (after Stop).
 	Check(t testing.TB)
