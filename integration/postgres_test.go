@@ -233,40 +233,10 @@ func TestPostgresStandbyDown(t *testing.T) {
 // standby) are back the pool reconnects, the devices reconnect and
 // reflect, and ids go on without a gap.
 func TestPostgresPrimaryDown(t *testing.T) {
-	c := pgtest.Start(t, pgtest.Options{Standby: true})
-	dsn := c.NewDatabase(t)
-	s := startServer(t, "--store", dsn)
-	g := newGroup()
-	a, _ := connectReady(t, s, g.config(s, 1))
-	b, _ := connectReady(t, s, g.config(s, 2))
-	reflectAcked(t, a, 0)
-	first := expectReflected(t, b, envelope(0))
-	b.AckReflected(ctxT(t, time.Second), first.ID)
-	devicesInfo(t, b)
+	c, dsn, s, g, a, b, first := outagePair(t)
 
 	c.Primary.Stop(t)
-	if _, err := a.Reflect(ctxT(t, time.Second), envelope(1), 0); err != nil {
-		t.Fatal(err)
-	}
-	// Everything a receives until it is closed: no ReflectAck.
-	for {
-		m, err := a.Conn.Recv(ctxT(t, 30*time.Second))
-		if errors.Is(err, d2mclient.ErrClosed) {
-			break
-		}
-		if err != nil {
-			t.Fatalf("sender not closed with the primary down: %v", err)
-		}
-		if m.Type == d2m.TypeReflectAck {
-			t.Fatal("ReflectAck with the primary down")
-		}
-		if m.Type != d2m.TypeRolePromotedToLeader {
-			t.Fatalf("unexpected %v with the primary down", m.Type)
-		}
-	}
-	if code := a.Conn.CloseCode(ctxT(t, time.Second)); code != int(d2m.CloseInternalError) {
-		t.Fatalf("sender closed with %d (%v), want 1011", code, a.Conn.Err())
-	}
+	reflectUntilClosed(t, a, 1, "the primary down")
 
 	c.Primary.Start(t)
 	c.WaitSync(t)
@@ -318,36 +288,10 @@ func TestPostgresPrimaryDown(t *testing.T) {
 // visible, and reads the shard again); before that fix the group's next
 // reflection failed with a duplicate key in d2m_queue for good.
 func TestPostgresLongStandbyOutage(t *testing.T) {
-	c := pgtest.Start(t, pgtest.Options{Standby: true})
-	dsn := c.NewDatabase(t)
-	s := startServer(t, "--store", dsn)
-	g := newGroup()
-	a, _ := connectReady(t, s, g.config(s, 1))
-	b, _ := connectReady(t, s, g.config(s, 2))
-	reflectAcked(t, a, 0)
-	first := expectReflected(t, b, envelope(0))
-	b.AckReflected(ctxT(t, time.Second), first.ID)
-	devicesInfo(t, b)
+	c, dsn, s, g, a, b, first := outagePair(t)
 
 	c.Standby.Kill(t)
-	if _, err := a.Reflect(ctxT(t, time.Second), envelope(1), 0); err != nil {
-		t.Fatal(err)
-	}
-	for {
-		m, err := a.Conn.Recv(ctxT(t, 30*time.Second))
-		if errors.Is(err, d2mclient.ErrClosed) {
-			break
-		}
-		if err != nil {
-			t.Fatalf("sender neither acked nor closed with the standby down: %v", err)
-		}
-		if m.Type == d2m.TypeReflectAck {
-			t.Fatal("ReflectAck with the standby down")
-		}
-	}
-	if code := a.Conn.CloseCode(ctxT(t, time.Second)); code != int(d2m.CloseInternalError) {
-		t.Fatalf("sender closed with %d, want 1011", code)
-	}
+	reflectUntilClosed(t, a, 1, "the standby down")
 	c.Standby.Start(t)
 	c.WaitSync(t)
 
@@ -374,4 +318,50 @@ func TestPostgresLongStandbyOutage(t *testing.T) {
 	}
 	s.stop()
 	pgCheck(t, dsn)
+}
+
+// outagePair starts a server on a private primary with a synchronous
+// standby, and two devices of one group that have passed one reflection
+// (a to b, acked by b).
+func outagePair(t *testing.T) (*pgtest.Cluster, string, *server, *group, *d2mclient.Client, *d2mclient.Client, d2m.Reflected) {
+	t.Helper()
+	c := pgtest.Start(t, pgtest.Options{Standby: true})
+	dsn := c.NewDatabase(t)
+	s := startServer(t, "--store", dsn)
+	g := newGroup()
+	a, _ := connectReady(t, s, g.config(s, 1))
+	b, _ := connectReady(t, s, g.config(s, 2))
+	reflectAcked(t, a, 0)
+	first := expectReflected(t, b, envelope(0))
+	b.AckReflected(ctxT(t, time.Second), first.ID)
+	devicesInfo(t, b)
+	return c, dsn, s, g, a, b, first
+}
+
+// reflectUntilClosed sends reflection i from a while the store cannot
+// commit (what names the outage) and reads until a is closed: no
+// ReflectAck may come, only a leader promotion, and the close is 1011.
+func reflectUntilClosed(t *testing.T, a *d2mclient.Client, i int, what string) {
+	t.Helper()
+	if _, err := a.Reflect(ctxT(t, time.Second), envelope(i), 0); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m, err := a.Conn.Recv(ctxT(t, 30*time.Second))
+		if errors.Is(err, d2mclient.ErrClosed) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("sender neither acked nor closed with %s: %v", what, err)
+		}
+		if m.Type == d2m.TypeReflectAck {
+			t.Fatalf("ReflectAck with %s", what)
+		}
+		if m.Type != d2m.TypeRolePromotedToLeader {
+			t.Fatalf("unexpected %v with %s", m.Type, what)
+		}
+	}
+	if code := a.Conn.CloseCode(ctxT(t, time.Second)); code != int(d2m.CloseInternalError) {
+		t.Fatalf("sender closed with %d (%v), want 1011", code, a.Conn.Err())
+	}
 }

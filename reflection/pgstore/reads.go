@@ -1,6 +1,7 @@
 package pgstore
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
@@ -122,23 +123,13 @@ func (s *Store) groupStates(ctx context.Context, where string, arg any, fn func(
 	slices.SortFunc(order, func(a, b reflection.GroupID) int { return slices.Compare(a[:], b[:]) })
 	for _, g := range order {
 		st := states[g]
-		slices.SortFunc(st.Slots, func(a, b reflection.Slot) int { return cmpDev(a.DeviceID, b.DeviceID) })
-		slices.SortFunc(st.Tombstones, func(a, b reflection.Tombstone) int { return cmpDev(a.DeviceID, b.DeviceID) })
+		slices.SortFunc(st.Slots, func(a, b reflection.Slot) int { return cmp.Compare(a.DeviceID, b.DeviceID) })
+		slices.SortFunc(st.Tombstones, func(a, b reflection.Tombstone) int { return cmp.Compare(a.DeviceID, b.DeviceID) })
 		if err := fn(g, *st); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-func cmpDev(a, b reflection.DeviceID) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // ensureLoaded brings the group into the index if the shard is this

@@ -1,6 +1,7 @@
 package pgstore
 
 import (
+	"cmp"
 	"slices"
 
 	"github.com/jackc/pgx/v5"
@@ -108,13 +109,7 @@ func buildSQL(bt *batchTx, batch []*request, af *ackFlush, epochs map[byte]int64
 		if c := slices.Compare(a.g[:], b.g[:]); c != 0 {
 			return c
 		}
-		switch {
-		case a.d < b.d:
-			return -1
-		case a.d > b.d:
-			return 1
-		}
-		return 0
+		return cmp.Compare(a.d, b.d)
 	})
 	var (
 		resetG, delG, upG, ctrG, insG          [][]byte
