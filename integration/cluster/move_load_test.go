@@ -167,6 +167,14 @@ type load struct {
 // them reflecting every 20 ms through url.
 func startLoad(t *testing.T, groups []d2d.Keys, url string) *load {
 	t.Helper()
+	createSlots(t, groups, url)
+	return startDevices(groups, url, func(ctx context.Context, d *loadDevice) { d.run(ctx, t, 20*time.Millisecond) })
+}
+
+// createSlots connects every device of groups once through url, so that
+// every slot exists before the first reflection.
+func createSlots(t *testing.T, groups []d2d.Keys, url string) {
+	t.Helper()
 	for _, k := range groups {
 		for id := uint64(1); id <= 3; id++ {
 			c, err := dialDevice(t, url, k, id)
@@ -177,6 +185,11 @@ func startLoad(t *testing.T, groups []d2d.Keys, url string) *load {
 			c.Close()
 		}
 	}
+}
+
+// startDevices runs every device of groups (url: its node, "" when it
+// picks one itself) on its own goroutine until the load is stopped.
+func startDevices(groups []d2d.Keys, url string, run func(ctx context.Context, d *loadDevice)) *load {
 	ctx, stop := context.WithCancel(context.Background())
 	l := &load{groups: groups, stop: stop}
 	for _, k := range groups {
@@ -186,7 +199,7 @@ func startLoad(t *testing.T, groups []d2d.Keys, url string) *load {
 			l.wg.Add(1)
 			go func() {
 				defer l.wg.Done()
-				d.run(ctx, t, 20*time.Millisecond)
+				run(ctx, d)
 			}()
 		}
 	}

@@ -268,31 +268,9 @@ func (d *loadDevice) runAnyNode(ctx context.Context, urls func() []string, every
 // startLoadAnyNode is startLoad for runAnyNode.
 func startLoadAnyNode(t *testing.T, groups []d2d.Keys, pc *pgCluster, every time.Duration, acks *firstAcks) *load {
 	t.Helper()
-	url := pc.any().url
-	for _, k := range groups {
-		for id := uint64(1); id <= 3; id++ {
-			c, err := dialDevice(t, url, k, id)
-			if err != nil {
-				t.Fatal(err)
-			}
-			recvType(t, c, d2m.TypeReflectionQueueDry)
-			c.Close()
-		}
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	l := &load{groups: groups, stop: stop}
-	for _, k := range groups {
-		for id := uint64(1); id <= 3; id++ {
-			d := &loadDevice{keys: k, id: id, received: map[string]bool{}, ids: map[uint32]string{}}
-			l.devices = append(l.devices, d)
-			l.wg.Add(1)
-			go func() {
-				defer l.wg.Done()
-				d.runAnyNode(ctx, pc.urls, every, acks)
-			}()
-		}
-	}
-	t.Cleanup(func() { stop(); l.wg.Wait() })
+	createSlots(t, groups, pc.any().url)
+	l := startDevices(groups, "", func(ctx context.Context, d *loadDevice) { d.runAnyNode(ctx, pc.urls, every, acks) })
+	t.Cleanup(func() { l.stop(); l.wg.Wait() })
 	return l
 }
 
