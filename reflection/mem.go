@@ -1,6 +1,7 @@
 package reflection
 
 import (
+	"cmp"
 	"slices"
 	"sync"
 	"time"
@@ -118,15 +119,7 @@ func (s *slotMem) cursor(d DeviceID) slotCursor {
 // find returns the index in q of seq, or -1.
 func (s *slotMem) find(seq uint64) int {
 	live := s.live()
-	i, ok := slices.BinarySearchFunc(live, seq, func(e qent, seq uint64) int {
-		switch {
-		case e.seq < seq:
-			return -1
-		case e.seq > seq:
-			return 1
-		}
-		return 0
-	})
+	i, ok := slices.BinarySearchFunc(live, seq, func(e qent, seq uint64) int { return cmp.Compare(e.seq, seq) })
 	if !ok {
 		return -1
 	}
@@ -254,18 +247,8 @@ func (m *memIndex) cursors(g GroupID) []slotCursor {
 	for d, s := range gm.slots {
 		out = append(out, s.cursor(d))
 	}
-	slices.SortFunc(out, func(a, b slotCursor) int { return cmpDevice(a.d, b.d) })
+	slices.SortFunc(out, func(a, b slotCursor) int { return cmp.Compare(a.d, b.d) })
 	return out
-}
-
-func cmpDevice(a, b DeviceID) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // envCache keeps recent log records (as stored) so that ReadQueue serves a

@@ -2,6 +2,7 @@ package reflection
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"io"
 	"math"
@@ -87,15 +88,7 @@ func (db *DB) ReadQueue(g GroupID, d DeviceID, afterSeq uint64, max int) ([]Entr
 	m.mu.RLock()
 	if s := m.slot(g, d); s != nil {
 		live := s.live()
-		i, _ := slices.BinarySearchFunc(live, afterSeq+1, func(e qent, seq uint64) int {
-			switch {
-			case e.seq < seq:
-				return -1
-			case e.seq > seq:
-				return 1
-			}
-			return 0
-		})
+		i, _ := slices.BinarySearchFunc(live, afterSeq+1, func(e qent, seq uint64) int { return cmp.Compare(e.seq, seq) })
 		for _, e := range live[i:] {
 			if len(wants) == max {
 				break

@@ -3,6 +3,7 @@ package reflection
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -398,5 +399,5 @@ func encodeShard(w io.Writer, img *shardImage) error {
 
 // sortDeliveries orders one entry's recipients by device id.
 func sortDeliveries(to []Delivery) {
-	slices.SortFunc(to, func(a, b Delivery) int { return cmpDevice(a.DeviceID, b.DeviceID) })
+	slices.SortFunc(to, func(a, b Delivery) int { return cmp.Compare(a.DeviceID, b.DeviceID) })
 }

@@ -27,6 +27,7 @@ package adminapi
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/hex"
 	"encoding/json"
@@ -521,24 +522,14 @@ func (a *API) groupDetail(id reflection.GroupID) (GroupDetail, error) {
 		d.QueuedBytes += si.QueueBytes
 		d.Slots = append(d.Slots, si)
 	}
-	slices.SortFunc(d.Slots, func(a, b SlotInfo) int { return cmpU64(uint64(a.DeviceID), uint64(b.DeviceID)) })
+	slices.SortFunc(d.Slots, func(a, b SlotInfo) int { return cmp.Compare(a.DeviceID, b.DeviceID) })
 	for _, t := range st.Tombstones {
 		ti := TombstoneInfo{DeviceID: JSONDeviceID(t.DeviceID), Reason: t.Reason.String()}
 		ti.At, ti.AtMS = isoMillis(t.At)
 		d.Tombstones = append(d.Tombstones, ti)
 	}
-	slices.SortFunc(d.Tombstones, func(a, b TombstoneInfo) int { return cmpU64(uint64(a.DeviceID), uint64(b.DeviceID)) })
+	slices.SortFunc(d.Tombstones, func(a, b TombstoneInfo) int { return cmp.Compare(a.DeviceID, b.DeviceID) })
 	return d, nil
-}
-
-func cmpU64(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func (a *API) apiGroup(w http.ResponseWriter, r *http.Request, id reflection.GroupID) {

@@ -2,7 +2,7 @@ package pgstore
 
 import (
 	"context"
-	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -93,13 +93,7 @@ func BenchmarkAppendConcurrent(b *testing.B) {
 }
 
 func pct(d []time.Duration, q float64) float64 {
-	s := append([]time.Duration(nil), d...)
-	for i := 1; i < len(s); i++ { // insertion sort is fine for a benchmark's few thousand
-		for j := i; j > 0 && s[j] < s[j-1]; j-- {
-			s[j], s[j-1] = s[j-1], s[j]
-		}
-	}
+	s := slices.Clone(d)
+	slices.Sort(s)
 	return float64(s[int(q*float64(len(s)-1))]) / float64(time.Millisecond)
 }
-
-var _ = fmt.Sprint

@@ -1,7 +1,8 @@
 package pgstore
 
 import (
-	"sort"
+	"cmp"
+	"slices"
 	"sync"
 	"time"
 
@@ -120,12 +121,18 @@ func (m *memIndex) releaseSlot(sm *slotMem) {
 	}
 }
 
+// from returns the index in q of the first live entry with a Seq of at
+// least seq (len(q) if none).
+func (s *slotMem) from(seq uint64) int {
+	live := s.q[s.head:]
+	i, _ := slices.BinarySearchFunc(live, seq, func(e qent, seq uint64) int { return cmp.Compare(e.seq, seq) })
+	return s.head + i
+}
+
 // find returns the index in q of seq, or -1.
 func (s *slotMem) find(seq uint64) int {
-	live := s.q[s.head:]
-	i := sort.Search(len(live), func(i int) bool { return live[i].seq >= seq })
-	if i < len(live) && live[i].seq == seq {
-		return s.head + i
+	if i := s.from(seq); i < len(s.q) && s.q[i].seq == seq {
+		return i
 	}
 	return -1
 }

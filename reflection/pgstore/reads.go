@@ -192,23 +192,17 @@ func (s *Store) ReadQueue(g reflection.GroupID, d reflection.DeviceID, afterSeq 
 	}
 	var out []reflection.Entry
 	var missing []int64
-	live := sm.q[sm.head:]
-	i, _ := slices.BinarySearchFunc(live, afterSeq+1, func(e qent, seq uint64) int {
-		switch {
-		case e.seq < seq:
-			return -1
-		case e.seq > seq:
-			return 1
-		}
-		return 0
-	})
-	for ; i < len(live) && len(out) < max; i++ {
-		e := live[i]
+	for i := sm.from(afterSeq + 1); i < len(sm.q) && len(out) < max; i++ {
+		e := sm.q[i]
 		if e.acked {
 			continue
 		}
-		out = append(out, reflection.Entry{Seq: e.seq, Timestamp: e.ts, Envelope: e.env})
-		if e.env == nil && e.size > 0 {
+		env := e.env
+		if env == nil && e.size == 0 {
+			env = []byte{}
+		}
+		out = append(out, reflection.Entry{Seq: e.seq, Timestamp: e.ts, Envelope: env})
+		if env == nil { // not cached: read below
 			missing = append(missing, int64(e.seq))
 		}
 	}
@@ -233,7 +227,7 @@ func (s *Store) ReadQueue(g reflection.GroupID, d reflection.DeviceID, afterSeq 
 	}
 	kept := out[:0]
 	for _, e := range out {
-		if e.Envelope == nil && slices.Contains(missing, int64(e.Seq)) {
+		if e.Envelope == nil {
 			env, ok := found[e.Seq]
 			if !ok {
 				continue // acked (or purged) meanwhile

@@ -425,8 +425,4 @@ func (s *Store) ensureClaimed(shard byte) (bool, error) {
 	return s.claimed[shard].Load() == e, nil
 }
 
-// Claimed reports the epoch this node last claimed in the database for the
-// shard (0: none).
-func (s *Store) Claimed(shard byte) int64 { return s.claimed[shard].Load() }
-
 func i64(d reflection.DeviceID) int64 { return int64(d) }
