@@ -195,15 +195,7 @@ func TestPostgresRefusesAsyncPrimary(t *testing.T) {
 // nothing; when the standby is back the commit finishes and both arrive,
 // with the next id.
 func TestPostgresStandbyDown(t *testing.T) {
-	c := pgtest.Start(t, pgtest.Options{Standby: true})
-	dsn := c.NewDatabase(t)
-	s := startServer(t, "--store", dsn)
-	g := newGroup()
-	a, _ := connectReady(t, s, g.config(s, 1))
-	b, _ := connectReady(t, s, g.config(s, 2))
-	reflectAcked(t, a, 0)
-	first := expectReflected(t, b, envelope(0))
-	b.AckReflected(ctxT(t, time.Second), first.ID)
+	c, _, _, _, a, b, first := outagePair(t)
 
 	c.Standby.Kill(t)
 	id, err := a.Reflect(ctxT(t, time.Second), envelope(1), 0)

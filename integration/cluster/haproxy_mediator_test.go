@@ -10,9 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"d2m-mediator/cluster"
 	"d2m-mediator/d2m"
-	"d2m-mediator/mediator/adminapi"
 )
 
 // TestHAProxyInFrontOfMediators: HAProxy routes devices by the /{prefix8}/
@@ -53,15 +51,7 @@ func TestHAProxyInFrontOfMediators(t *testing.T) {
 	// Move one group's shard, then tell HAProxy through its runtime API.
 	k := groups[0]
 	shard := k.DeviceGroupID()[0]
-	owner, _, _, _ := nodes[0].d.Cluster.Owner(cluster.Shard(shard))
-	to := "m1"
-	if owner == "m1" {
-		to = "m2"
-	}
-	var mr adminapi.MoveResult
-	if code := nodes[0].admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, to), &mr); code != 200 {
-		t.Fatalf("move: %d %+v", code, mr)
-	}
+	to := moveToOther(t, nodes[0], shard)
 	waitUntil(t, 5*time.Second, "the map to show the move", func() bool {
 		var m string
 		nodes[0].admin(t, "GET", "/cluster/haproxy.map", &m)

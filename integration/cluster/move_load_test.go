@@ -49,13 +49,18 @@ func (d *loadDevice) run(ctx context.Context, t *testing.T, every time.Duration)
 			}
 			return
 		}
-		code := d.session(ctx, c, every, &n)
-		d.mu.Lock()
-		d.closes = append(d.closes, code)
-		d.reconnects++
-		d.mu.Unlock()
-		c.CloseNow()
+		d.sessionOn(ctx, c, every, &n)
 	}
+}
+
+// sessionOn runs a session on c, records how it ended and closes c.
+func (d *loadDevice) sessionOn(ctx context.Context, c *d2mclient.Client, every time.Duration, n *int) {
+	code := d.session(ctx, c, every, n)
+	d.mu.Lock()
+	d.closes = append(d.closes, code)
+	d.reconnects++
+	d.mu.Unlock()
+	c.CloseNow()
 }
 
 // session reflects every interval until the connection ends; returns the
@@ -395,17 +400,23 @@ func TestMediatorEtcdLeaderLossUnderLoad(t *testing.T) {
 		}
 	}
 	// Placement writes work again.
-	k := groups[0]
-	shard := k.DeviceGroupID()[0]
-	owner, _, _, _ := nodes[0].d.Cluster.Owner(cluster.Shard(shard))
+	moveToOther(t, nodes[0], groups[0].DeviceGroupID()[0])
+}
+
+// moveToOther moves shard between m1 and m2 (to whichever does not own
+// it) through n's admin API and returns where it went.
+func moveToOther(t *testing.T, n *mediatorNode, shard byte) string {
+	t.Helper()
+	owner, _, _, _ := n.d.Cluster.Owner(cluster.Shard(shard))
 	to := "m1"
 	if owner == "m1" {
 		to = "m2"
 	}
 	var mr adminapi.MoveResult
-	if code := nodes[0].admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, to), &mr); code != 200 {
-		t.Fatalf("move after the etcd leader loss: %d %+v", code, mr)
+	if code := n.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, to), &mr); code != 200 {
+		t.Fatalf("move of shard %02x to %s: %d %+v", shard, to, code, mr)
 	}
+	return to
 }
 
 // counter reads an unlabelled counter of a node's metrics.

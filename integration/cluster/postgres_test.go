@@ -256,12 +256,7 @@ func (d *loadDevice) runAnyNode(ctx context.Context, urls func() []string, every
 				acks.add(firstAck{shard: shard, connected: connected, at: time.Now()})
 			}
 		}
-		code := d.session(ctx, c, every, &n)
-		d.mu.Lock()
-		d.closes = append(d.closes, code)
-		d.reconnects++
-		d.mu.Unlock()
-		c.CloseNow()
+		d.sessionOn(ctx, c, every, &n)
 	}
 }
 
