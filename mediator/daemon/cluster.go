@@ -89,13 +89,19 @@ func (p *placement) Draining(shard byte) bool {
 	return n != nil && n.Draining(cluster.Shard(shard))
 }
 
+// MayAck is asked once per ReflectAck: the etcd fence clock (lock-free)
+// and, only after the database refused an epoch of this shard (rare), the
+// owned epoch, which takes the fence's mutex.
 func (p *placement) MayAck(shard byte) bool {
 	n := p.node.Load()
 	if n == nil || !n.MayAck(cluster.Shard(shard)) {
 		return false
 	}
-	e, _ := n.Owns(cluster.Shard(shard))
-	return p.fenced[shard].Load() != e
+	if f := p.fenced[shard].Load(); f != 0 {
+		e, _ := n.Owns(cluster.Shard(shard))
+		return f != e
+	}
+	return true
 }
 
 // joinCluster connects to etcd and joins the cluster as the node serving
