@@ -153,17 +153,18 @@ func query(t *testing.T, s *Server, db, sql string) string {
 }
 
 // waitQuery polls a query on s until it returns want: replay on a standby
-// trails the flush the primary waited for.
+// trails the flush the primary waited for, so until then the query may
+// also fail (the database itself may not be replayed yet).
 func waitQuery(t *testing.T, s *Server, db, sql, want string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		got := query(t, s, db, sql)
-		if got == want {
+		got, err := s.psql(db, sql)
+		if err == nil && got == want {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s on %s = %q, want %q", sql, s.name, got, want)
+			t.Fatalf("%s on %s = %q (%v), want %q", sql, s.name, got, err, want)
 		}
 		time.Sleep(pollInterval)
 	}
