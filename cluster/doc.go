@@ -118,11 +118,12 @@
 // with one backend per node, named by its node id:
 //
 //	frontend devices
-//	    use_backend %[path,field(2,/),lower,map(/etc/haproxy/shards.map,mediators)]
-//	    default_backend mediators   # all nodes: they forward, or answer 503
+//	    use_backend %[path,field(2,/),lower,map(/etc/haproxy/mediator-shards.map,mediator_nodes)]
+//	    default_backend mediator_nodes   # all nodes: they forward, or answer 503
 //
-// testdata/haproxy.cfg is a complete configuration (checked with
-// haproxy -c).
+// deploy/haproxy/haproxy-cluster.cfg is the complete configuration;
+// `mediator cluster haproxy-sync` (package cluster/haproxysync) keeps a
+// running HAProxy's map current.
 //
 // # Wiring into the mediator
 //

@@ -148,9 +148,10 @@ func (o *adminOptions) client() (*adminClient, error) {
 	}, nil
 }
 
-// do sends a request and turns transport failures and error statuses into
-// errors an operator can act on. The caller closes the body.
-func (c *adminClient) do(ctx context.Context, method, path string) (*http.Response, error) {
+// send sends a request with the token and turns transport failures into
+// errors an operator can act on; any HTTP status is returned as is. The
+// caller closes the body.
+func (c *adminClient) send(ctx context.Context, method, path string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
 	if err != nil {
 		return nil, err
@@ -165,6 +166,16 @@ func (c *adminClient) do(ctx context.Context, method, path string) (*http.Respon
 			return nil, fmt.Errorf("cannot reach the admin API at %s: is the server running?", c.addr)
 		}
 		return nil, fmt.Errorf("cannot reach the admin API at %s: %w", c.addr, err)
+	}
+	return resp, nil
+}
+
+// do is send that also turns error statuses into errors. The caller closes
+// the body.
+func (c *adminClient) do(ctx context.Context, method, path string) (*http.Response, error) {
+	resp, err := c.send(ctx, method, path)
+	if err != nil {
+		return nil, err
 	}
 	if resp.StatusCode >= 400 {
 		defer resp.Body.Close()
@@ -259,6 +270,9 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 		}
 		name, rest = name+" "+rest[0], rest[1:]
 	}
+	if name == "cluster haproxy-sync" { // a daemon, not one API call
+		return runHAProxySync(ctx, rest, globals)
+	}
 	cmd, ok := opCommands[name]
 	if !ok {
 		return fmt.Errorf("unknown command %q; usage: %s", name, strings.Join(subcommands(args[0]), " | "))
@@ -287,6 +301,9 @@ func subcommands(prefix string) []string {
 		if strings.HasPrefix(name, prefix+" ") || name == prefix {
 			out = append(out, strings.TrimSpace("mediator "+name+" [flags] "+cmd.args))
 		}
+	}
+	if prefix == "cluster" {
+		out = append(out, "mediator cluster haproxy-sync [flags]")
 	}
 	sort.Strings(out)
 	return out

@@ -37,6 +37,8 @@ Cluster (cluster mode; any node answers):
   cluster drain NODE         move every shard of NODE to the other nodes
   cluster reassign SHARD NODE --accept-data-loss
                              give a down node's shard to NODE without its data
+  cluster haproxy-sync       keep a running HAProxy's shard map current (runs until
+                             SIGTERM; see: mediator cluster haproxy-sync --help)
 
   Flags (before the command, before or after the arguments): --admin ADDR
   (default 127.0.0.1:8766), --admin-token-file FILE (default
