@@ -31,6 +31,7 @@ type result struct {
 	Client   clientUse                 `json:"client"`
 	Timeline timeline                  `json:"timeline"`
 	Notes    []string                  `json:"notes,omitempty"`
+	Mixed    *mixedSummary             `json:"mixed,omitempty"`
 
 	hists []*hist
 }
@@ -233,10 +234,12 @@ func gauge(name, unit string, get func() float64) series {
 // progress prints one line per second to stderr and keeps the values for
 // the timeline and the plot.
 type progress struct {
-	label string
-	defs  []series
-	errs  *errCounter
-	start time.Time
+	label  string
+	defs   []series
+	errs   *errCounter
+	start  time.Time
+	every  time.Duration
+	silent bool // keep the values, print nothing
 
 	mu   sync.Mutex
 	t    []float64
@@ -246,8 +249,13 @@ type progress struct {
 }
 
 func startProgress(label string, errs *errCounter, defs ...series) *progress {
+	return startProgressEvery(label, time.Second, false, errs, defs...)
+}
+
+// startProgressEvery samples every interval, and prints unless silent.
+func startProgressEvery(label string, every time.Duration, silent bool, errs *errCounter, defs ...series) *progress {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &progress{label: label, defs: defs, errs: errs, start: time.Now(),
+	p := &progress{label: label, defs: defs, errs: errs, start: time.Now(), every: every, silent: silent,
 		vals: make([][]float64, len(defs)), done: make(chan struct{}), stop: cancel}
 	go p.run(ctx)
 	return p
@@ -262,7 +270,7 @@ func (p *progress) run(ctx context.Context) {
 		}
 	}
 	prevT := p.start
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(p.every)
 	defer tick.Stop()
 	sample := func(now time.Time, print bool) {
 		dt := now.Sub(prevT).Seconds()
@@ -303,7 +311,7 @@ func (p *progress) run(ctx context.Context) {
 			}
 			return
 		case now := <-tick.C:
-			sample(now, true)
+			sample(now, !p.silent)
 		}
 	}
 }
