@@ -318,6 +318,7 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 	tl.finish(res)
 	stopRep()
 	<-repDone
+	cntEnd := m.cnt.snapshot() // before the teardown's closes promote new leaders
 	for k, v := range map[string]int64{"echo unanswered after the drain": m.outEcho.Load(),
 		"reflect unacked after the drain": m.outRefl.Load(), "transaction unfinished after the drain": m.outTx.Load()} {
 		if v > 0 {
@@ -338,7 +339,7 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 	sum.Disconnected = m.dropped.Load()
 	sum.Overload503 = env.dialer.overload.Load()
 	sum.Counts = countMap(cnt0, cnt1)
-	sum.CountsTotal = countMap([numCounters]int64{}, m.cnt.snapshot())
+	sum.CountsTotal = countMap([numCounters]int64{}, cntEnd)
 	sum.Hists = map[string]histJSON{}
 	for _, h := range m.total {
 		sum.Hists[h.name] = h.export()
