@@ -21,10 +21,11 @@
 # Limits it checks before starting anything:
 # - File descriptors: the mediator holds two per device (the device's
 #   WebSocket and its chat-server upstream), the chat server and the load
-#   tool one each. The script raises RLIMIT_NOFILE (soft and hard, `ulimit
-#   -n`) for everything it starts to 2 × DEVICES + 4096; raising the hard
-#   limit needs root (CAP_SYS_RESOURCE). Go programs lift their soft limit
-#   to the hard one by themselves.
+#   tool one each. The script raises RLIMIT_NOFILE (soft and hard) for
+#   everything it starts to 2 × DEVICES + 128 where the hard limit is
+#   lower; that needs CAP_SYS_RESOURCE (root, unless a container dropped
+#   it), else it says how many devices fit. Go programs lift their soft
+#   limit to the hard one by themselves.
 # - Ephemeral ports (net.ipv4.ip_local_port_range): the kernel picks a
 #   local port per (source, destination) pair, so the devices' connections
 #   are spread over SOURCE_ADDRS source addresses (d2m-load
@@ -67,7 +68,9 @@ if [ "$CHAT_PORT" -ge "$port_lo" ] && [ "$CHAT_PORT" -le "$port_hi" ]; then
 	echo "prodbench: CHAT_PORT $CHAT_PORT is inside the ephemeral range $port_lo-$port_hi" >&2
 	exit 2
 fi
-NOFILE=$((2 * DEVICES + 4096))
+# The mediator's own descriptors besides its connections: ~15 (database,
+# listeners, admin scrapes).
+NOFILE=$((2 * DEVICES + 128))
 hard=$(ulimit -Hn)
 if [ "$hard" != unlimited ] && [ "$hard" -lt "$NOFILE" ]; then
 	if [ "$NOFILE" -gt "$(cat /proc/sys/fs/nr_open)" ]; then
@@ -75,7 +78,7 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt "$NOFILE" ]; then
 		exit 2
 	fi
 	if ! ulimit -Hn "$NOFILE" 2>/dev/null; then
-		echo "prodbench: the mediator needs $NOFILE file descriptors (2 per device + slack) but the hard limit is $hard and only root (CAP_SYS_RESOURCE) may raise it: run as root, or raise it first (limits.conf nofile, systemd LimitNOFILE=, prlimit --nofile)" >&2
+		echo "prodbench: the mediator needs $NOFILE file descriptors (2 per device + 128) but the hard limit is $hard, which only a process with CAP_SYS_RESOURCE (root, unless a container dropped it) may raise: raise it for this shell first (limits.conf nofile, systemd LimitNOFILE=, docker --ulimit nofile=, prlimit --pid \$\$ --nofile=N:N from outside), or run at most $(((hard - 128) / 2)) devices" >&2
 		exit 2
 	fi
 	echo "== raised the hard RLIMIT_NOFILE from $hard to $NOFILE for the processes of this run"
