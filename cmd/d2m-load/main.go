@@ -128,13 +128,13 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.admin, "admin", "", "mediator admin `URL`, e.g. http://127.0.0.1:8766 (metrics; loopback only)")
 	fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "admin bearer token `file` (<data>/admin.token)")
 	fs.StringVar(&o.chatServerKey, "chat-server-key", "", "csp, mixed: chat server public key, 64 `hex` digits (mediator startup log field public_key; chatstub prints it)")
-	fs.IntVar(&o.sourceAddrs, "source-addrs", -1, "bind connections to this many loopback source addresses 127.1.A.B in turn (with IP_BIND_ADDRESS_NO_PORT), so no address runs out of ephemeral ports; 0 = the kernel's choice (127.0.0.1); default 16 for mixed, 0 otherwise")
+	fs.IntVar(&o.sourceAddrs, "source-addrs", -1, "bind connections to this many loopback source addresses 127.1.A.B in turn (with IP_BIND_ADDRESS_NO_PORT), so no address runs out of ephemeral ports; 0 = the kernel's choice (127.0.0.1); -1 = 16 for mixed, 0 otherwise")
 	o.mixed.register(fs)
 	fs.BoolVar(&o.reflect, "csp-reflect", true, "csp: reflect each outgoing and incoming message as a multi-device client must (ReflectAck before send / incoming ack)")
 	fs.BoolVar(&o.jsonOut, "json", false, "write the results as JSON to stdout")
 	fs.StringVar(&o.plotFile, "plot", "", "draw throughput over time and latency CDFs to `FILE`.svg or .png")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write this tool's CPU profile to `FILE` (the server's: GET /debug/pprof/profile on --admin)")
-	fs.BoolVar(&o.quiet, "quiet", false, "no per-second progress")
+	fs.BoolVar(&o.quiet, "quiet", false, "no per-second progress (mixed: no setup messages and report lines either)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}

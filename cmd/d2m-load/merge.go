@@ -8,7 +8,7 @@ import (
 	"strings"
 )
 
-const mergeUsage = `usage: d2m-load merge SHARD.json ...
+const mergeUsage = `usage: d2m-load merge [--plot FILE.svg|FILE.png] SHARD.json ...
 
 Combines the --json results of the shards of one mixed run (d2m-load
 --scenario mixed --shard i/n --run-id ID --start-at T, one process per
@@ -17,9 +17,14 @@ memory add up; histograms add bucket by bucket, so percentiles are those
 of all samples; report intervals are combined by position (start the shards
 with one --start-at so they line up). Server and chat-server readings are
 shard 0's (every shard reads the same processes). Writes the JSON to
-stdout and the table to stderr.`
+stdout and the table to stderr; --plot draws the merged result (one file
+redraws a single run's plot).`
 
 func runMerge(args []string, stdout, stderr io.Writer) int {
+	plotFile := ""
+	if len(args) > 1 && args[0] == "--plot" {
+		plotFile, args = args[1], args[2:]
+	}
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
 		fmt.Fprintln(stderr, mergeUsage)
 		return 2
@@ -52,6 +57,13 @@ func runMerge(args []string, stdout, stderr io.Writer) int {
 	if err := res.writeJSON(stdout); err != nil {
 		fmt.Fprintln(stderr, "d2m-load merge:", err)
 		return 1
+	}
+	if plotFile != "" {
+		if err := writePlot(plotFile, res); err != nil {
+			fmt.Fprintln(stderr, "d2m-load merge: plot:", err)
+			return 1
+		}
+		fmt.Fprintln(stderr, "plot written to", plotFile)
 	}
 	return 0
 }

@@ -259,12 +259,16 @@ func TestMixedShardsMerge(t *testing.T) {
 		t.Fatalf("shards planned %d + %d devices, want 12 in both", parts[0].Mixed.DevicesPlanned, parts[1].Mixed.DevicesPlanned)
 	}
 	var out, errOut bytes.Buffer
-	if code := run(append([]string{"merge"}, files...), &out, &errOut); code != 0 {
+	plot := filepath.Join(dir, "merged.png")
+	if code := run(append([]string{"merge", "--plot", plot}, files...), &out, &errOut); code != 0 {
 		t.Fatalf("merge exit %d: %s", code, errOut.String())
 	}
 	var m result
 	if err := json.Unmarshal(out.Bytes(), &m); err != nil {
 		t.Fatal(err)
+	}
+	if st, err := os.Stat(plot); err != nil || st.Size() == 0 {
+		t.Errorf("merged plot: %v", err)
 	}
 	if m.Mixed.Devices != 12 || len(m.Mixed.Shards) != 2 {
 		t.Errorf("merged: %d devices, shards %v", m.Mixed.Devices, m.Mixed.Shards)

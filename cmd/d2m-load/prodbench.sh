@@ -177,7 +177,7 @@ else
 	kill "$TAIL" 2>/dev/null || true
 	wait "$TAIL" 2>/dev/null || true
 	[ "$failed" = 0 ] || { echo "a load process failed (see $OUT/shard-*.log)"; exit 1; }
-	"$BIN/d2m-load" merge "$OUT"/shard-*.json >"$OUT/mixed.json" 2> >(tee "$OUT/mixed.log" >&2)
+	"$BIN/d2m-load" merge --plot "$OUT/mixed.svg" "$OUT"/shard-*.json >"$OUT/mixed.json" 2> >(tee "$OUT/mixed.log" >&2)
 fi
 stop_all
 echo "== done: results in $OUT (mixed.json, mixed.log, server.log, chatstub.log)"

@@ -286,7 +286,7 @@ func (p *progress) run(ctx context.Context) {
 				out = (v - prev[i]) / dt
 				prev[i] = v
 			}
-			p.vals[i] = append(p.vals[i], math.Round(out*10)/10)
+			p.vals[i] = append(p.vals[i], roundTimeline(out))
 			if d.rate {
 				fmt.Fprintf(&sb, "  %s=%s/s", d.name, fmtNum(math.Round(out)))
 			} else {
@@ -314,6 +314,15 @@ func (p *progress) run(ctx context.Context) {
 			sample(now, !p.silent)
 		}
 	}
+}
+
+// roundTimeline keeps a timeline value short: one decimal, three below 10
+// (cores, small rates).
+func roundTimeline(v float64) float64 {
+	if math.Abs(v) < 10 {
+		return math.Round(v*1000) / 1000
+	}
+	return math.Round(v*10) / 10
 }
 
 // finish stops the ticker and stores the timeline in r.
