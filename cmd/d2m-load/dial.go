@@ -271,13 +271,16 @@ func (e *errCounter) add(err error) {
 	e.addKey(errorKey(err))
 }
 
-func (e *errCounter) addKey(k string) {
-	e.n.Add(1)
+func (e *errCounter) addKey(k string) { e.addN(k, 1) }
+
+// addN counts n errors of kind k.
+func (e *errCounter) addN(k string, n int64) {
+	e.n.Add(n)
 	e.mu.Lock()
 	if e.m == nil {
 		e.m = map[string]int64{}
 	}
-	e.m[k]++
+	e.m[k] += n
 	e.mu.Unlock()
 }
 

@@ -239,7 +239,13 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 	for _, g := range m.groups {
 		sum.GroupsBySize[strconv.Itoa(len(m.devsOf(g)))]++
 	}
-	defer func() { closeAll(m.conns, o.dialWorkers, true) }()
+	// Whatever way the run ends, no connection and no device loop
+	// outlives it.
+	defer func() {
+		m.closing.Store(true)
+		closeAll(m.conns, o.dialWorkers, true)
+		m.loops.Wait()
+	}()
 
 	rep := newReporter(m)
 	repCtx, stopRep := context.WithCancel(context.Background())
@@ -285,6 +291,7 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 	rep.phase("measured")
 	before, _ := env.probe.read(ctx, false)
 	tool0 := selfCPU()
+	chat0, _ := chatCPU(mo.chatPIDs)
 	cnt0 := m.cnt.snapshot()
 	start := time.Now()
 	now := sinceBase()
@@ -307,6 +314,13 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 		sum.Server.OpenFDs = v
 	}
 	sum.Tool = readings{Cores: round3((tool1 - tool0) / elapsed.Seconds()), RSSMiB: mib(selfRSS()), Goroutines: -1, OpenFDs: -1}
+	if len(mo.chatPIDs) > 0 {
+		sum.Chat = &readings{Cores: -1, RSSMiB: -1, Goroutines: -1, OpenFDs: -1}
+		if chat1, err := chatCPU(mo.chatPIDs); err == nil && chat0 >= 0 {
+			sum.Chat.Cores = round3((chat1 - chat0) / elapsed.Seconds())
+		}
+		sum.Chat.RSSMiB, sum.Chat.OpenFDs = chatMemory(mo.chatPIDs)
+	}
 	m.sendUntil.Store(int64(sinceBase()))
 	rep.phase("drain")
 
@@ -322,9 +336,7 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 	for k, v := range map[string]int64{"echo unanswered after the drain": m.outEcho.Load(),
 		"reflect unacked after the drain": m.outRefl.Load(), "transaction unfinished after the drain": m.outTx.Load()} {
 		if v > 0 {
-			for range v {
-				m.errs.addKey(k)
-			}
+			m.errs.addN(k, v)
 		}
 	}
 	m.closing.Store(true)
@@ -346,10 +358,6 @@ func runMixed(ctx context.Context, env *runEnv) (*result, error) {
 	}
 	sum.SetupHist = m.setupHist.export()
 	sum.Intervals = rep.intervals
-	if len(rep.intervals) > 0 {
-		last := rep.intervals[len(rep.intervals)-1]
-		sum.Chat = last.Chat
-	}
 	if env.probe.enabled() {
 		res.Server = diffSnapshots(before, after)
 	}

@@ -43,7 +43,7 @@ const maxGroupSize = 5
 func (m *mixedOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&m.groupMixFlag, "group-mix", "1:0.2,2:0.5,3:0.3", "mixed: group `sizes` and their shares, size:weight,… (sizes 1–5)")
 	fs.Float64Var(&m.ramp, "ramp", 1000, "mixed: device setups (connect, authenticate, CSP login) per second, all shards together: a `rate` that spreads the start so admission control is not hit with a handshake storm")
-	fs.DurationVar(&m.echoInterval, "echo-interval", 10*time.Second, "mixed: CSP echo-request every this long per device plus a random 0..--echo-jitter (Desktop 10 s, Android/iOS 15 s); 0 = no echoes")
+	fs.DurationVar(&m.echoInterval, "echo-interval", 10*time.Second, "mixed: CSP echo-request every this long per device plus a random 0..--echo-jitter (Desktop 10 s, Android/iOS 15 s); 0 = no echoes (then only reflects and transactions keep a device within the server's idle timeout, 90 s)")
 	fs.DurationVar(&m.echoJitter, "echo-jitter", 5*time.Second, "mixed: random extra gap between echoes, uniform")
 	fs.DurationVar(&m.reflectInterval, "reflect-interval", time.Minute, "mixed: mean gap between one device's reflects (each gap uniform in 0.5–1.5×); 0 = no reflects")
 	fs.StringVar(&m.reflectSizeFlag, "reflect-size", "100-2048", "mixed: envelope `bytes`, min-max, uniform (at least 12: a send timestamp)")

@@ -161,6 +161,35 @@ func countFDs(pid int) int {
 	}
 }
 
+// chatCPU is the chat server processes' CPU seconds together (-1 and an
+// error if one is gone).
+func chatCPU(pids []int) (float64, error) {
+	total := 0.0
+	for _, pid := range pids {
+		c, err := procCPU(pid)
+		if err != nil {
+			return -1, err
+		}
+		total += c
+	}
+	return total, nil
+}
+
+// chatMemory is the chat server processes' RSS in MiB and open
+// descriptors together (-1 if unknown).
+func chatMemory(pids []int) (rssMiB, fds float64) {
+	for _, pid := range pids {
+		rss, err := procRSS(pid)
+		n := countFDs(pid)
+		if err != nil || n < 0 {
+			return -1, -1
+		}
+		rssMiB += rss / (1 << 20)
+		fds += float64(n)
+	}
+	return round3(rssMiB), fds
+}
+
 // --- per-interval reports ---
 
 // reporter cuts the run into report intervals. Its goroutine alone reads
@@ -175,7 +204,7 @@ type reporter struct {
 	t0, start time.Time
 	srvCPU    float64
 	toolCPU   float64
-	chatCPU   []float64
+	chatCPU   float64 // -1: unknown
 	cnt       [numCounters]int64
 	errs      map[string]int64
 }
@@ -196,10 +225,7 @@ func (r *reporter) run(ctx context.Context) {
 	snap, _ := r.m.env.probe.read(ctx, false)
 	r.srvCPU = snap.CPUSeconds
 	r.toolCPU = selfCPU()
-	r.chatCPU = make([]float64, len(r.m.mo.chatPIDs))
-	for i, pid := range r.m.mo.chatPIDs {
-		r.chatCPU[i], _ = procCPU(pid)
-	}
+	r.chatCPU, _ = chatCPU(r.m.mo.chatPIDs)
 	every := r.m.mo.reportInterval
 	tick := time.NewTicker(every)
 	defer tick.Stop()
@@ -252,20 +278,13 @@ func (r *reporter) cut() {
 		ir.Server.OpenFDs = v
 	}
 	if len(m.mo.chatPIDs) > 0 {
-		ch := &readings{Goroutines: -1, OpenFDs: 0}
-		for i, pid := range m.mo.chatPIDs {
-			c, err := procCPU(pid)
-			rss, err2 := procRSS(pid)
-			if err != nil || err2 != nil {
-				ch.Cores, ch.RSSMiB = -1, -1
-				break
-			}
-			ch.Cores += (c - r.chatCPU[i]) / dt
-			ch.RSSMiB += rss / (1 << 20)
-			ch.OpenFDs += float64(countFDs(pid))
-			r.chatCPU[i] = c
+		ch := &readings{Cores: -1, Goroutines: -1}
+		c, err := chatCPU(m.mo.chatPIDs)
+		if err == nil && r.chatCPU >= 0 && dt > 0 {
+			ch.Cores = round3((c - r.chatCPU) / dt)
 		}
-		ch.Cores, ch.RSSMiB = round3(ch.Cores), round3(ch.RSSMiB)
+		r.chatCPU = c
+		ch.RSSMiB, ch.OpenFDs = chatMemory(m.mo.chatPIDs)
 		ir.Chat = ch
 	}
 	tc := selfCPU()
