@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"d2m-mediator/mediator/adminapi"
@@ -44,7 +45,7 @@ func readTokenFile(path string) (string, error) {
 	if !fi.Mode().IsRegular() {
 		return "", fmt.Errorf("admin token file %s is not a regular file (%v)", path, fi.Mode().Type())
 	}
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 && !systemdCredential(path) {
 		return "", fmt.Errorf("admin token file %s is readable or writable by group or others (mode %04o): the token opens the admin API; chmod 0600 %s", path, perm, path)
 	}
 	b, err := os.ReadFile(path)
@@ -59,4 +60,18 @@ func readTokenFile(path string) (string, error) {
 		return "", fmt.Errorf("admin token file %s does not hold a token (one line of printable characters without spaces)", path)
 	}
 	return tok, nil
+}
+
+// systemdCredential reports whether path is in the directory where systemd
+// put the service's credentials (LoadCredential=). systemd makes those
+// copies read-only and readable by the service's user alone; on a tmpfs it
+// does that with an ACL, which shows in the mode as group bits, so the
+// mode check does not apply there.
+func systemdCredential(path string) bool {
+	dir := os.Getenv("CREDENTIALS_DIRECTORY")
+	if dir == "" {
+		return false
+	}
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../") && rel != "."
 }

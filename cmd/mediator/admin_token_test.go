@@ -46,6 +46,23 @@ func TestServeToken(t *testing.T) {
 	if tok, _ := serveToken(good, true); tok != "s3cret-token" {
 		t.Errorf("token %q", tok)
 	}
+	// systemd's credential copy may show group bits (an ACL on tmpfs).
+	creds := filepath.Join(dir, "creds")
+	os.Mkdir(creds, 0o700)
+	cred := filepath.Join(creds, "admin.token")
+	os.WriteFile(cred, []byte("tok"), 0o440)
+	os.Chmod(cred, 0o440)
+	if _, err := serveToken(cred, true); err == nil {
+		t.Error("0440 file accepted without CREDENTIALS_DIRECTORY")
+	}
+	t.Setenv("CREDENTIALS_DIRECTORY", creds)
+	if tok, err := serveToken(cred, true); err != nil || tok != "tok" {
+		t.Errorf("credential: %q %v", tok, err)
+	}
+	if _, err := serveToken(filepath.Join(dir, "group"), true); err == nil {
+		t.Error("a 0640 file outside the credentials directory accepted")
+	}
+
 	// The default path is generated (0600) and read back the next time.
 	def := filepath.Join(dir, "data", "admin.token")
 	tok, err := serveToken(def, false)
