@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-prod bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
+.PHONY: all build run cluster test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-prod bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
 
 all: build
 
@@ -27,6 +27,15 @@ build: ## binaries into ./bin
 run: ## build and exec the mediator with local defaults (./data, stand-in chat server)
 	$(GO) build $(LDFLAGS) -o $(BIN)/mediator ./cmd/mediator
 	exec $(BIN)/mediator serve $(RUN_ARGS)
+
+# cluster starts three etcd members, one stand-in chat server, three nodes
+# and HAProxy on this machine and prints how to connect a device; Ctrl-C
+# stops all of it (deploy/local/cluster.sh; needs the Debian packages
+# etcd-server, haproxy and curl). CLUSTER_* variables change its ports and
+# data directory (./data/cluster).
+cluster: ## a three-node cluster on this machine behind HAProxy (Ctrl-C stops it)
+	$(GO) build $(LDFLAGS) -o $(BIN)/ ./cmd/mediator ./cmd/chatstub ./cmd/d2m-device
+	exec env BIN=$(BIN) deploy/local/cluster.sh
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the deployment files with the tools that read them: systemd-analyze
-# verify (the unit), nginx -t, haproxy -c, caddy validate, promtool check
-# rules and promtool test rules.
+# verify (the unit), the shells (the scripts), nginx -t, haproxy -c, caddy
+# validate, promtool check rules and promtool test rules.
 # A missing tool is reported and skipped; with DEPLOY_CHECK_STRICT=1 (CI,
 # which installs them) it is an error.
 set -euo pipefail
@@ -49,6 +49,13 @@ if have systemd-analyze systemd; then
 		check "systemd-analyze verify systemd/$unit" verify_unit "$tmp/$unit"
 	done
 fi
+
+# The scripts: syntax only here; TestLocalCluster runs deploy/local/cluster.sh
+# and TestClusterFromScratch the deploy/postgres scripts (make test).
+check "bash -n local/cluster.sh" bash -n local/cluster.sh
+for f in postgres/setup-primary.sh postgres/setup-standby.sh postgres/common.sh; do
+	check "sh -n $f" sh -n "$f"
+done
 
 if have nginx nginx; then
 	sed -e "s|/etc/ssl/mediator/fullchain.pem|$tmp/cert.pem|" -e "s|/etc/ssl/mediator/privkey.pem|$tmp/key.pem|" \

@@ -71,8 +71,15 @@ type deviceCLI struct {
 
 func startDeviceCLI(t testing.TB, name string, args ...string) *deviceCLI {
 	t.Helper()
+	return startDeviceBinary(t, name, buildDeviceCLI(t), args...)
+}
+
+// startDeviceBinary runs the d2m-device binary bin (one that a script or
+// make built) as startDeviceCLI does.
+func startDeviceBinary(t testing.TB, name, bin string, args ...string) *deviceCLI {
+	t.Helper()
 	p := &deviceCLI{t: t, name: name, changed: make(chan struct{}), exited: make(chan struct{})}
-	p.cmd = exec.Command(buildDeviceCLI(t), args...)
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Env = append(os.Environ(), "GORACE=halt_on_error=1")
 	r, w, err := os.Pipe()
 	if err != nil {

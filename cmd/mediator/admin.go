@@ -199,7 +199,10 @@ func (c *adminClient) do(ctx context.Context, method, path string) (*http.Respon
 
 func (c *adminClient) statusError(status int, body []byte) error {
 	if status == http.StatusUnauthorized {
-		return fmt.Errorf("admin token rejected by %s (token file %s): use the token of the running server", c.addr, c.tokenFile)
+		return fmt.Errorf("admin token rejected by %s (token file %s): the server was started with another token. Check: "+
+			"--admin-token-file or MEDIATOR_ADMIN_TOKEN_FILE names the file the server at %s was started with "+
+			"(its --admin-token-file, default <data>/admin.token); in a cluster, every node was started with the same token file",
+			c.addr, c.tokenFile, c.addr)
 	}
 	var e adminapi.APIError
 	if json.Unmarshal(body, &e) != nil || e.Error == "" {

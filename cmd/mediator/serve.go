@@ -17,7 +17,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"d2m-mediator/mediator"
-	"d2m-mediator/mediator/adminapi"
 	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/reflection"
 	"d2m-mediator/reflection/pgstore"
@@ -38,6 +37,7 @@ func redactDSN(dsn string) string {
 type serveFlags struct {
 	listen, tlsCert, tlsKey, data, chatServer, adminListen string
 	adminTokenFile, store                                  string
+	adminTokenGiven                                        bool // --admin-token-file or MEDIATOR_ADMIN_TOKEN_FILE
 	storeAllowAsync                                        bool
 	logFormat, logLevel                                    string
 	cfg                                                    mediator.Config
@@ -62,7 +62,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.BoolVar(&f.storeAllowAsync, "store-allow-async", false, "accept a PostgreSQL primary without a synchronous standby (an ack is then on one machine only)")
 	fs.StringVar(&f.chatServer, "chat-server", "", "upstream chat server `host:port`; {group} is replaced by the device's server group. Empty: start the local stand-in chat server in-process")
 	fs.StringVar(&f.adminListen, "admin-listen", "127.0.0.1:8766", "admin HTTP `address` (health, metrics, admin API)")
-	fs.StringVar(&f.adminTokenFile, "admin-token-file", "", "bearer token `file` for the admin API (default <data>/admin.token, generated if absent)")
+	fs.StringVar(&f.adminTokenFile, "admin-token-file", "", "bearer token `file` for the admin API: must exist, mode 0600 (cluster mode: required, the same file on every node). Default <data>/admin.token, generated if absent")
 	fs.IntVar(&f.cfg.MaxDeviceSlots, "max-device-slots", mediator.DefaultMaxDeviceSlots, "device slots per group, the device itself included")
 	fs.IntVar(&f.maxQueueLength, "max-queue-length", reflection.DefaultMaxQueueLength, "reflection queue entries per slot before the slot is dropped (4114)")
 	fs.Int64Var(&f.maxQueueBytes, "max-queue-bytes", reflection.DefaultMaxQueueBytes, "reflection queue bytes per slot before the slot is dropped (4114)")
@@ -108,6 +108,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 		return nil, errors.New("--max-queue-length and --max-queue-bytes must be positive")
 	}
 	f.cfg.ChatServer = f.chatServer
+	f.adminTokenGiven = f.adminTokenFile != ""
 	if f.chatServer != "" {
 		if _, _, err := net.SplitHostPort(strings.ReplaceAll(f.chatServer, "{group}", "x")); err != nil {
 			return nil, fmt.Errorf("--chat-server must be host:port: %w", err)
@@ -120,10 +121,34 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if f.clusterCfg, err = f.cluster.config(); err != nil {
 		return nil, err
 	}
+	if f.clusterCfg != nil {
+		if err := checkClusterShared(f); err != nil {
+			return nil, err
+		}
+	}
 	if f.adminTokenFile == "" {
 		f.adminTokenFile = filepath.Join(f.data, "admin.token")
 	}
 	return f, nil
+}
+
+// checkClusterShared refuses a cluster node whose configuration would
+// differ from the other nodes' without anyone noticing: the chat server
+// and the admin token must be the same on every node, so both must be
+// given rather than made up by each node.
+func checkClusterShared(f *serveFlags) error {
+	if f.chatServer == "" {
+		return errors.New("cluster mode needs --chat-server: every node must proxy to the same chat server " +
+			"(a device forwarded to another node logs in through that node, and a stand-in started by each node " +
+			"has a key of its own, so the login fails with \"wrong server key\"). Give the real chat server's host:port, " +
+			"or start one stand-in for all nodes (chatstub --listen ADDR --key-file FILE) and give its address")
+	}
+	if !f.adminTokenGiven {
+		return errors.New("cluster mode needs --admin-token-file (or MEDIATOR_ADMIN_TOKEN_FILE): every node must " +
+			"accept the same admin token, so that the CLI and Prometheus work against any node. Create the file once with " +
+			newTokenHint + " and give every node the same file")
+	}
+	return nil
 }
 
 // newLogger writes to stderr. "auto" is console for a person at a terminal
@@ -169,7 +194,7 @@ func serve(ctx context.Context, args []string) error {
 	if err := os.MkdirAll(f.data, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	token, err := adminapi.LoadOrCreateToken(f.adminTokenFile)
+	token, err := serveToken(f.adminTokenFile, f.adminTokenGiven)
 	if err != nil {
 		return err
 	}

@@ -3,8 +3,10 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -15,6 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
+	"d2m-mediator/chatproxy/chatstub"
 	"d2m-mediator/d2d"
 	"d2m-mediator/d2m"
 	"d2m-mediator/mediator/adminapi"
@@ -47,6 +52,48 @@ func mediatorBinary(t *testing.T) string {
 	return binPath
 }
 
+var (
+	sharedOnce        sync.Once
+	sharedChat        string // one stand-in chat server for every node
+	sharedTokenFile   string // one admin token file for every node
+	sharedPiecesError error
+)
+
+// sharedPieces starts the stand-in chat server and writes the admin token
+// file that every node of every process test shares: cluster mode refuses
+// to start without them (a node's own stand-in would have a key of its
+// own). Both live as long as the test binary.
+func sharedPieces(t *testing.T) (chat, tokenFile string) {
+	t.Helper()
+	sharedOnce.Do(func() {
+		var key [32]byte
+		rand.Read(key[:])
+		stub, err := chatstub.New(chatstub.Config{SecretKey: &key, Logger: zerolog.Nop()})
+		if err != nil {
+			sharedPiecesError = err
+			return
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			sharedPiecesError = err
+			return
+		}
+		go stub.Serve(ln)
+		sharedChat = ln.Addr().String()
+		dir, err := os.MkdirTemp("", "d2m-cluster-token-")
+		if err != nil {
+			sharedPiecesError = err
+			return
+		}
+		sharedTokenFile = filepath.Join(dir, "admin.token")
+		sharedPiecesError = os.WriteFile(sharedTokenFile, []byte(rand.Text()+"\n"), 0o600)
+	})
+	if sharedPiecesError != nil {
+		t.Fatal(sharedPiecesError)
+	}
+	return sharedChat, sharedTokenFile
+}
+
 // process is one `mediator serve --cluster-etcd …` process.
 type process struct {
 	id, dir, prefix string
@@ -64,7 +111,9 @@ type process struct {
 func startProcess(t *testing.T, id, prefix, dir string, extra ...string) *process {
 	t.Helper()
 	p := &process{id: id, dir: dir, prefix: prefix, done: make(chan struct{})}
+	chat, tokenFile := sharedPieces(t)
 	args := []string{"serve", "--data", dir, "--listen", "127.0.0.1:0",
+		"--chat-server", chat, "--admin-token-file", tokenFile,
 		"--admin-listen", "127.0.0.1:0", "--log-format", "json",
 		"--cluster-etcd", strings.Join(shared.clients, ","), "--node-id", id,
 		"--cluster-prefix", prefix, "--cluster-lease-ttl", ttl.String()}
@@ -107,7 +156,7 @@ func startProcess(t *testing.T, id, prefix, dir string, extra ...string) *proces
 	case <-time.After(30 * time.Second):
 		t.Fatalf("%s did not start", id)
 	}
-	tok, err := os.ReadFile(filepath.Join(dir, "admin.token"))
+	tok, err := os.ReadFile(tokenFile)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -239,29 +240,43 @@ func findBinDir() (string, error) {
 		strings.Join(need, ", "), tried)
 }
 
-// serverConf goes into the primary's postgresql.conf and, through
-// pg_basebackup, into the standby's. Durable as in production (fsync,
-// synchronous commit, full page writes), small and quick otherwise.
-const serverConf = `
+// The servers run the configuration that ships: deploy/postgres/primary.conf
+// (and, on the standby, deploy/postgres/standby.conf after it), which
+// setup-primary.sh and setup-standby.sh install on Debian. Reading the
+// files here means the tests and the shipped setup cannot drift apart.
+// Their listen_addresses gives way to the command line's 127.0.0.1.
+const (
+	primaryConfFile = "deploy/postgres/primary.conf"
+	standbyConfFile = "deploy/postgres/standby.conf"
+)
+
+// testConf follows the shipped configuration in the primary's
+// postgresql.conf (and, through pg_basebackup, the standby's): smaller and
+// quicker than production where durability does not depend on it.
+const testConf = `
 # pgtest
-fsync = on
-synchronous_commit = on
-full_page_writes = on
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
-wal_keep_size = '64MB'
-hot_standby = on
 max_connections = 200
 shared_buffers = '32MB'
-# The standby reports its flush position at once, so WaitSync and commits
-# do not wait for the default 10 s status interval.
-wal_receiver_status_interval = '1s'
+wal_keep_size = '64MB'
 wal_sender_timeout = '10s'
 wal_receiver_timeout = '10s'
 log_min_messages = warning
 log_line_prefix = '%m [%p] '
 `
+
+// shippedConf reads a file of deploy/postgres from the repository this
+// package is in.
+func shippedConf(name string) (string, error) {
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		return "", errors.New("cannot locate the repository (runtime.Caller)")
+	}
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(file), "..", "..", filepath.FromSlash(name)))
+	if err != nil {
+		return "", fmt.Errorf("the shipped configuration: %w", err)
+	}
+	return "\n# " + name + "\n" + string(b), nil
+}
 
 // startCluster starts the servers; on an error it stops whatever it
 // started and removes the directories.
@@ -295,9 +310,14 @@ func startCluster(e *env, o Options) (c *Cluster, err error) {
 		"--no-sync"); err != nil {
 		return c, err
 	}
-	conf := serverConf
-	if o.Standby {
-		conf += "synchronous_standby_names = 'FIRST 1 (" + standbyName + ")'\n"
+	conf, err := shippedConf(primaryConfFile)
+	if err != nil {
+		return c, err
+	}
+	conf += testConf
+	if !o.Standby {
+		// No standby to wait for.
+		conf += "synchronous_standby_names = ''\n"
 	}
 	if err := appendFile(filepath.Join(p.dataDir, "postgresql.conf"), conf); err != nil {
 		return c, err
@@ -321,11 +341,14 @@ func startCluster(e *env, o Options) (c *Cluster, err error) {
 		"-C", "-S", standbyName, "-R", "-X", "stream", "-c", "fast", "--no-sync"); err != nil {
 		return c, err
 	}
-	// The copied postgresql.conf names the standby in
-	// synchronous_standby_names; on the standby itself that would make a
-	// promoted standby wait for a standby of its own that never comes. The
-	// later line wins.
-	if err := appendFile(filepath.Join(s.dataDir, "postgresql.conf"), "synchronous_standby_names = ''\n"); err != nil {
+	// The copied postgresql.conf has the primary's settings; the standby's
+	// follow them (the later line wins), as on Debian, where
+	// setup-standby.sh installs standby.conf.
+	sconf, err := shippedConf(standbyConfFile)
+	if err != nil {
+		return c, err
+	}
+	if err := appendFile(filepath.Join(s.dataDir, "postgresql.conf"), sconf); err != nil {
 		return c, err
 	}
 	if err := s.startFreshPort(); err != nil {

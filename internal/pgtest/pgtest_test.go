@@ -53,6 +53,13 @@ func TestClusterStandbyRestart(t *testing.T) {
 	if got := query(t, c.Primary, "postgres", "SHOW synchronous_commit"); got != "on" {
 		t.Fatalf("synchronous_commit = %q", got)
 	}
+	// The shipped deploy/postgres files are what the servers run.
+	if got := query(t, c.Standby, "postgres", "SHOW synchronous_standby_names"); got != "" {
+		t.Fatalf("standby: synchronous_standby_names = %q, want '' (deploy/postgres/standby.conf)", got)
+	}
+	if got := query(t, c.Primary, "postgres", "SHOW wal_receiver_status_interval"); got != "1s" {
+		t.Fatalf("wal_receiver_status_interval = %q, want 1s (deploy/postgres/primary.conf)", got)
+	}
 	syncState := "SELECT application_name || ' ' || sync_state FROM pg_stat_replication"
 	if got := query(t, c.Primary, "postgres", syncState); got != standbyName+" sync" {
 		t.Fatalf("pg_stat_replication: %q", got)
