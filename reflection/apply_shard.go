@@ -11,12 +11,42 @@ import (
 // ordinary requests, so they are ordered with every other write and their
 // changes reach memory only through publish, after the commit.
 
-// shardOp is the payload of an import or drop request.
+// shardOp is the payload of an import, drop or reset request.
 type shardOp struct {
 	ctx     context.Context
 	shard   byte
+	gen     int64       // import, reset: the generation recorded; drop: the newest one dropped
+	mode    shardMode   // opDropShard only
 	img     *shardImage // import only
-	dropped ShardStats  // drop: what was removed (set by apply)
+	dropped ShardStats  // drop, reset: what was removed (set by apply)
+	kept    bool        // drop: the copy held was newer than gen (set by apply)
+}
+
+type shardMode uint8
+
+const (
+	shardDrop  shardMode = iota // delete if the copy is of generation ≤ gen
+	shardReset                  // delete whatever there is, record gen
+)
+
+// shardGeneration is the shard's generation as of this point of the batch.
+func (bt *batchTx) shardGeneration(shard byte) int64 {
+	if g, ok := bt.shardGens[shard]; ok {
+		return g
+	}
+	return bt.db.shardGen[shard].Load()
+}
+
+// setShardGeneration records gen in meta/ (published after the commit).
+func (bt *batchTx) setShardGeneration(shard byte, gen int64) error {
+	if bt.shardGens == nil {
+		bt.shardGens = make(map[byte]int64)
+	}
+	bt.shardGens[shard] = gen
+	if err := bt.tx.Bucket(bucketMeta).Put(shardGenKey(shard), u64key(uint64(gen))); err != nil {
+		return fmt.Errorf("reflection: record shard %02x generation: %w", shard, err)
+	}
+	return nil
 }
 
 // clearShard deletes every key of the shard's groups from slots/, tombs/,
@@ -95,9 +125,19 @@ func (bt *batchTx) dropShard(op *shardOp) error {
 	if err := op.ctx.Err(); err != nil {
 		return err
 	}
+	op.kept, op.dropped = false, ShardStats{}
+	if op.mode == shardDrop && bt.shardGeneration(op.shard) > op.gen {
+		// Imported again after this drop was decided: not the copy the
+		// caller meant.
+		op.kept = true
+		return nil
+	}
 	st, err := bt.clearShard(op.shard)
 	op.dropped = st
-	return err
+	if err != nil || op.mode != shardReset {
+		return err
+	}
+	return bt.setShardGeneration(op.shard, op.gen)
 }
 
 // importShard replaces the shard's state with op.img: every imported slot
@@ -115,7 +155,14 @@ func (bt *batchTx) importShard(op *shardOp) error {
 	}
 	born := bt.nextLSN
 	for _, is := range img.slots {
-		if err := bt.slotsB.Put(slotKey(is.g, is.slot.DeviceID), encodeSlot(is.slot, born)); err != nil {
+		sl := is.slot
+		if sl.ConnectedSince != 0 {
+			// Connected to the donor, which closed it with the move:
+			// nothing of it is connected here, and its expiry counts
+			// from now.
+			sl.ConnectedSince, sl.LastDisconnectAt = 0, bt.now
+		}
+		if err := bt.slotsB.Put(slotKey(is.g, sl.DeviceID), encodeSlot(sl, born)); err != nil {
 			return fmt.Errorf("reflection: put slot %d: %w", is.slot.DeviceID, err)
 		}
 		s := bt.slot(is.g, is.slot.DeviceID)
@@ -157,5 +204,22 @@ func (bt *batchTx) importShard(op *shardOp) error {
 		bt.nextLSN++
 		bt.logs = append(bt.logs, stagedLog{lsn: lsn, rec: rec})
 	}
-	return nil
+	// A transaction held on the donor ended with its holder's connection:
+	// its reflections go to the other queues now, as the donor would have
+	// released them (an acked reflection is never lost, protocol.md §18
+	// row 3). After the entries, so that they queue behind what was
+	// already queued, as on the donor.
+	released := make(map[slotRef]bool)
+	for _, h := range img.held {
+		k := slotRef{h.g, h.sender}
+		if released[k] {
+			continue
+		}
+		released[k] = true
+		r := &request{op: opReleaseHeld, g: h.g, d: h.sender}
+		if err := bt.releaseHeld(r); err != nil {
+			return err
+		}
+	}
+	return bt.setShardGeneration(op.shard, op.gen)
 }

@@ -131,7 +131,7 @@ func (h *moveHooks) Import(ctx context.Context, shard cluster.Shard, data io.Rea
 	if err != nil {
 		return err
 	}
-	stats, err := st.ImportShard(ctx, byte(shard), data)
+	stats, err := st.ImportShard(ctx, byte(shard), 0, data)
 	if err != nil {
 		return err
 	}
@@ -213,7 +213,7 @@ func (d *Daemon) dropMovedShard(s *mediator.Server, shard cluster.Shard) {
 		d.log.Error().Err(err).Str("shard", fmt.Sprintf("%02x", byte(shard))).Msg("cluster: moved shard still has connections; its data is kept")
 		return
 	}
-	stats, err := st.DropShard(ctx, byte(shard))
+	stats, _, err := st.DropShard(ctx, byte(shard), math.MaxInt64)
 	if err != nil {
 		d.log.Error().Err(err).Str("shard", fmt.Sprintf("%02x", byte(shard))).Msg("cluster: deleting a moved shard's data failed")
 		return
