@@ -125,6 +125,15 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 	movesInFlight := 0
 	for i := range NumShards {
 		s := Shard(i)
+		if rev := v.badMoves[s]; rev != 0 {
+			n.log.Error().Str("shard", s.String()).Int64("revision", rev).
+				Msg("cluster: controller deletes an unreadable move record (it would block every move and claim of the shard)")
+			cleanups = append(cleanups, plannedWrite{
+				cmps: []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", rev)},
+				op:   clientv3.OpDelete(n.k.move(s)),
+			})
+			continue
+		}
 		if m := v.moves[s]; m != nil {
 			switch o := v.owner[s]; {
 			case m.finished():

@@ -90,6 +90,12 @@ type assignRecord struct {
 	// By says who wrote it: "controller", "failover", "move" or
 	// "reassign" (an operator accepted data loss).
 	By string `json:"by"`
+	// Gen is the generation of the copy Node must serve (Hooks): a
+	// move's export revision, 0 for a shard never moved.
+	Gen int64 `json:"gen,omitempty"`
+	// Fresh: Node serves the shard from empty (reassign, failover); its
+	// copy's generation becomes this record's revision.
+	Fresh bool `json:"fresh,omitempty"`
 }
 
 // ownerRecord is the value of shards/<NN>, attached to the owner's lease

@@ -16,6 +16,11 @@ type view struct {
 	assign [NumShards]*assignEntry
 	owner  [NumShards]*ownerEntry
 	moves  [NumShards]*moveEntry
+	// badMoves holds, per shard, the revision of a move record that
+	// cannot be read (0: none). It would block every move and claim of
+	// the shard (both compare that no record exists); the controller
+	// deletes it.
+	badMoves [NumShards]int64
 }
 
 type nodeEntry struct {
@@ -75,8 +80,14 @@ func (v *view) apply(k keys, kv *mvccpb.KeyValue, deleted bool) {
 	}
 	if s, ok := k.shardSuffix(key, k.moves()); ok {
 		var rec moveRecord
-		if deleted || json.Unmarshal(kv.Value, &rec) != nil {
+		v.badMoves[s] = 0
+		if deleted {
 			v.moves[s] = nil
+			return
+		}
+		if json.Unmarshal(kv.Value, &rec) != nil || rec.ID == "" {
+			v.moves[s] = nil
+			v.badMoves[s] = kv.ModRevision
 			return
 		}
 		v.moves[s] = &moveEntry{moveRecord: rec, shard: s, rev: kv.ModRevision}

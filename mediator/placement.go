@@ -18,6 +18,14 @@ import (
 // cluster implements it through etcd). A shard is the first byte of the
 // device group id; everything of one group lives on the node that owns its
 // shard. Nil in Config means a single node that serves every shard.
+//
+// Every group write passes the shard's lifecycle (Admit): a group's
+// in-memory state is loaded while the shard is served at one epoch, and
+// its writes are admitted only under that epoch. While a planned move has
+// frozen the shard, writes wait; once the shard is handed over (or lost),
+// they are refused and the device's connection ends with 1001, so that it
+// redoes them on the new owner. So nothing is acknowledged that the new
+// owner will not have.
 type Placement interface {
 	// Route says where devices of the shard are served right now.
 	Route(shard byte) Route
@@ -25,10 +33,18 @@ type Placement interface {
 	// of the shard. It is asked once per ReflectAck and must answer from
 	// memory (the fence clock), never from the network.
 	MayAck(shard byte) bool
-	// Draining reports that acks are paused for a planned move of the
-	// shard: its devices stay connected, unacknowledged, until the move
-	// closes them (and they send again to the new owner).
-	Draining(shard byte) bool
+	// Epoch returns the epoch at which this node serves the shard now;
+	// ok is false while it does not.
+	Epoch(shard byte) (epoch int64, ok bool)
+	// Admit admits one group write of the shard by state loaded at
+	// epoch: at once while the shard is served there, after the thaw
+	// while a planned move has frozen it, never once it is no longer
+	// served here at epoch, or when ctx ends. The error says why; if it
+	// has a CloseReason() string method, that is the close reason the
+	// device gets. Release follows every admitted write once it has been
+	// submitted to the store.
+	Admit(ctx context.Context, shard byte, epoch int64) error
+	Release(shard byte)
 }
 
 // Route is where one shard is served.
@@ -76,8 +92,35 @@ func (s *Server) mayAck(g reflection.GroupID) bool {
 	return s.cfg.Placement == nil || s.cfg.Placement.MayAck(shardOf(g))
 }
 
-func (s *Server) draining(g reflection.GroupID) bool {
-	return s.cfg.Placement != nil && s.cfg.Placement.Draining(shardOf(g))
+// epochOf is the epoch under which a group's state loaded now is
+// served (0 in single-node mode).
+func (s *Server) epochOf(g reflection.GroupID) int64 {
+	if s.cfg.Placement == nil {
+		return 0
+	}
+	e, _ := s.cfg.Placement.Epoch(shardOf(g))
+	return e
+}
+
+// admit passes one write of g through its shard's lifecycle; a refusal is
+// a 1001 close with the reason (the device redoes the write wherever the
+// shard is served now). Every nil return is followed by released.
+func (g *group) admit(ctx context.Context) error {
+	p := g.srv.cfg.Placement
+	if p == nil {
+		return nil
+	}
+	if err := p.Admit(ctx, shardOf(g.id), g.epoch); err != nil {
+		g.srv.metrics.writesRefused.Inc()
+		return d2m.Close(d2m.CloseGoingAway, err)
+	}
+	return nil
+}
+
+func (g *group) released() {
+	if p := g.srv.cfg.Placement; p != nil {
+		p.Release(shardOf(g.id))
+	}
 }
 
 // routeDevice serves an upgrade for a shard this node does not own: it
@@ -231,10 +274,16 @@ func (s *Server) untrackForward(f *forwarded) {
 	s.goroutines.Done()
 }
 
+// shardClosed is the cause of a CloseShard close; its reason is sent.
+type shardClosed string
+
+func (e shardClosed) Error() string       { return string(e) }
+func (e shardClosed) CloseReason() string { return string(e) }
+
 // CloseShard closes every connection of the shard's device groups with
-// 1001 (they reconnect, and land wherever the shard is served now). The
-// cluster calls it when the node loses the shard.
-func (s *Server) CloseShard(shard byte) int {
+// 1001 and reason (they reconnect, and land wherever the shard is served
+// now). The cluster calls it when the node loses the shard.
+func (s *Server) CloseShard(shard byte, reason string) int {
 	s.mu.Lock()
 	var conns []*deviceConn
 	for c := range s.conns {
@@ -243,8 +292,12 @@ func (s *Server) CloseShard(shard byte) int {
 		}
 	}
 	s.mu.Unlock()
+	cause := error(errShardMoved)
+	if reason != "" {
+		cause = shardClosed(reason)
+	}
 	for _, c := range conns {
-		c.closeWith(d2m.CloseGoingAway, errShardMoved)
+		c.closeWith(d2m.CloseGoingAway, cause)
 	}
 	return len(conns)
 }

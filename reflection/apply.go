@@ -96,6 +96,8 @@ func (bt *batchTx) apply(r *request) error {
 		return bt.importShard(r.shard)
 	case opDropShard:
 		return bt.dropShard(r.shard)
+	case opSettleShard:
+		return bt.settle(r.shard)
 	case opBarrier:
 		return nil
 	}

@@ -156,12 +156,6 @@ func (bt *batchTx) importShard(op *shardOp) error {
 	born := bt.nextLSN
 	for _, is := range img.slots {
 		sl := is.slot
-		if sl.ConnectedSince != 0 {
-			// Connected to the donor, which closed it with the move:
-			// nothing of it is connected here, and its expiry counts
-			// from now.
-			sl.ConnectedSince, sl.LastDisconnectAt = 0, bt.now
-		}
 		if err := bt.slotsB.Put(slotKey(is.g, sl.DeviceID), encodeSlot(sl, born)); err != nil {
 			return fmt.Errorf("reflection: put slot %d: %w", is.slot.DeviceID, err)
 		}
@@ -204,22 +198,65 @@ func (bt *batchTx) importShard(op *shardOp) error {
 		bt.nextLSN++
 		bt.logs = append(bt.logs, stagedLog{lsn: lsn, rec: rec})
 	}
-	// A transaction held on the donor ended with its holder's connection:
-	// its reflections go to the other queues now, as the donor would have
-	// released them (an acked reflection is never lost, protocol.md §18
-	// row 3). After the entries, so that they queue behind what was
-	// already queued, as on the donor.
-	released := make(map[slotRef]bool)
-	for _, h := range img.held {
-		k := slotRef{h.g, h.sender}
-		if released[k] {
-			continue
+	if err := bt.settleShard(op.shard); err != nil {
+		return err
+	}
+	return bt.setShardGeneration(op.shard, op.gen)
+}
+
+// settleShard prepares a shard for a node none of its devices is
+// connected to yet (after an import, or before a claim of a shard the
+// node held before it lost it): slots still marked connected are marked
+// disconnected now, so their expiry counts from now, and held reflections
+// are released into the other queues, because the transaction they were
+// held for ended with its holder's connection (an acked reflection is
+// never lost, protocol.md §18 row 3). The release comes after everything
+// already queued, as it would have on the node that held them.
+func (bt *batchTx) settleShard(shard byte) error {
+	type connected struct {
+		g    GroupID
+		slot Slot
+		born uint64
+	}
+	var conns []connected
+	c := bt.slotsB.Cursor()
+	for k, v := c.Seek([]byte{shard}); k != nil && k[0] == shard; k, v = c.Next() {
+		g, sl, born, err := decodeSlot(k, v)
+		if err != nil {
+			return err
 		}
-		released[k] = true
-		r := &request{op: opReleaseHeld, g: h.g, d: h.sender}
-		if err := bt.releaseHeld(r); err != nil {
+		if sl.ConnectedSince != 0 {
+			conns = append(conns, connected{g, sl, born})
+		}
+	}
+	for _, cs := range conns {
+		cs.slot.ConnectedSince, cs.slot.LastDisconnectAt = 0, bt.now
+		if err := bt.slotsB.Put(slotKey(cs.g, cs.slot.DeviceID), encodeSlot(cs.slot, cs.born)); err != nil {
+			return fmt.Errorf("reflection: settle slot %d: %w", cs.slot.DeviceID, err)
+		}
+	}
+	var holders []slotRef
+	c = bt.heldB.Cursor()
+	for k, _ := c.Seek([]byte{shard}); k != nil && k[0] == shard; k, _ = c.Next() {
+		if len(k) != 48 {
+			return fmt.Errorf("reflection: held reflection %x: malformed key", k)
+		}
+		ref := slotRef{GroupID(k[:32]), DeviceID(beUint64(k[32:40]))}
+		if len(holders) == 0 || holders[len(holders)-1] != ref {
+			holders = append(holders, ref)
+		}
+	}
+	for _, h := range holders {
+		if err := bt.releaseHeld(&request{op: opReleaseHeld, g: h.g, d: h.d}); err != nil {
 			return err
 		}
 	}
-	return bt.setShardGeneration(op.shard, op.gen)
+	return nil
+}
+
+func (bt *batchTx) settle(op *shardOp) error {
+	if err := op.ctx.Err(); err != nil {
+		return err
+	}
+	return bt.settleShard(op.shard)
 }

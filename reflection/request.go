@@ -13,6 +13,7 @@ const (
 	opPruneTombstones
 	opImportShard
 	opDropShard
+	opSettleShard
 	opBarrier
 )
 

@@ -236,6 +236,36 @@ func (db *DB) ResetShard(ctx context.Context, shard byte, gen int64) (ShardStats
 	return op.dropped, nil
 }
 
+// SettleShard prepares each shard for a node none of its devices is connected
+// to yet, in one write through the committer: slots still marked
+// connected are marked disconnected now and held reflections are released
+// into the other queues (ImportShard does the same to an imported copy).
+// A cluster node calls it before it serves a shard it held before, for
+// instance after its lease expired and its connections were closed
+// without their disconnects being written.
+// Several shards are submitted at once and share a commit.
+func (db *DB) SettleShard(ctx context.Context, shards ...byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	errs := make(chan error, len(shards))
+	for _, sh := range shards {
+		db.submit(&request{op: opSettleShard, shard: &shardOp{ctx: ctx, shard: sh}, done: func(err error) {
+			if err != nil {
+				err = fmt.Errorf("reflection: settle shard %02x: %w", sh, err)
+			}
+			errs <- err
+		}})
+	}
+	var first error
+	for range shards {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
 // ShardGeneration returns the generation recorded for shard (0 if none)
 // and whether the store holds any state of it (slots, tombstones, shared
 // data or held reflections).

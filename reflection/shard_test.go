@@ -507,3 +507,27 @@ func TestShardMove10k(t *testing.T) {
 	t.Logf("DropShard: %v, reclaim of the %d log entries in chunks follows", time.Since(start), n)
 	waitReclaimed(t, src)
 }
+
+// TestSettleShard: SettleShard does in one write what a node does for a
+// shard none of whose devices is connected: connected slots marked
+// disconnected now, held reflections released; other shards untouched.
+func TestSettleShard(t *testing.T) {
+	clk := newClock(1_800_000_000_000)
+	opts := Options{Now: clk.now, AckFlushInterval: time.Hour, AckFlushAcks: 1 << 20}
+	a, b := openAt(t, dbPath(t), opts), openAt(t, dbPath(t), opts)
+	writeShardSource(t, a, clk)
+	stream, _ := exportShard(t, a, testShard)
+	if _, err := b.ImportShard(context.Background(), testShard, 0, bytes.NewReader(stream)); err != nil {
+		t.Fatal(err)
+	}
+	other := dumpShard(t, a, testShard+1)
+	if err := a.SettleShard(context.Background(), testShard); err != nil {
+		t.Fatal(err)
+	}
+	got := dumpShard(t, a, testShard)
+	if len(got.Held) != 0 {
+		t.Fatalf("held reflections after SettleShard: %+v", got.Held)
+	}
+	sameDump(t, "settled shard", got, dumpShard(t, b, testShard))
+	sameDump(t, "other shard", dumpShard(t, a, testShard+1), other)
+}

@@ -301,6 +301,9 @@ type ShardStore interface {
 	// records gen: the cluster gave this node the shard to serve from
 	// empty (an operator accepted the loss of its data).
 	ResetShard(ctx context.Context, shard byte, gen int64) (ShardStats, error)
+	// SettleShard marks the shards' slots disconnected and releases their
+	// held reflections: before a node serves shards it held before.
+	SettleShard(ctx context.Context, shards ...byte) error
 	// ShardGeneration returns the generation of the copy held (0 if none
 	// was ever recorded) and whether the store holds any data of the shard.
 	ShardGeneration(shard byte) (gen int64, hasData bool)

@@ -268,6 +268,14 @@ func (a *API) writeErr(w http.ResponseWriter, err error) {
 		writeError(w, he.status, "%s", he.msg)
 		return
 	}
+	var ce *d2m.CloseError
+	if errors.As(err, &ce) && ce.Code == d2m.CloseGoingAway {
+		// The group's shard is not served here (moved away, lost) or a
+		// planned move held the write past the request's deadline.
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "%v", ce.Err)
+		return
+	}
 	a.log.Error().Err(err).Msg("admin API")
 	writeError(w, http.StatusInternalServerError, "%v", err)
 }
@@ -575,7 +583,7 @@ func (a *API) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.Grou
 // (TransactionEnded to the others), slot and queue are deleted and a
 // tombstone written. It answers once the deletion is durable.
 func (a *API) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
-	res, err := a.adminDropSlot(id, dev)
+	res, err := a.adminDropSlot(r.Context(), id, dev)
 	if err != nil {
 		a.writeErr(w, err)
 		return
@@ -584,10 +592,10 @@ func (a *API) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.
 }
 
 // adminDropSlot is the admin's DropDevice (see apiDropSlot).
-func (a *API) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
+func (a *API) adminDropSlot(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
 	res := DropResult{Group: id.String(), DeviceID: JSONDeviceID(dev)}
 	var err error
-	res.WasConnected, res.QueueLength, err = a.b.DropSlot(id, dev)
+	res.WasConnected, res.QueueLength, err = a.b.DropSlot(ctx, id, dev)
 	if errors.Is(err, mediator.ErrNoSlot) {
 		return res, errorf(http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 	}
@@ -605,7 +613,7 @@ func (a *API) apiPurgeQueue(w http.ResponseWriter, r *http.Request, id reflectio
 		writeError(w, http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 		return
 	}
-	if err := a.b.PurgeQueue(id, dev); err != nil {
+	if err := a.b.PurgeQueue(r.Context(), id, dev); err != nil {
 		a.writeErr(w, fmt.Errorf("purging the queue: %w", err))
 		return
 	}

@@ -121,8 +121,8 @@ type Backend interface {
 	LiveGroupIDs() []reflection.GroupID
 	ConnectionCounts() (handshake, authenticated int)
 	GroupsLoaded() int
-	DropSlot(id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error)
-	PurgeQueue(id reflection.GroupID, dev reflection.DeviceID) error
+	DropSlot(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error)
+	PurgeQueue(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) error
 	ReleaseLock(ctx context.Context, id reflection.GroupID) (holder reflection.DeviceID, heldFor time.Duration, released bool, err error)
 }
 

@@ -26,26 +26,39 @@ type ClusterConfig struct {
 }
 
 // placement adapts a cluster node to the server's Placement. Before Join
-// (node nil) it serves nothing. With a shared store, a shard whose commit
-// the database fenced is not served at that epoch any more, even while
-// this node's view of etcd still says it owns it.
+// (node nil) it serves nothing. It holds no state of its own: what a
+// shard is on this node is the node's shard lifecycle (cluster.Node
+// Status, Admit, MayAck).
 type placement struct {
-	node   atomic.Pointer[cluster.Node]
-	fenced [cluster.NumShards]atomic.Int64 // epoch the database refused (0: none)
+	node atomic.Pointer[cluster.Node]
 }
 
-// epoch is this node's epoch for the shard, if it owns the shard and the
-// database has not refused that epoch.
-func (p *placement) epoch(shard byte) (int64, bool) {
+// Epoch is the epoch this node serves the shard at (serving, or frozen by
+// a planned move).
+func (p *placement) Epoch(shard byte) (int64, bool) {
 	n := p.node.Load()
 	if n == nil {
 		return 0, false
 	}
-	e, ok := n.Owns(cluster.Shard(shard))
-	if !ok || p.fenced[shard].Load() == e {
-		return 0, false
+	switch st := n.Status(cluster.Shard(shard)); st.Phase {
+	case cluster.PhaseServing, cluster.PhaseFrozen:
+		return st.Epoch, true
 	}
-	return e, true
+	return 0, false
+}
+
+func (p *placement) Admit(ctx context.Context, shard byte, epoch int64) error {
+	n := p.node.Load()
+	if n == nil {
+		return &cluster.ShardGoneError{Shard: cluster.Shard(shard)}
+	}
+	return n.Admit(ctx, cluster.Shard(shard), epoch)
+}
+
+func (p *placement) Release(shard byte) {
+	if n := p.node.Load(); n != nil {
+		n.Release(cluster.Shard(shard))
+	}
 }
 
 func (p *placement) Route(shard byte) mediator.Route {
@@ -54,21 +67,24 @@ func (p *placement) Route(shard byte) mediator.Route {
 		return mediator.Route{}
 	}
 	s := cluster.Shard(shard)
-	if p.MayAck(shard) {
-		return mediator.Route{Local: true, Node: n.ID()}
-	}
-	if _, ok := n.Owns(s); ok {
-		// Owned but fenced (a move draining it, a keepalive late, the
-		// database refusing our epoch because another node claimed
-		// it): neither serve nor forward to ourselves. It settles: the
-		// keepalive renews the fence or the lease is lost, the move
-		// flips or resumes, etcd tells us the new owner.
+	switch st := n.Status(s); st.Phase {
+	case cluster.PhaseServing:
+		if n.MayAck(s) {
+			return mediator.Route{Local: true, Node: n.ID()}
+		}
+		// Served, but the fence clock has run out (a keepalive late):
+		// the next keepalive renews it, or the lease is lost.
+		return mediator.Route{Settling: true}
+	case cluster.PhaseFrozen, cluster.PhaseReceiving, cluster.PhaseFenced:
+		// A planned move drains it (it thaws, or goes to its new owner),
+		// imports it here (the flip follows), or the store refused our
+		// epoch (etcd names the new owner soon).
 		return mediator.Route{Settling: true}
 	}
-	if n.Incoming(s) {
-		// Being moved here: the donor drains it and closes its
-		// devices at the flip, possibly before this node has recorded
-		// the flip; forwarded to the donor, they would be refused.
+	if n.Incoming(s) || n.Moving(s) {
+		// A planned move is about to change the owner: forwarded to the
+		// donor now, the device would arrive while the donor freezes or
+		// has just handed the shard over.
 		return mediator.Route{Settling: true}
 	}
 	node, addr, _, ok := n.Owner(s)
@@ -76,7 +92,7 @@ func (p *placement) Route(shard byte) mediator.Route {
 		return mediator.Route{}
 	}
 	if node == n.ID() {
-		// The shard map names this node but the fence has not
+		// The shard map names this node but the lifecycle has not
 		// recorded it yet (the watch saw a flip or claim first):
 		// forwarding to ourselves would refuse it as a loop.
 		return mediator.Route{Settling: true}
@@ -84,24 +100,10 @@ func (p *placement) Route(shard byte) mediator.Route {
 	return mediator.Route{Node: node, Addr: addr}
 }
 
-func (p *placement) Draining(shard byte) bool {
-	n := p.node.Load()
-	return n != nil && n.Draining(cluster.Shard(shard))
-}
-
-// MayAck is asked once per ReflectAck: the etcd fence clock (lock-free)
-// and, only after the database refused an epoch of this shard (rare), the
-// owned epoch, which takes the fence's mutex.
+// MayAck is asked once per ReflectAck: lock-free.
 func (p *placement) MayAck(shard byte) bool {
 	n := p.node.Load()
-	if n == nil || !n.MayAck(cluster.Shard(shard)) {
-		return false
-	}
-	if f := p.fenced[shard].Load(); f != 0 {
-		e, _ := n.Owns(cluster.Shard(shard))
-		return f != e
-	}
-	return true
+	return n != nil && n.MayAck(cluster.Shard(shard))
 }
 
 // joinCluster connects to etcd and joins the cluster as the node serving
@@ -116,6 +118,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		advertise = d.DeviceAddr.String()
 	}
 	hooks := newMoveHooks(d)
+	events := newEventLog(d, s, hooks)
 	keepalive := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "mediator_cluster_keepalive_seconds",
 		Help:    "Round trip of the node's etcd lease keepalives; the fence clock counts from their send time.",
@@ -126,29 +129,12 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
 		Hooks:       hooks,
 		// With a replicated store a lost node's shards are served by
-		// another node at once: the data is in the database.
+		// another node at once: the data is in the database, and a move
+		// hands over only the epoch.
 		AutoFailover: d.shared,
-		Transport:    &httpTransport{scheme: scheme, client: &http.Client{Timeout: 5 * time.Minute}},
-		OnEvent: func(ev cluster.Event) {
-			if ev.Kind == cluster.ShardLost {
-				n := s.CloseShard(byte(ev.Shard))
-				d.log.Info().Int("shard", int(ev.Shard)).Int64("epoch", ev.Epoch).Str("reason", ev.Reason).
-					Int("devices_closed", n).Msg("cluster: shard lost")
-				// Moved (or reassigned) away: the data is the new
-				// owner's now. A lost lease keeps it: the shard waits
-				// for this node.
-				if d.assignedElsewhere(ev.Shard) {
-					hooks.handedOver(ev.Shard)
-					d.bg.Add(1)
-					go func() {
-						defer d.bg.Done()
-						d.dropMovedShard(s, ev.Shard)
-					}()
-				}
-			} else {
-				d.log.Info().Int("shard", int(ev.Shard)).Int64("epoch", ev.Epoch).Msg("cluster: shard gained")
-			}
-		},
+		SharedStore:  d.shared,
+		Transport:    &httpTransport{scheme: scheme, client: &http.Client{Timeout: cluster.DefaultMoveTimeout}},
+		OnEvents:     events.handle,
 		Log: d.log.With().Str("component", "cluster").Logger(),
 	})
 	if err != nil {
@@ -156,7 +142,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		return err
 	}
 	p.node.Store(node)
-	s.Registry().MustRegister(keepalive, hooks.moves, hooks.moveSeconds, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+	s.Registry().MustRegister(keepalive, events.moves, events.moveSeconds, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "mediator_cluster_shards_owned",
 		Help: "Shards this node serves and may ack for now.",
 	}, func() float64 {
@@ -176,17 +162,6 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	}
 	d.Cluster, d.etcd = node, cli
 	return nil
-}
-
-// assignedElsewhere reports whether the cluster has given the shard's
-// data to another node.
-func (d *Daemon) assignedElsewhere(shard cluster.Shard) bool {
-	for _, si := range d.Cluster.Shards() {
-		if si.Shard == shard {
-			return si.Assigned != "" && si.Assigned != d.Cluster.ID()
-		}
-	}
-	return false
 }
 
 // leaveCluster stops acking at once and revokes the node's lease (its

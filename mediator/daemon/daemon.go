@@ -99,7 +99,7 @@ type Daemon struct {
 	admin     *http.Server
 	errc      chan error
 	serving   sync.WaitGroup // the listeners' Serve goroutines
-	bg        sync.WaitGroup // background work: deleting moved shards
+	bg        sync.WaitGroup // background work: shard exports
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -323,13 +323,13 @@ func (d *Daemon) openPG(cfg Config, srv *atomic.Pointer[mediator.Server]) (*pgst
 	if cfg.Cluster != nil {
 		place := d.place
 		po.NodeID = cfg.Cluster.NodeID
-		po.Epoch = place.epoch
+		po.Epoch = place.Epoch
 		po.OnFenced = func(shard byte, epoch int64) {
-			place.fenced[shard].Store(epoch)
-			if s := srv.Load(); s != nil {
-				n := s.CloseShard(shard)
-				d.log.Warn().Int("shard", int(shard)).Int64("epoch", epoch).Int("devices_closed", n).
-					Msg("the database refused this node's epoch for the shard: another node owns it; stopped serving it")
+			// Another node claimed the shard in the database: its
+			// lifecycle ends here at that epoch (the node's event
+			// closes the devices).
+			if n := place.node.Load(); n != nil {
+				n.StoreFenced(cluster.Shard(shard), epoch)
 			}
 		}
 	}
