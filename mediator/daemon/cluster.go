@@ -135,7 +135,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		SharedStore:  d.shared,
 		Transport:    &httpTransport{scheme: scheme, client: &http.Client{Timeout: cluster.DefaultMoveTimeout}},
 		OnEvents:     events.handle,
-		Log: d.log.With().Str("component", "cluster").Logger(),
+		Log:          d.log.With().Str("component", "cluster").Logger(),
 	})
 	if err != nil {
 		cli.Close()
