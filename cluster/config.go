@@ -34,7 +34,10 @@ type Config struct {
 	SharedStore bool
 	// AutoRebalance lets the controller move shards (planned moves) from
 	// the most to the least loaded live node until they differ by at most
-	// one, for example after a node joined a running cluster.
+	// one, and away from draining nodes: a node that joins a running
+	// cluster takes its share, a drained one gives its shards away. At
+	// most MaxConcurrentMoves at a time, only while the live set has been
+	// stable for SettleDelay.
 	AutoRebalance bool
 	// NoController keeps this node out of the controller election.
 	NoController bool
@@ -62,6 +65,10 @@ type Config struct {
 	// batches of what happened together (all shards claimed at start in
 	// one), on a goroutine of the node. It must not block for long.
 	OnEvents func([]Event)
+	// OnPlannedMove, if set, is told the end of every move a rebalance,
+	// a drain or the controller's AutoRebalance planned and this node
+	// started (err nil: handed over).
+	OnPlannedMove func(pm PlannedMove, err error)
 	// OnKeepAlive, if set, is told the send time and round trip of every
 	// successful lease keepalive (a metric).
 	OnKeepAlive func(sent time.Time, rtt time.Duration)

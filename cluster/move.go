@@ -8,8 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
-	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -512,123 +510,6 @@ func transientEtcd(err error) bool {
 	return false
 }
 
-// DrainNode moves every shard node serves to the least loaded other live
-// nodes, MaxConcurrentMoves at a time. Shards assigned to node that it
-// does not serve (it is down) cannot be moved and are reported.
-func (n *Node) DrainNode(ctx context.Context, node string) ([]MoveResult, error) {
-	n.mu.Lock()
-	load := n.view.load()
-	var plan []plannedMove
-	var unserved []string
-	for i := range NumShards {
-		a, o := n.view.assign[i], n.view.owner[i]
-		switch {
-		case o != nil && o.Node == node:
-			plan = append(plan, plannedMove{shard: Shard(i)})
-		case a != nil && a.Node == node:
-			unserved = append(unserved, Shard(i).String())
-		}
-	}
-	n.mu.Unlock()
-	delete(load, node)
-	if len(plan) > 0 && len(load) == 0 {
-		return nil, fmt.Errorf("cluster: drain %s: %w", node, ErrNoOtherNode)
-	}
-	for i := range plan {
-		to, _ := leastLoaded(load, node)
-		load[to]++
-		plan[i].to = to
-	}
-	res, err := n.runMoves(ctx, plan)
-	if len(unserved) > 0 {
-		err = errors.Join(err, fmt.Errorf("cluster: drain %s: shards %v are assigned to it but not served: %w", node, unserved, ErrShardUnavailable))
-	}
-	return res, err
-}
-
-// Rebalance moves shards from the most to the least loaded live node until
-// every live node's count is within one of the others'.
-func (n *Node) Rebalance(ctx context.Context) ([]MoveResult, error) {
-	n.mu.Lock()
-	plan := n.view.rebalancePlan()
-	n.mu.Unlock()
-	return n.runMoves(ctx, plan)
-}
-
-type plannedMove struct {
-	shard Shard
-	to    string
-}
-
-func (v *view) rebalancePlan() []plannedMove {
-	load := v.load()
-	if len(load) < 2 {
-		return nil
-	}
-	movable := make(map[string][]Shard) // served shards without a move, per owner
-	for i := NumShards - 1; i >= 0; i-- {
-		if o, a := v.owner[i], v.assign[i]; o != nil && v.moves[i] == nil && a != nil && a.Node == o.Node {
-			movable[o.Node] = append(movable[o.Node], Shard(i))
-		}
-	}
-	var plan []plannedMove
-	for {
-		ids := make([]string, 0, len(load))
-		for id := range load {
-			ids = append(ids, id)
-		}
-		sort.Slice(ids, func(i, j int) bool {
-			if load[ids[i]] != load[ids[j]] {
-				return load[ids[i]] > load[ids[j]]
-			}
-			return ids[i] < ids[j]
-		})
-		hi, lo := ids[0], ids[len(ids)-1]
-		if load[hi]-load[lo] <= 1 || len(movable[hi]) == 0 {
-			return plan
-		}
-		s := movable[hi][len(movable[hi])-1]
-		movable[hi] = movable[hi][:len(movable[hi])-1]
-		plan = append(plan, plannedMove{shard: s, to: lo})
-		load[hi]--
-		load[lo]++
-	}
-}
-
-func (n *Node) runMoves(ctx context.Context, plan []plannedMove) ([]MoveResult, error) {
-	var (
-		mu   sync.Mutex
-		res  []MoveResult
-		errs []error
-		wg   sync.WaitGroup
-		sem  = make(chan struct{}, n.cfg.MaxConcurrentMoves)
-	)
-	for _, p := range plan {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			wg.Wait()
-			return res, errors.Join(append(errs, ctx.Err())...)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			r, err := n.Move(ctx, p.shard, p.to)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-				return
-			}
-			res = append(res, r)
-		}()
-	}
-	wg.Wait()
-	sort.Slice(res, func(i, j int) bool { return res[i].Shard < res[j].Shard })
-	return res, errors.Join(errs...)
-}
-
 // Reassign gives shard s, whose owner is gone, to node to without its data:
 // the operator's explicit decision when the old node will not come back.
 // acceptDataLoss must be true. Refused while the shard is served (use
@@ -664,7 +545,7 @@ func (n *Node) Reassign(ctx context.Context, s Shard, to string, acceptDataLoss 
 			clientv3.Compare(clientv3.CreateRevision(n.k.owner(s)), "=", 0),
 			clientv3.Compare(clientv3.CreateRevision(n.k.move(s)), "=", 0),
 			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
-		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: to, By: "reassign"}))).Commit()
+		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: to, By: "reassign", Fresh: true}))).Commit()
 	if err != nil {
 		return fail(err)
 	}

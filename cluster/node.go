@@ -837,17 +837,17 @@ func (n *Node) Close(ctx context.Context) error {
 	return nil
 }
 
-// Leave moves every shard of this node to the other nodes (DrainNode),
-// then closes it.
+// Leave moves every shard of this node to the other nodes (DrainNode,
+// which leaves the node marked draining), then closes it.
 func (n *Node) Leave(ctx context.Context) error {
-	res, err := n.DrainNode(ctx, n.cfg.NodeID)
-	if err != nil {
+	res, err := n.DrainNode(ctx, n.cfg.NodeID, RebalanceOptions{})
+	if err != nil && !(errors.Is(err, ErrNoOtherNode) && len(res.Moves) == 0 && n.ownsNone()) {
 		return err
 	}
 	// Let the watch loop act on the last flip, so that every ShardLost
 	// is delivered before Close.
 	var last int64
-	for _, r := range res {
+	for _, r := range res.Moves {
 		last = max(last, r.ToEpoch)
 	}
 	tick := time.NewTicker(5 * time.Millisecond)
@@ -862,7 +862,16 @@ func (n *Node) Leave(ctx context.Context) error {
 	return n.Close(ctx)
 }
 
-// eventQueue delivers events to OnEvent in order on one goroutine, so
+func (n *Node) ownsNone() bool {
+	for i := range NumShards {
+		if _, ok := n.Owns(Shard(i)); ok {
+			return false
+		}
+	}
+	return true
+}
+
+// eventQueue delivers events to OnEvents in order on one goroutine, so
 // that the loops that produce them never wait for the mediator.
 type eventQueue struct {
 	fn     func([]Event)

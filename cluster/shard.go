@@ -68,6 +68,8 @@ func (k keys) owners() string         { return k.prefix + "shards/" }
 func (k keys) owner(s Shard) string   { return k.owners() + s.String() }
 func (k keys) moves() string          { return k.prefix + "moves/" }
 func (k keys) move(s Shard) string    { return k.moves() + s.String() }
+func (k keys) drains() string          { return k.prefix + "drain/" }
+func (k keys) drain(id string) string  { return k.drains() + id }
 func (k keys) electionPrefix() string { return k.prefix + "controller" }
 func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 	if !strings.HasPrefix(key, dir) {
@@ -103,6 +105,12 @@ type assignRecord struct {
 type ownerRecord struct {
 	Node      string `json:"node"`
 	Advertise string `json:"advertise"`
+}
+
+// drainRecord is the value of drain/<id>, without a lease: the node takes
+// no shards and gives its shards away (DrainNode) until Undrain.
+type drainRecord struct {
+	Since time.Time `json:"since"`
 }
 
 // MoveState names the states of a planned move.

@@ -21,6 +21,7 @@ type view struct {
 	// the shard (both compare that no record exists); the controller
 	// deletes it.
 	badMoves [NumShards]int64
+	draining map[string]bool // nodes with a drain mark (drain/<id>)
 }
 
 type nodeEntry struct {
@@ -45,7 +46,7 @@ type moveEntry struct {
 	rev   int64
 }
 
-func newView() view { return view{nodes: make(map[string]nodeEntry)} }
+func newView() view { return view{nodes: make(map[string]nodeEntry), draining: make(map[string]bool)} }
 
 // apply takes one key's new value (or its deletion) into the view.
 // Unparsable values are treated as absent: they cannot be acted on.
@@ -58,6 +59,14 @@ func (v *view) apply(k keys, kv *mvccpb.KeyValue, deleted bool) {
 			return
 		}
 		v.nodes[id] = nodeEntry{Member: Member{ID: id, Advertise: rec.Advertise, Started: rec.Started}, lease: clientv3.LeaseID(kv.Lease)}
+		return
+	}
+	if id, ok := strings.CutPrefix(key, k.drains()); ok {
+		if deleted {
+			delete(v.draining, id)
+		} else {
+			v.draining[id] = true
+		}
 		return
 	}
 	if s, ok := k.shardSuffix(key, k.assigns()); ok {
