@@ -1,6 +1,6 @@
 // Package chatproxy owns one device connection's link to the chat server:
 // dialing it, writing the device's CSP bytes to it verbatim, and cutting the
-// server's TCP byte stream back into exact CSP units (protocol.md §9).
+// server's TCP byte stream back into exact CSP units (docs/protocol.md §9).
 //
 // The mediator cannot decrypt CSP, so this package only counts bytes: the
 // first 80 bytes are the server-hello, the next 32 the login-ack, and every

@@ -9,7 +9,7 @@ import (
 )
 
 // Sizes of the units the chat server sends, in the order it sends them
-// (protocol.md §9.2, §9.3).
+// (docs/protocol.md §9.2, §9.3).
 const (
 	// ServerHelloSize is the server-hello: SCK(16) ‖ box[TSK.public ‖ CCK] (64).
 	ServerHelloSize = 80
@@ -29,8 +29,8 @@ const (
 // DefaultReadBufferSize is the bufio size behind a Reframer when none is
 // given. Units larger than the buffer are read straight into their own
 // slice, so a small buffer costs syscalls only for big frames, while every
-// idle device connection keeps this much memory (design-anchors §2.5 counts
-// memory per connection).
+// idle device connection keeps this much memory (BENCHMARKS.md, "idle",
+// counts the memory per connection).
 const DefaultReadBufferSize = 4096
 
 // Sentinel errors. Errors returned by this package wrap exactly one of them,
@@ -59,7 +59,7 @@ const (
 
 // Reframer cuts the chat server's byte stream into CSP units: the 80-byte
 // server-hello, the 32-byte login-ack, then frames returned with their u16-le
-// length prefix kept (protocol.md §9.2). It never coalesces or splits units,
+// length prefix kept (docs/protocol.md §9.2). It never coalesces or splits units,
 // whatever the chunking of the underlying reader.
 //
 // A Reframer is not safe for concurrent use. After Next returns an error it

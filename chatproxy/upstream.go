@@ -45,7 +45,7 @@ func (o Options) withDefaults() Options {
 }
 
 // Upstream is one device connection's TCP link to the chat server
-// (protocol.md §18 row 2: one per device connection that proxies).
+// (docs/protocol.md §18 row 2: one per device connection that proxies).
 //
 // Write and ReadUnit may run at the same time in two goroutines (the device's
 // read loop writes, the upstream loop reads); each of them must only be called
@@ -84,7 +84,7 @@ func Dial(ctx context.Context, addr string, opts Options) (*Upstream, error) {
 }
 
 // Write sends device→server bytes verbatim. Proxy payloads are a byte stream
-// (protocol.md §9.1: iOS splits the login in two, so one Proxy is not one CSP
+// (docs/protocol.md §9.1: iOS splits the login in two, so one Proxy is not one CSP
 // message), so p is written as is, in call order.
 //
 // A write that does not finish within the write timeout returns an error
@@ -122,7 +122,7 @@ func (u *Upstream) Write(p []byte) error {
 // server and returns it in a new slice the caller owns (see Reframer.Next for
 // the cutting rules). When the server closes the connection, every complete
 // unit already received is returned before the error, so the device still
-// gets a final close-error or alert (protocol.md §8.2: forward, then 4000).
+// gets a final close-error or alert (docs/protocol.md §8.2: forward, then 4000).
 //
 // Errors wrap ErrClosed (server EOF or reset, or Close) or ErrFrameTooLarge.
 func (u *Upstream) ReadUnit() ([]byte, error) {

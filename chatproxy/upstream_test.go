@@ -67,7 +67,7 @@ func TestUpstreamManyUnitsInOneWrite(t *testing.T) {
 	addr := fakeChatServer(t, func(c net.Conn) {
 		c.Write(bytes.Join(units, nil))
 		// Closing right after the write: the units must still come out
-		// before ErrClosed (protocol.md §8.2, forward then 4000).
+		// before ErrClosed (docs/protocol.md §8.2, forward then 4000).
 	})
 	u := dialTest(t, addr, Options{})
 	err := readUnits(t, u, units)
@@ -115,7 +115,7 @@ func TestUpstreamPartialUnitAtEOF(t *testing.T) {
 }
 
 func TestUpstreamWriteIsVerbatim(t *testing.T) {
-	// The login split in two writes, as iOS sends it (protocol.md §9.1).
+	// The login split in two writes, as iOS sends it (docs/protocol.md §9.1).
 	writes := [][]byte{fill(make([]byte, 48), 1), fill(make([]byte, 144), 2), fill(make([]byte, 40), 3), {2, 0, 9, 9}}
 	want := bytes.Join(writes, nil)
 	got := make(chan []byte, 1)

@@ -13,7 +13,7 @@
 // # Shards
 //
 // A shard is the first byte of the device group id (256 shards). Clients
-// put it in the URL as the /{prefix8}/ segment (protocol.md §2), so a load
+// put it in the URL as the /{prefix8}/ segment (docs/protocol.md §2), so a load
 // balancer can route by it, and everything of one group (ordering, slots,
 // transaction lock, leader) stays on one node.
 //
@@ -53,12 +53,13 @@
 //
 // A node may ack a reflection for shard S only while it is sure it owns S.
 // etcd's client computes a lease's deadline from when the keepalive reply
-// arrived (client/v3 lease.go); but the server renews the lease when it
-// handles the request, which can be any time after the request was sent,
-// and a process paused between send and reply (GC, SIGSTOP, a slow
-// network) would believe in a lease that etcd has already expired and
-// given away. So the Node runs its own keepalive loop (KeepAliveOnce every
-// TTL/3), records when each successful request was sent, and fences at
+// arrived (etcd's client/v3/lease.go; SCALING.md, "Background"); but the
+// server renews the lease when it handles the request, which can be any
+// time after the request was sent, and a process paused between send and
+// reply (GC, SIGSTOP, a slow network) would believe in a lease that etcd
+// has already expired and given away. So the Node runs its own keepalive
+// loop (KeepAliveOnce every TTL/3), records when each successful request
+// was sent, and fences at
 //
 //	ownedUntil = send time of the last successful keepalive + TTL − margin
 //
@@ -118,11 +119,12 @@
 // with one backend per node, named by its node id:
 //
 //	frontend devices
-//	    use_backend %[path,field(2,/),lower,map(/etc/haproxy/shards.map,mediators)]
-//	    default_backend mediators   # all nodes: they forward, or answer 503
+//	    use_backend %[path,field(2,/),lower,map(/etc/haproxy/mediator-shards.map,mediator_nodes)]
+//	    default_backend mediator_nodes   # all nodes: they forward, or answer 503
 //
-// testdata/haproxy.cfg is a complete configuration (checked with
-// haproxy -c).
+// deploy/haproxy/haproxy-cluster.cfg is the complete configuration;
+// `mediator cluster haproxy-sync` (package cluster/haproxysync) keeps a
+// running HAProxy's map current.
 //
 // # Wiring into the mediator
 //

@@ -8,7 +8,7 @@ import (
 // HAProxyMap renders the shard map in HAProxy map-file format: one line
 // per served shard, "<prefix8> <node id>", where prefix8 is the shard as
 // two lowercase hex digits (the first path segment of every device URL,
-// protocol.md §2) and the value names the HAProxy backend of the owner
+// docs/protocol.md §2) and the value names the HAProxy backend of the owner
 // node. Shards without a live owner are left out, so the lookup falls
 // back to the default backend, whose nodes answer 503 with Retry-After
 // or forward. See the package doc for the haproxy.cfg lines that use it.

@@ -763,6 +763,8 @@ type ShardInfo struct {
 	Epoch    int64     // ModRevision of the owner key
 	Move     MoveState // StateServing, or the state of the move in progress
 	MoveTo   string
+	// MoveStarted is when the move record was created (zero without one).
+	MoveStarted time.Time
 }
 
 // Shards returns the shard map as this node sees it.
@@ -783,7 +785,7 @@ func (v *view) shardInfos() []ShardInfo {
 			si.Owner, si.Addr, si.Epoch = o.Node, o.Advertise, o.epoch
 		}
 		if m := v.moves[i]; m != nil {
-			si.Move, si.MoveTo = m.State, m.To
+			si.Move, si.MoveTo, si.MoveStarted = m.State, m.To, m.Started
 		}
 		out[i] = si
 	}

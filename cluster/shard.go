@@ -13,7 +13,7 @@ import (
 const NumShards = 256
 
 // Shard is the first byte of a device group id. Clients put it in the URL
-// as the /{prefix8}/ path segment (protocol.md §2), so a load balancer can
+// as the /{prefix8}/ path segment (docs/protocol.md §2), so a load balancer can
 // route by it and everything of one group stays on one node.
 type Shard uint8
 

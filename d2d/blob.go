@@ -32,7 +32,7 @@ func (e *BlobError) Error() string {
 
 // Seal encrypts plaintext under key and returns nonce(24) ‖
 // XSalsa20-Poly1305 secretbox with a random nonce, the format of every
-// symmetric d2d blob (protocol.md §14).
+// symmetric d2d blob (docs/protocol.md §14).
 func Seal(key *[32]byte, plaintext []byte) []byte {
 	var nonce [NonceSize]byte
 	rand.Read(nonce[:]) // never fails since Go 1.24

@@ -11,14 +11,14 @@ import (
 )
 
 const (
-	// ChallengeSize is the size of ServerHello.challenge (protocol.md §6.1).
+	// ChallengeSize is the size of ServerHello.challenge (docs/protocol.md §6.1).
 	ChallengeSize = 32
 	// ChallengeResponseSize is the size of ClientHello.response:
 	// nonce(24) ‖ box overhead(16) ‖ challenge(32).
 	ChallengeResponseSize = NonceSize + box.Overhead + ChallengeSize
 )
 
-// ChallengeResponse answers a ServerHello (protocol.md §6.1): nonce(24) ‖
+// ChallengeResponse answers a ServerHello (docs/protocol.md §6.1): nonce(24) ‖
 // crypto_box(challenge, nonce, pk=ESK.public, sk=DGPK.secret), 72 bytes.
 // The mediator opens it with the device_group_id from the URL, which proves
 // that the device holds DGPK.secret.

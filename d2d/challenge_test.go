@@ -9,7 +9,7 @@ import (
 )
 
 // TestChallengeResponse verifies the response the way the mediator does
-// (protocol.md §6.1): box.Open with the device_group_id and ESK.secret.
+// (docs/protocol.md §6.1): box.Open with the device_group_id and ESK.secret.
 func TestChallengeResponse(t *testing.T) {
 	k := testKeys(t)
 	eskPublic, eskSecret, err := box.GenerateKey(rand.Reader)

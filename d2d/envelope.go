@@ -21,7 +21,7 @@ func padding() []byte { return make([]byte, mrand.IntN(maxPadding+1)) }
 
 // newEnvelope returns an envelope with the fields every envelope carries:
 // random padding, the sender's device id and protocol version V0_3 (what
-// Android sends, protocol.md §15).
+// Android sends, docs/protocol.md §15).
 func newEnvelope(senderDeviceID uint64) *d2dpb.Envelope {
 	return &d2dpb.Envelope{
 		Padding:         padding(),
@@ -68,7 +68,7 @@ func NewIncomingMessageEnvelope(senderDeviceID uint64, from string, messageID ui
 
 // NewOutgoingMessageSentUpdate returns the envelope a device reflects when
 // the chat server acknowledged message messageID to the contact to: the
-// "simple realistic envelope" of protocol.md §15, shaped like Android's
+// "simple realistic envelope" of docs/protocol.md §15, shaped like Android's
 // Reflect.kt.
 func NewOutgoingMessageSentUpdate(senderDeviceID uint64, to string, messageID uint64) *d2dpb.Envelope {
 	env := newEnvelope(senderDeviceID)

@@ -45,7 +45,7 @@ type KeyPair struct {
 	Public [32]byte
 }
 
-// Keys holds the keys derived from a device group key (protocol.md §14).
+// Keys holds the keys derived from a device group key (docs/protocol.md §14).
 type Keys struct {
 	// DGPK is the path key pair. DGPK.Public is the device_group_id the
 	// mediator knows the group by; DGPK.Secret answers its challenge.

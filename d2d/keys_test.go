@@ -6,7 +6,7 @@ import (
 )
 
 // keyVectors are the official derivation vectors (desktop
-// device-group-key-derivation-test-vectors.ts, protocol.md §14). The public
+// device-group-key-derivation-test-vectors.ts, docs/protocol.md §14). The public
 // keys of the second and third were computed independently with Python's
 // cryptography X25519.
 var keyVectors = []struct {

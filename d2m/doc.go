@@ -7,7 +7,7 @@
 // It is pure: no goroutines, sockets, logging or storage. Every decoder
 // takes untrusted bytes, returns a *DecodeError (matching ErrMalformed) for
 // anything malformed and never panics; the fuzz targets in this package
-// hold it to that. Section numbers in comments refer to protocol.md.
+// hold it to that. Section numbers in comments refer to docs/protocol.md.
 //
 // Protocol flow (§6, §7):
 //

@@ -6,7 +6,7 @@ import (
 	"errors"
 
 	"golang.org/x/crypto/nacl/secretbox"
-	//lint:ignore SA1019 HSalsa20 is the NaCl box key derivation itself; box.Precompute costs twice as much (measurements.md §0).
+	//lint:ignore SA1019 HSalsa20 is the NaCl box key derivation itself; box.Precompute costs twice as much (BENCHMARKS.md, "handshake").
 	"golang.org/x/crypto/salsa20/salsa"
 )
 
@@ -25,7 +25,7 @@ var (
 
 // SharedKey computes the NaCl box key X25519HSalsa20(priv, peer), the same
 // bytes as box.Precompute. crypto/ecdh with a cached private key costs half
-// of box.Precompute (measurements.md §0) and, unlike
+// of box.Precompute (BENCHMARKS.md, "handshake") and, unlike
 // curve25519.ScalarMult, refuses low-order peer keys instead of silently
 // yielding an all-zero secret.
 func SharedKey(priv *ecdh.PrivateKey, peer []byte) (*[32]byte, error) {

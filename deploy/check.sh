@@ -6,7 +6,6 @@
 # which installs them) it is an error.
 set -euo pipefail
 cd "$(dirname "$0")"
-deploy=$PWD
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 failed=0
@@ -38,7 +37,6 @@ cat "$tmp/cert.pem" "$tmp/key.pem" > "$tmp/combined.pem"
 if have systemd-analyze systemd; then
 	# verify wants the binary to exist: point ExecStart at a stand-in.
 	printf '#!/bin/sh\n' > "$tmp/mediator" && chmod +x "$tmp/mediator"
-	sed "s|/usr/local/bin/mediator|$tmp/mediator|" systemd/mediator.service > "$tmp/mediator.service"
 	# verify warns about unknown keys and bad values but exits 0: any
 	# output is a failure.
 	verify_unit() {
@@ -46,7 +44,10 @@ if have systemd-analyze systemd; then
 		out=$(systemd-analyze verify --man=no "$1" 2>&1) || { echo "$out"; return 1; }
 		[ -z "$out" ] || { echo "$out"; return 1; }
 	}
-	check "systemd-analyze verify systemd/mediator.service" verify_unit "$tmp/mediator.service"
+	for unit in mediator.service mediator-haproxy-sync.service; do
+		sed "s|/usr/local/bin/mediator|$tmp/mediator|" "systemd/$unit" > "$tmp/$unit"
+		check "systemd-analyze verify systemd/$unit" verify_unit "$tmp/$unit"
+	done
 fi
 
 if have nginx nginx; then
@@ -65,10 +66,13 @@ CONF
 fi
 
 if have haproxy haproxy; then
-	sed -e "s|/etc/haproxy/certs/mediator.pem|$tmp/combined.pem|" \
-		-e "s|/etc/haproxy/mediator-prefix.map|$deploy/haproxy/mediator-prefix.map|" \
-		haproxy/haproxy.cfg > "$tmp/haproxy.cfg"
-	check "haproxy -c haproxy/haproxy.cfg" haproxy -c -q -f "$tmp/haproxy.cfg"
+	: > "$tmp/mediator-shards.map"
+	for cfg in haproxy.cfg haproxy-cluster.cfg; do
+		sed -e "s|/etc/haproxy/certs/mediator.pem|$tmp/combined.pem|" \
+			-e "s|/etc/haproxy/mediator-shards.map|$tmp/mediator-shards.map|" \
+			"haproxy/$cfg" > "$tmp/$cfg"
+		check "haproxy -c haproxy/$cfg" haproxy -c -q -f "$tmp/$cfg"
+	done
 fi
 
 if have caddy caddy; then
@@ -83,6 +87,9 @@ fi
 
 # The dashboard's JSON and the metric names in it and in the rules are
 # checked by TestDeployMetricsExist (integration/), which runs in make test.
+# What the proxy configurations do with a device is tested by running them
+# (TestDeployNginx, TestDeployHAProxy, TestDeployCaddy in integration/,
+# TestHAProxyClusterShipped in integration/cluster), also in make test.
 
 if [ ${#skipped[@]} -gt 0 ]; then
 	echo "skipped (not installed): ${skipped[*]}"

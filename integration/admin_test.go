@@ -389,6 +389,15 @@ func TestAdminBackupAndOfflineDB(t *testing.T) {
 		t.Fatalf("backup file: %v %v", st, err)
 	}
 	adminCLIFail(t, s.adminEnv(), "exists", "db", "backup", file)
+	// --force is typed or absent: MEDIATOR_FORCE does not replace a backup.
+	before, _ := os.ReadFile(file)
+	adminCLIFail(t, append(s.adminEnv(), "MEDIATOR_FORCE=1"), "exists: remove it or pass --force", "db", "backup", file)
+	if after, _ := os.ReadFile(file); !bytes.Equal(before, after) {
+		t.Fatal("MEDIATOR_FORCE=1 replaced the backup")
+	}
+	if out := s.adminCLI(t, "db", "backup", file, "--force"); !strings.Contains(out, "passed the check") {
+		t.Fatalf("backup --force: %q", out)
+	}
 	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
 		t.Fatalf("backup left temporary files: %v", entries)
 	}

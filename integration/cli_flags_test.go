@@ -51,6 +51,16 @@ func TestCLIFlagPlacementAndDeviceIDs(t *testing.T) {
 	if r.code != 0 || !strings.Contains(r.stdout, gid) {
 		t.Fatalf("groups list with global flags: %+v", r)
 	}
+	// --data before the command: the token is the one in DIR.
+	r = runCLI(t, []string{"MEDIATOR_ADMIN=" + s.admin}, "--data", s.dataDir, "stats", "--json")
+	var st struct {
+		Connections struct {
+			Authenticated int `json:"authenticated"`
+		} `json:"connections"`
+	}
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &st) != nil || st.Connections.Authenticated != 1 {
+		t.Fatalf("mediator --data DIR stats: %+v", r)
+	}
 	// Unknown flags are still an error, wherever they stand.
 	adminCLIFail(t, s.adminEnv(), "flag provided but not defined: -jsn", "slots", "list", gid, "--jsn")
 	adminCLIFail(t, s.adminEnv(), "unknown flag --jsn before the command", "--jsn", "slots", "list", gid)

@@ -19,8 +19,8 @@ import (
 	"d2m-mediator/reflection"
 )
 
-// TestCrashLoop is the durability promise under fire (design-anchors §3
-// item 15, after bbolt's power-failure test): the real binary, under
+// TestCrashLoop is the durability promise under fire (after bbolt's
+// power-failure test): the real binary, under
 // reflect load from every device of a few groups, is killed with SIGKILL
 // after a random 50–300 ms, restarted on the same data directory, and the
 // devices reconnect; CRASH_ITERATIONS times (20 by default, 3 with -short;

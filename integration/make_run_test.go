@@ -2,10 +2,12 @@ package integration
 
 import (
 	"bufio"
+	"encoding/json"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -75,6 +77,21 @@ func TestMakeRunStopsServer(t *testing.T) {
 				}
 			}
 			waitFor(`"mediator listening"`)
+			// The README names these startup lines, in this order (make
+			// first echoes its two commands, which are not JSON).
+			var msgs []string
+			for _, l := range strings.Split(log.String(), "\n") {
+				var v struct{ Message string }
+				if json.Unmarshal([]byte(l), &v) == nil && v.Message != "" {
+					msgs = append(msgs, v.Message)
+				}
+			}
+			if want := []string{
+				"no --chat-server given: started the local stand-in chat server (development and tests only)",
+				"mediator listening",
+			}; !slices.Equal(msgs, want) {
+				t.Fatalf("startup lines %q, want %q (README, \"The two commands\"):\n%s", msgs, want, log.String())
+			}
 			pid := cmd.Process.Pid
 			if tc.group {
 				pid = -pid

@@ -392,7 +392,7 @@ func TestEndToEndThroughStandInChatServer(t *testing.T) {
 // TestLeaderLeavesDuringBacklog: the leader leaves while the other device
 // is in the middle of a backlog larger than its delivery window and has
 // not acked it. That device must not be promoted before its
-// ReflectionQueueDry (Android throws otherwise, protocol.md §7), and it is
+// ReflectionQueueDry (Android throws otherwise, docs/protocol.md §7), and it is
 // promoted right after it.
 func TestLeaderLeavesDuringBacklog(t *testing.T) {
 	s := startServer(t)

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"golang.org/x/crypto/nacl/secretbox"
-	//lint:ignore SA1019 HSalsa20 is the NaCl box key derivation itself; box.Precompute costs twice as much (measurements.md §0).
+	//lint:ignore SA1019 HSalsa20 is the NaCl box key derivation itself; box.Precompute costs twice as much (BENCHMARKS.md, "handshake").
 	"golang.org/x/crypto/salsa20/salsa"
 
 	"d2m-mediator/d2d"

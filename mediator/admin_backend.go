@@ -120,7 +120,7 @@ func (s *Server) GroupsLoaded() int {
 }
 
 // DropSlot drops a slot exactly as a device's DropDevice of another device
-// does (protocol.md §12): the connected device gets 4113, a lock it holds
+// does (docs/protocol.md §12): the connected device gets 4113, a lock it holds
 // ends (TransactionEnded to the others), slot and queue are deleted and a
 // tombstone written. It returns once the deletion is durable.
 func (s *Server) DropSlot(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error) {

@@ -39,7 +39,7 @@ type Config struct {
 
 // Defaults of Config, shared with the command line (cmd/mediator) so that
 // a flag's documented default and the server's are one value. The
-// protocol's decisions behind them: protocol.md §18 rows 9 and 7.
+// protocol's decisions behind them: docs/protocol.md §18 rows 9 and 7.
 const (
 	DefaultMaxDeviceSlots       = 5
 	DefaultMaxTransactionTTL    = 600 * time.Second

@@ -52,7 +52,7 @@ type deviceConn struct {
 
 	// Handshake output, written by the writer before anything else: the
 	// ServerHello until authentication, then the ServerInfo, which must be
-	// the first frame after the ClientHello (protocol.md §7) even if other
+	// the first frame after the ClientHello (docs/protocol.md §7) even if other
 	// devices queued frames for this one while its slot was being stored.
 	hsMu     sync.Mutex
 	hsFrames [][]byte
@@ -74,7 +74,7 @@ type deviceConn struct {
 	// handled by the group: deliveries read only up to it, so an entry
 	// never overtakes an ephemeral reflection numbered before it whose
 	// completion (which places it in c.ephemeral) has not run yet
-	// (protocol.md §18 row 4).
+	// (docs/protocol.md §18 row 4).
 	readyThrough atomic.Uint64
 
 	// In-flight Reflected: written by the writer, acked via the read loop.

@@ -18,7 +18,7 @@ import (
 	"d2m-mediator/proto/d2mpb"
 )
 
-// Stateful fuzzing of a whole server connection (design.md §3 item 13).
+// Stateful fuzzing of a whole server connection.
 // One in-process server runs per fuzz process; every input gets a fresh
 // device group A with an authenticated device A1 (the fuzzed one) and a
 // peer A2 that has put two Reflected in flight to A1, so ReflectedAck,

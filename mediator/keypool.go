@@ -6,7 +6,7 @@ import (
 	"sync"
 )
 
-// keyPool holds ephemeral X25519 server keys (ESK, protocol.md §6.1) made
+// keyPool holds ephemeral X25519 server keys (ESK, docs/protocol.md §6.1) made
 // ahead of time by one background goroutine, so that a handshake does not
 // wait for a scalar multiplication on the accept path. Every key is used
 // for exactly one connection; when the pool is empty (a burst larger than

@@ -18,7 +18,7 @@ import (
 // committer goes on committing: the state the store has published then
 // runs ahead of the completions the server has handled, which is the
 // window in which an entry could overtake an ephemeral reflection
-// numbered before it (protocol.md §18 row 4).
+// numbered before it (docs/protocol.md §18 row 4).
 type relayStore struct {
 	reflection.Store
 	mu     sync.Mutex

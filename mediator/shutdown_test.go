@@ -17,7 +17,7 @@ import (
 
 // TestShutdownManyDevices: Shutdown with thousands of connected devices
 // closes every one with 1001 and returns, with every server goroutine
-// ended, well within its deadline (protocol.md §18 row 15). 5,000 devices;
+// ended, well within its deadline (docs/protocol.md §18 row 15). 5,000 devices;
 // 1,000 under the race detector, which slows every handshake tenfold.
 func TestShutdownManyDevices(t *testing.T) {
 	n := 5000

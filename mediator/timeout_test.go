@@ -11,7 +11,7 @@ import (
 	"d2m-mediator/mediator/mediatortest"
 )
 
-// TestTimeoutsTellHandshakeFromIdle: both close with 4013 (protocol.md
+// TestTimeoutsTellHandshakeFromIdle: both close with 4013 (docs/protocol.md
 // §13), but the metrics and the log line say which, and a handshake that
 // timed out is counted once, as "timeout".
 func TestTimeoutsTellHandshakeFromIdle(t *testing.T) {

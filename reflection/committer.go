@@ -8,9 +8,9 @@ import (
 	"go.etcd.io/bbolt"
 )
 
-// maxBatch caps the requests per transaction, as in the measured loop
-// (measurements.md §5.a): large enough to amortise the two fsyncs of a bbolt
-// commit, small enough to bound one transaction's memory and latency.
+// maxBatch caps the requests per transaction: large enough to amortise the
+// two fsyncs of a bbolt commit, small enough to bound one transaction's
+// memory and latency.
 const maxBatch = 4096
 
 // closeReclaimChunks bounds how many reclaim commits Close spends on dead
@@ -25,8 +25,9 @@ var errRequestFailed = errors.New("reflection: request failed")
 // for work, drains everything already queued (up to maxBatch) without
 // waiting, commits it in one db.Update, and completes the requests in FIFO
 // order. There is deliberately no timer for writes (unlike bbolt's Batch,
-// whose 10 ms timer dominated latency at low load, measurements.md §0): the
-// next batch is simply what arrived during the previous fsync.
+// which waits up to its MaxBatchDelay, 10 ms by default, for more calls and
+// so adds that much latency at low load): the next batch is simply what
+// arrived during the previous fsync.
 //
 // The one timer is the lazy flush of acks (and reclaiming of dead log
 // entries): once due, it rides along with the next batch's commit, or, if

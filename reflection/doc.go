@@ -7,7 +7,7 @@
 // group-commit goroutine (the
 // committer) that drains all pending requests into a single bbolt
 // transaction, so one pair of fsyncs is shared by many messages
-// (measurements.md §0, §3.3).
+// (BENCHMARKS.md, "Reflection store v2").
 //
 // The package stores opaque bytes plus ids. It must not know about
 // WebSockets, d2m framing, close codes, leaders, transaction locks or which
@@ -38,7 +38,7 @@
 // with a batch if one is being committed. The same flush deletes the log
 // entries those acks made dead, never before the cursors that made them
 // dead are written. A crash loses at most that window of acks, which only
-// delivers those entries again (protocol.md §10 "Re-delivery"). Dead
+// delivers those entries again (docs/protocol.md §10 "Re-delivery"). Dead
 // entries of dropped or purged queues are deleted DeleteChunk per commit,
 // and after a crash Open finds them again by recounting references.
 //

@@ -12,14 +12,14 @@ import (
 )
 
 // GroupID identifies a device group (the 32-byte device_group_id of the
-// ClientUrlInfo, protocol.md §4.1).
+// ClientUrlInfo, docs/protocol.md §4.1).
 type GroupID [32]byte
 
 // String returns the id in lowercase hex, for logs.
 func (g GroupID) String() string { return hex.EncodeToString(g[:]) }
 
 // DeviceID is the random 64-bit D2M device id that names a device slot
-// within its group (protocol.md §12).
+// within its group (docs/protocol.md §12).
 type DeviceID uint64
 
 // ExpirationPolicy is the slot's expiration policy. The values equal the
@@ -43,7 +43,7 @@ type Slot struct {
 }
 
 // TombstoneReason says why a slot was removed, so a device that comes back
-// expecting EXISTING gets the matching close code (protocol.md §18 row 7).
+// expecting EXISTING gets the matching close code (docs/protocol.md §18 row 7).
 type TombstoneReason uint8
 
 const (
@@ -73,7 +73,7 @@ type QueueStats struct {
 }
 
 // Entry is one stored reflection. Seq is the slot's counter value; the
-// Reflected ID on the wire is uint32(Seq) and may wrap (protocol.md §5.4).
+// Reflected ID on the wire is uint32(Seq) and may wrap (docs/protocol.md §5.4).
 type Entry struct {
 	Seq       uint64
 	Timestamp uint64 // unix ms, the storage time sent in the ReflectAck
@@ -156,13 +156,13 @@ type Store interface {
 
 // Options configures Open. Zero values select the defaults.
 type Options struct {
-	MaxQueueLength int   // default 25000 (protocol.md §18 row 9)
+	MaxQueueLength int   // default 25000 (docs/protocol.md §18 row 9)
 	MaxQueueBytes  int64 // default 64 MiB (§18 row 9)
 	DeleteChunk    int   // log entries deleted per commit when reclaiming; default 1000
 	// Lazy acks: an Ack changes memory at once and is written with the
 	// next commit after AckFlushInterval (default 100 ms) or AckFlushAcks
 	// acks (default 1000), whichever comes first. A crash loses at most
-	// that window of acks: those entries are delivered again (protocol.md
+	// that window of acks: those entries are delivered again (docs/protocol.md
 	// §10 "Re-delivery").
 	AckFlushInterval time.Duration
 	AckFlushAcks     int

@@ -79,7 +79,7 @@ func (c *conn) serve() {
 	r := bufio.NewReader(c.nc)
 	if err := c.handshake(r); err != nil {
 		// No session yet, so no close-error: the client could not
-		// decrypt one before the login-ack (protocol.md §9.3).
+		// decrypt one before the login-ack (docs/protocol.md §9.3).
 		c.log.Info().Err(err).Dur("after", time.Since(c.start)).Msg("chatstub: handshake failed")
 		return
 	}
@@ -125,7 +125,7 @@ func (c *conn) lingerClose(r *bufio.Reader) {
 }
 
 // handshake runs client-hello → server-hello → login → login-ack
-// (protocol.md §9.3) under one deadline.
+// (docs/protocol.md §9.3) under one deadline.
 func (c *conn) handshake(r *bufio.Reader) error {
 	if err := c.nc.SetDeadline(time.Now().Add(c.srv.cfg.HandshakeTimeout)); err != nil {
 		return err
@@ -238,7 +238,7 @@ func (c *conn) readLoop(r *bufio.Reader) error {
 	}
 }
 
-// handle acts on one frame from the client (protocol.md §9.5, minimal stub
+// handle acts on one frame from the client (docs/protocol.md §9.5, minimal stub
 // behaviour). data is a fresh buffer per frame, so it may be kept.
 func (c *conn) handle(typ csp.PayloadType, data []byte) error {
 	switch typ {

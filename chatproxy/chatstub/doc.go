@@ -1,5 +1,5 @@
 // Package chatstub is a stand-in chat server for development and tests. It
-// speaks the server side of the chat-server protocol for real (protocol.md
+// speaks the server side of the chat-server protocol for real (docs/protocol.md
 // §9.3–§9.5): handshake with a long-term key pair, login with extensions,
 // echo, outgoing-message acks, in-memory per-identity message queues,
 // unblock-incoming-messages with queue-send-complete, and close-error on

@@ -6,7 +6,7 @@ import (
 	"unicode/utf8"
 )
 
-// Handshake and frame sizes (protocol.md §9.3, §9.4).
+// Handshake and frame sizes (docs/protocol.md §9.3, §9.4).
 const (
 	CookieSize       = 16
 	KeySize          = 32
@@ -32,7 +32,7 @@ const (
 	extensionMagicSz = len(ExtensionMagic)                             // 30
 )
 
-// Sequence numbers: one counter per direction, starting at 1 (protocol.md
+// Sequence numbers: one counter per direction, starting at 1 (docs/protocol.md
 // §9.3; Android NonceCounter starts at 1). The handshake uses the first two
 // of each direction, so frames start at FirstFrameSeq.
 const (

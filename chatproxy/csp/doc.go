@@ -2,7 +2,7 @@
 // of a CSP connection need: sizes, payload types, nonces, the handshake
 // messages (client-hello, server-hello, login-data, extensions, login-ack),
 // frame and container encoding, the per-connection box Session, and the
-// message, message-ack and close-error payloads (protocol.md §9.3, §9.4).
+// message, message-ack and close-error payloads (docs/protocol.md §9.3, §9.4).
 //
 // It is shared by the stand-in chat server (chatstub) and the device-side
 // client (cspclient). It owns bytes ↔ values and the NaCl box calls only: no

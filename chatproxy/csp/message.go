@@ -123,7 +123,7 @@ func ParseMessageAck(p []byte) (MessageAck, error) {
 
 // CloseError is the data of close-error (0xe0): can-reconnect u8 ‖ UTF-8
 // message. Clients let its can-reconnect byte, not the WebSocket close code,
-// decide whether to reconnect (protocol.md §13). It is also an error, so a
+// decide whether to reconnect (docs/protocol.md §13). It is also an error, so a
 // client can return it when the server ends the session.
 type CloseError struct {
 	CanReconnect bool

@@ -44,8 +44,9 @@ func (c *NonceCounter) Cookie() Cookie { return c.cookie }
 
 // Session is one CSP connection's box state after the server-hello: the
 // shared key of the two temporary key pairs (TCK, TSK), computed once with
-// box.Precompute (measurements.md: ~80 µs per X25519 versus ~0.3 µs per
-// precomputed seal), and the two nonce counters.
+// box.Precompute so that a frame costs a symmetric seal, not an X25519
+// exchange (tens of µs: BENCHMARKS.md, "Changes this measurement drove"),
+// and the two nonce counters.
 //
 // The send side and the receive side may each be used by one goroutine at a
 // time, concurrently with each other.

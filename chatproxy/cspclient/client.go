@@ -53,13 +53,13 @@ func IdentityFromSecret(id string, secretKey [32]byte) (Identity, error) {
 // with a random csp-device-id.
 type LoginOptions struct {
 	// CSPDeviceID is sent as the csp-device-id extension, which lets one
-	// identity hold several chat-server connections (protocol.md §8.1).
+	// identity hold several chat-server connections (docs/protocol.md §8.1).
 	// Zero means a random non-zero id.
 	CSPDeviceID uint64
 	// ClientInfo is sent as the client-info extension.
 	ClientInfo string
 	// SplitLogin sends the login box and the extensions box in two Sends,
-	// as iOS does (protocol.md §9.1, §16), instead of one.
+	// as iOS does (docs/protocol.md §9.1, §16), instead of one.
 	SplitLogin bool
 }
 
@@ -77,7 +77,7 @@ type Client struct {
 	recvMu sync.Mutex
 }
 
-// Login performs the CSP handshake (protocol.md §9.3) over t: client-hello
+// Login performs the CSP handshake (docs/protocol.md §9.3) over t: client-hello
 // (one Send), server-hello check against the pinned serverPublicKey, login
 // box ‖ extensions box (one Send, or two with SplitLogin), login-ack check.
 // ctx bounds the whole handshake.
@@ -178,7 +178,7 @@ func login(ctx context.Context, t Transport, ident Identity, serverPublicKey [32
 	return &Client{t: t, identity: ident, id: id, deviceID: deviceID, sess: sess}, nil
 }
 
-// Vouch computes the login vouch (protocol.md §9.3), which proves that the
+// Vouch computes the login vouch (docs/protocol.md §9.3), which proves that the
 // holder of the identity key CK made this connection's temporary key TCK:
 //
 //	SS1 = X25519HSalsa20(CK.secret, SK.public)
@@ -216,7 +216,7 @@ func (c *Client) Identity() Identity { return c.identity }
 func (c *Client) CSPDeviceID() uint64 { return c.deviceID }
 
 // SendFrame seals one frame and sends it as one unit (one Proxy message
-// through the mediator, protocol.md §9.1).
+// through the mediator, docs/protocol.md §9.1).
 func (c *Client) SendFrame(typ csp.PayloadType, data []byte) error {
 	c.sendMu.Lock()
 	defer c.sendMu.Unlock()
@@ -277,7 +277,7 @@ func (c *Client) RecvType(ctx context.Context, want csp.PayloadType) ([]byte, er
 func (c *Client) Echo(data []byte) error { return c.SendFrame(csp.EchoRequest, data) }
 
 // Unblock sends unblock-incoming-messages (0x03): the leader's signal that
-// it takes incoming messages (protocol.md §8.1). The server replies with
+// it takes incoming messages (docs/protocol.md §8.1). The server replies with
 // every queued message, then queue-send-complete (0xd0).
 func (c *Client) Unblock() error { return c.SendFrame(csp.UnblockIncomingMessages, nil) }
 

@@ -18,7 +18,7 @@ import (
 )
 
 // recordingTransport remembers the size of every Send, to check how the
-// login is split into units (protocol.md §9.1).
+// login is split into units (docs/protocol.md §9.1).
 type recordingTransport struct {
 	cspclient.Transport
 	sends []int
@@ -30,7 +30,7 @@ func (r *recordingTransport) Send(p []byte) error {
 }
 
 // serverSideVouch computes the vouch the way a real chat server checks it,
-// from its own secrets and the identity's public key (protocol.md §9.3).
+// from its own secrets and the identity's public key (docs/protocol.md §9.3).
 func serverSideVouch(t *testing.T, skSecret, tskSecret, ckPublic *[32]byte, sck csp.Cookie, tckPublic [32]byte) [32]byte {
 	var ss1, ss2 [32]byte
 	box.Precompute(&ss1, ckPublic, skSecret)

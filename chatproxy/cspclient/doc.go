@@ -1,5 +1,5 @@
 // Package cspclient is a device-side chat-server protocol (CSP) client: it
-// performs the CSP login (protocol.md §9.3) with a proper vouch and then
+// performs the CSP login (docs/protocol.md §9.3) with a proper vouch and then
 // sends and receives frames (§9.4). Tests, the device simulator and the load
 // tool use it to talk to the stand-in chat server (chatstub), either directly
 // over TCP or through the mediator's Proxy messages.

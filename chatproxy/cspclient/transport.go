@@ -13,7 +13,7 @@ import (
 // unit the client would write; the server sees a byte stream). Recv returns
 // exactly one server→client CSP unit per call: the 80-byte server-hello, the
 // 32-byte login-ack, then one frame with its length prefix. A mediator
-// Proxy message is such a unit (protocol.md §9.2).
+// Proxy message is such a unit (docs/protocol.md §9.2).
 type Transport interface {
 	Send(p []byte) error
 	Recv(ctx context.Context) ([]byte, error)

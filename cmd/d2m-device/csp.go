@@ -40,7 +40,7 @@ func (d *device) loginCSP() {
 }
 
 // maybeUnblock sends unblock-incoming-messages once the device is both
-// CSP-authenticated and leader (protocol.md §8.1).
+// CSP-authenticated and leader (docs/protocol.md §8.1).
 func (d *device) maybeUnblock() {
 	d.mu.Lock()
 	cl := d.csp
@@ -117,7 +117,7 @@ func (d *device) readCSP(cl *cspclient.Client) {
 		}
 		switch typ {
 		case csp.EchoRequest:
-			// Clients answer the server's echoes (protocol.md §9.5).
+			// Clients answer the server's echoes (docs/protocol.md §9.5).
 			if err := cl.SendFrame(csp.EchoResponse, data); err != nil {
 				d.out.printf("csp: echo-response: %v", err)
 			}
@@ -147,7 +147,7 @@ func (d *device) readCSP(cl *cspclient.Client) {
 
 // onIncoming handles incoming-message (0x02) as leader: print it, reflect
 // it as IncomingMessage, wait for the ReflectAck and only then ack it to
-// the chat server (protocol.md §8.2).
+// the chat server (docs/protocol.md §8.2).
 func (d *device) onIncoming(cl *cspclient.Client, data []byte) {
 	msg, err := cspclient.ParseMessage(data)
 	if err != nil {

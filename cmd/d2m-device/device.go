@@ -22,7 +22,7 @@ import (
 )
 
 // Timers. The echo interval is what Android and iOS use with multi-device
-// (protocol.md §9.5); the mediator closes a device after 90 s without an
+// (docs/protocol.md §9.5); the mediator closes a device after 90 s without an
 // inbound frame, so a d2m-only device sends GetDevicesInfo as keep-alive.
 const (
 	dialTimeout       = 15 * time.Second
@@ -330,7 +330,7 @@ func (d *device) notify(k waitKey, m d2mclient.Message) {
 }
 
 // onReflected prints a sibling's reflection decrypted and acks it (not an
-// ephemeral one, protocol.md §10).
+// ephemeral one, docs/protocol.md §10).
 func (d *device) onReflected(p []byte) error {
 	r, err := d2m.DecodeReflected(p)
 	if err != nil {

@@ -141,7 +141,7 @@ func (d *device) devicesTable(info *d2mpb.DevicesInfo) string {
 }
 
 // scopeName decrypts a transaction scope. iOS encrypts the bare scope
-// byte instead of a TransactionScope message (protocol.md §11).
+// byte instead of a TransactionScope message (docs/protocol.md §11).
 func (d *device) scopeName(blob []byte) string {
 	if len(blob) == 0 {
 		return "none"

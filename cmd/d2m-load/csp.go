@@ -21,7 +21,7 @@ import (
 // messages to its partner identity. With --csp-reflect it behaves like a
 // multi-device client: an outgoing message is reflected and sent only after
 // its ReflectAck; an incoming message is reflected and acked to the chat
-// server only after its ReflectAck (protocol.md §8.2).
+// server only after its ReflectAck (docs/protocol.md §8.2).
 type cspDevice struct {
 	idx     int
 	ident   cspclient.Identity

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
@@ -32,15 +33,25 @@ var stdout io.Writer = os.Stdout
 type adminOptions struct {
 	addr      string
 	tokenFile string
+	data      string
 	json      bool
 }
 
 func addAdminFlags(fs *flag.FlagSet) *adminOptions {
 	o := &adminOptions{}
 	fs.StringVar(&o.addr, "admin", "127.0.0.1:8766", "admin API `address`: host:port or http://host:port")
-	fs.StringVar(&o.tokenFile, "admin-token-file", "./data/admin.token", "`file` holding the admin bearer token (the server writes <data>/admin.token)")
+	fs.StringVar(&o.tokenFile, "admin-token-file", "", "`file` holding the admin bearer token (default <--data>/admin.token, where the server writes it)")
+	fs.StringVar(&o.data, "data", "./data", "the server's data `directory`, for the token when --admin-token-file is not given")
 	fs.BoolVar(&o.json, "json", false, "print the API's JSON instead of a table")
 	return o
+}
+
+// tokenPath is --admin-token-file, else <--data>/admin.token.
+func (o *adminOptions) tokenPath() string {
+	if o.tokenFile != "" {
+		return o.tokenFile
+	}
+	return filepath.Join(o.data, "admin.token")
 }
 
 // newCommandFlags returns a flag set whose usage text names the command,
@@ -48,7 +59,7 @@ func addAdminFlags(fs *flag.FlagSet) *adminOptions {
 func newCommandFlags(name, args, help string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: mediator %s [flags] %s\n\n%s\n\nFlags go before or after the arguments; each can also be set as MEDIATOR_<FLAG>:\n", name, args, help)
+		fmt.Fprintf(fs.Output(), "usage: mediator %s [flags] %s\n\n%s\n\nFlags go before or after the arguments; each can also be set as MEDIATOR_<FLAG>\n(not --force and --accept-data-loss: those only on the command line):\n", name, args, help)
 		fs.PrintDefaults()
 	}
 	return fs
@@ -101,7 +112,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 			flags = append(flags, args[i])
 		}
 	}
-	if err := fs.Parse(flags); err != nil {
+	if err := parseFlags(fs, flags); err != nil {
 		return nil, err
 	}
 	return pos, nil
@@ -130,16 +141,17 @@ func (o *adminOptions) client() (*adminClient, error) {
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 		return nil, fmt.Errorf("--admin %q: want host:port or http://host:port", o.addr)
 	}
-	b, err := os.ReadFile(o.tokenFile)
+	tokenFile := o.tokenPath()
+	b, err := os.ReadFile(tokenFile)
 	if err != nil {
-		return nil, fmt.Errorf("reading the admin token: %w (set --admin-token-file or MEDIATOR_ADMIN_TOKEN_FILE; the server keeps it in <data>/admin.token)", err)
+		return nil, fmt.Errorf("reading the admin token: %w (set --data DIR to the server's data directory or --admin-token-file FILE, or MEDIATOR_DATA, MEDIATOR_ADMIN_TOKEN_FILE; the server keeps it in <data>/admin.token)", err)
 	}
 	tok := strings.TrimSpace(string(b))
 	if tok == "" || strings.IndexFunc(tok, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0 {
-		return nil, fmt.Errorf("admin token file %s does not hold a token (one line of printable characters)", o.tokenFile)
+		return nil, fmt.Errorf("admin token file %s does not hold a token (one line of printable characters)", tokenFile)
 	}
 	return &adminClient{
-		addr: o.addr, base: strings.TrimSuffix(u.String(), "/"), token: tok, tokenFile: o.tokenFile,
+		addr: o.addr, base: strings.TrimSuffix(u.String(), "/"), token: tok, tokenFile: tokenFile,
 		hc: &http.Client{Transport: &http.Transport{
 			Proxy:                 nil, // the admin API is local or on a private network
 			DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
@@ -148,9 +160,10 @@ func (o *adminOptions) client() (*adminClient, error) {
 	}, nil
 }
 
-// do sends a request and turns transport failures and error statuses into
-// errors an operator can act on. The caller closes the body.
-func (c *adminClient) do(ctx context.Context, method, path string) (*http.Response, error) {
+// send sends a request with the token and turns transport failures into
+// errors an operator can act on; any HTTP status is returned as is. The
+// caller closes the body.
+func (c *adminClient) send(ctx context.Context, method, path string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
 	if err != nil {
 		return nil, err
@@ -165,6 +178,16 @@ func (c *adminClient) do(ctx context.Context, method, path string) (*http.Respon
 			return nil, fmt.Errorf("cannot reach the admin API at %s: is the server running?", c.addr)
 		}
 		return nil, fmt.Errorf("cannot reach the admin API at %s: %w", c.addr, err)
+	}
+	return resp, nil
+}
+
+// do is send that also turns error statuses into errors. The caller closes
+// the body.
+func (c *adminClient) do(ctx context.Context, method, path string) (*http.Response, error) {
+	resp, err := c.send(ctx, method, path)
+	if err != nil {
+		return nil, err
 	}
 	if resp.StatusCode >= 400 {
 		defer resp.Body.Close()
@@ -254,10 +277,17 @@ var opCommands = map[string]opCommand{
 func adminCommand(ctx context.Context, args, globals []string) error {
 	name, rest := args[0], args[1:]
 	if name != "stats" {
+		if len(rest) > 0 && isHelp(rest[0]) {
+			printGroupUsage(name)
+			return nil
+		}
 		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
 			return fmt.Errorf("usage: %s", strings.Join(subcommands(name), " | "))
 		}
 		name, rest = name+" "+rest[0], rest[1:]
+	}
+	if name == "cluster haproxy-sync" { // a daemon, not one API call
+		return runHAProxySync(ctx, rest, globals)
 	}
 	cmd, ok := opCommands[name]
 	if !ok {
@@ -267,7 +297,7 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	o := addAdminFlags(fs)
 	var acceptDataLoss bool
 	if name == "cluster reassign" {
-		fs.BoolVar(&acceptDataLoss, "accept-data-loss", false, "confirm that the shard's data on the lost node is given up")
+		fs.BoolVar(&acceptDataLoss, "accept-data-loss", false, "confirm that the shard's data on the lost node is given up (command line only, never from the environment)")
 	}
 	nargs := len(strings.Fields(cmd.args))
 	pos, err := parseCommandFlags(fs, append(globals, rest...), nargs)
@@ -281,12 +311,36 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	return cmd.run(ctx, &operation{c: c, json: o.json, args: pos, acceptDataLoss: acceptDataLoss})
 }
 
+// printGroupUsage answers `mediator slots --help` and the like on stdout:
+// the group's commands, each with the first line of its help.
+func printGroupUsage(group string) {
+	var names []string
+	for name := range opCommands {
+		if strings.HasPrefix(name, group+" ") {
+			names = append(names, name)
+		}
+	}
+	sort.Strings(names)
+	fmt.Fprintln(stdout, "usage:")
+	tw := newTable(stdout)
+	for _, name := range names {
+		cmd := opCommands[name]
+		first, _, _ := strings.Cut(strings.ReplaceAll(cmd.help, "\n", " "), ". ")
+		fmt.Fprintf(tw, "  mediator %s [flags] %s\t%s\n", name, cmd.args, strings.TrimSuffix(first, ".")+".")
+	}
+	tw.Flush()
+	fmt.Fprintf(stdout, "\nEach command's flags: mediator %s COMMAND --help\n", group)
+}
+
 func subcommands(prefix string) []string {
 	var out []string
 	for name, cmd := range opCommands {
 		if strings.HasPrefix(name, prefix+" ") || name == prefix {
 			out = append(out, strings.TrimSpace("mediator "+name+" [flags] "+cmd.args))
 		}
+	}
+	if prefix == "cluster" {
+		out = append(out, "mediator cluster haproxy-sync [flags]")
 	}
 	sort.Strings(out)
 	return out

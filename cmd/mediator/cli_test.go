@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -29,8 +30,8 @@ func TestParseInterspersed(t *testing.T) {
 		{args: []string{"3fa2", "--jsn"}, wantError: "flag provided but not defined: -jsn"},
 		{args: []string{"3fa2", "--admin"}, wantError: "flag needs an argument: -admin"},
 	} {
+		captureOutput(t) // the usage printed on a parse error
 		fs := flag.NewFlagSet("t", flag.ContinueOnError)
-		fs.SetOutput(new(bytes.Buffer))
 		j := fs.Bool("json", false, "")
 		a := fs.String("admin", "default", "")
 		pos, err := parseInterspersed(fs, tc.args)
@@ -132,5 +133,104 @@ func TestVersion(t *testing.T) {
 	}
 	if err := versionCommand([]string{"--bogus"}); err == nil || errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("version --bogus: %v", err)
+	}
+}
+
+// captureOutput points stdout and stderr at buffers for one test.
+func captureOutput(t *testing.T) (out, errOut *bytes.Buffer) {
+	out, errOut = new(bytes.Buffer), new(bytes.Buffer)
+	stdout, stderr = out, errOut
+	t.Cleanup(func() { stdout, stderr = os.Stdout, os.Stderr })
+	return out, errOut
+}
+
+// One rule for help everywhere: asked for, it goes to stdout and the exit
+// status is 0, whether the command is a group (slots), a command with a
+// flag set (slots list, serve) or the db dispatcher.
+func TestHelpGoesToStdout(t *testing.T) {
+	for _, args := range [][]string{
+		{"--help"}, {"-h"}, {"help"},
+		{"serve", "--help"}, {"serve", "-h"},
+		{"groups", "--help"}, {"slots", "--help"}, {"queue", "-h"}, {"lock", "--help"}, {"cluster", "--help"},
+		{"slots", "list", "--help"}, {"cluster", "reassign", "-help"}, {"stats", "--help"},
+		{"db", "--help"}, {"db", "backup", "--help"}, {"db", "check", "-h"}, {"db", "compact", "--help"},
+		{"version", "--help"},
+	} {
+		out, errOut := captureOutput(t)
+		status := exitStatus(run(args))
+		if status != 0 || !strings.Contains(strings.ToLower(out.String()), "usage") || errOut.Len() != 0 {
+			t.Errorf("mediator %q: exit %d, stdout %q, stderr %q; want the help on stdout and exit 0", args, status, out.String(), errOut.String())
+		}
+	}
+	// The group help lists the group's commands.
+	out, _ := captureOutput(t)
+	run([]string{"cluster", "--help"})
+	for _, want := range []string{"mediator cluster move [flags] SHARD NODE", "mediator cluster reassign [flags] SHARD NODE", "mediator cluster nodes"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("cluster --help lacks %q:\n%s", want, out)
+		}
+	}
+	// Mistakes are errors: exit 1, the message and the usage on stderr.
+	for _, args := range [][]string{{"slots"}, {"slots", "list", "--bogus"}, {"serve", "--bogus"}, {"nonsense"}, {"db"}} {
+		out, errOut := captureOutput(t)
+		status := exitStatus(run(args))
+		if status != 1 || out.Len() != 0 || errOut.Len() == 0 {
+			t.Errorf("mediator %q: exit %d, stdout %q, stderr %q; want exit 1 with stderr only", args, status, out.String(), errOut.String())
+		}
+	}
+}
+
+// --force and --accept-data-loss are typed, never inherited: with
+// MEDIATOR_FORCE=1 an existing backup file is refused and left as it was,
+// and MEDIATOR_ACCEPT_DATA_LOSS=1 does not confirm a reassign. Both
+// refusals come before any request to the server.
+func TestSafetyFlagsIgnoreEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	token := filepath.Join(dir, "admin.token")
+	os.WriteFile(token, []byte("tok\n"), 0o600)
+	existing := filepath.Join(dir, "backup.db")
+	os.WriteFile(existing, []byte("yesterday's backup"), 0o600)
+	t.Setenv("MEDIATOR_FORCE", "1")
+	t.Setenv("MEDIATOR_ACCEPT_DATA_LOSS", "true")
+	t.Setenv("MEDIATOR_ADMIN", "127.0.0.1:1") // nothing listens: no request may be needed
+
+	_, errOut := captureOutput(t)
+	err := run([]string{"db", "backup", existing, "--admin-token-file", token})
+	if err == nil || !strings.Contains(err.Error(), "exists: remove it or pass --force") {
+		t.Fatalf("db backup EXISTING with MEDIATOR_FORCE=1: %v", err)
+	}
+	if b, _ := os.ReadFile(existing); string(b) != "yesterday's backup" {
+		t.Fatalf("the existing backup was changed: %q", b)
+	}
+	if !strings.Contains(errOut.String(), "MEDIATOR_FORCE is ignored: --force is taken from the command line only") {
+		t.Fatalf("no warning about MEDIATOR_FORCE: %q", errOut)
+	}
+
+	_, errOut = captureOutput(t)
+	err = run([]string{"cluster", "reassign", "0a", "m2", "--admin-token-file", token})
+	if err == nil || !strings.Contains(err.Error(), "add --accept-data-loss to confirm") {
+		t.Fatalf("cluster reassign with MEDIATOR_ACCEPT_DATA_LOSS=true: %v", err)
+	}
+	if !strings.Contains(errOut.String(), "MEDIATOR_ACCEPT_DATA_LOSS is ignored") {
+		t.Fatalf("no warning about MEDIATOR_ACCEPT_DATA_LOSS: %q", errOut)
+	}
+}
+
+// A backup into a directory that does not exist names the directory, not
+// the temporary file the copy would have been written to, and fails
+// before asking the server for anything.
+func TestBackupMissingDirectory(t *testing.T) {
+	dir := t.TempDir()
+	token := filepath.Join(dir, "admin.token")
+	os.WriteFile(token, []byte("tok\n"), 0o600)
+	missing := filepath.Join(dir, "no-such-dir")
+	captureOutput(t)
+	err := run([]string{"db", "backup", filepath.Join(missing, "mediator.db"), "--admin", "127.0.0.1:1", "--admin-token-file", token})
+	if err == nil || !strings.Contains(err.Error(), "directory "+missing+" does not exist") || strings.Contains(err.Error(), "partial") {
+		t.Fatalf("backup into a missing directory: %v", err)
+	}
+	err = run([]string{"db", "backup", dir, "--admin", "127.0.0.1:1", "--admin-token-file", token})
+	if err == nil || !strings.Contains(err.Error(), dir+" is a directory") {
+		t.Fatalf("backup onto a directory: %v", err)
 	}
 }

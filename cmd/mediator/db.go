@@ -38,7 +38,7 @@ func dbCommand(ctx context.Context, args, globals []string) error {
 		return dbCheck(rest)
 	case "compact":
 		return dbCompact(rest)
-	case "help", "-h", "--help":
+	case "help", "-h", "-help", "--help":
 		fmt.Fprintln(stdout, dbUsage)
 		return nil
 	}
@@ -54,22 +54,38 @@ func dbBackup(ctx context.Context, args []string) error {
 			"transaction on the server; devices keep working). The copy is checked like\n"+
 			"`mediator db check` before it is renamed into place.")
 	o := addAdminFlags(fs)
-	force := fs.Bool("force", false, "replace FILE if it exists")
+	force := fs.Bool("force", false, "replace FILE if it exists (command line only, never from the environment)")
 	pos, err := parseCommandFlags(fs, args, 1)
 	if err != nil {
 		return err
 	}
 	file := pos[0]
-	if _, err := os.Stat(file); err == nil && !*force {
+	dir := filepath.Dir(file)
+	// Checked before anything is fetched, and named: the copy is written
+	// to a temporary file in dir, whose name would only confuse.
+	if st, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("backup: directory %s does not exist: create it first", dir)
+	} else if err != nil {
+		return fmt.Errorf("backup: %w", err)
+	} else if !st.IsDir() {
+		return fmt.Errorf("backup: %s is not a directory", dir)
+	}
+	if st, err := os.Stat(file); err == nil && st.IsDir() {
+		return fmt.Errorf("backup: %s is a directory: give the backup's file name", file)
+	} else if err == nil && !*force {
 		return fmt.Errorf("%s exists: remove it or pass --force", file)
 	}
 	c, err := o.client()
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(file), "."+filepath.Base(file)+".partial-*")
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(file)+".partial-*")
 	if err != nil {
-		return fmt.Errorf("backup: %w", err)
+		var pe *os.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return fmt.Errorf("backup: cannot create a file in %s: %w", dir, err)
 	}
 	done := false
 	defer func() {
@@ -188,9 +204,12 @@ func dbCheck(args []string) error {
 			"entry, cursor and counter. FILE is a backup (or any copy) of the database;\n"+
 			"without it the stopped server's <--data>/mediator.db is checked. Log entries\n"+
 			"no device needs any more are normal after a crash (the next start reclaims\n"+
-			"them), a problem after a clean stop. FILE may also be the postgres:// DSN\n"+
-			"of a PostgreSQL store (checked live, in one read-only snapshot). Exits\n"+
-			"non-zero if it finds a problem.", args)
+			"them), a problem after a clean stop. closed_cleanly in --json output (and\n"+
+			"\"not closed cleanly\" in the text) says the file was not left by a clean\n"+
+			"stop: a hot backup, a running server's file or a crash; the next start\n"+
+			"recovers it. That is not a problem: ok is the verdict. FILE may\n"+
+			"also be the postgres:// DSN of a PostgreSQL store (checked live, in one\n"+
+			"read-only snapshot). Exits non-zero if it finds a problem.", args)
 	if err != nil {
 		return err
 	}
@@ -206,14 +225,20 @@ func dbCheck(args []string) error {
 		problems = strings.Split(err.Error(), "\n")
 	}
 	if jsonOut {
+		// closed_cleanly, not "clean": false is normal for a hot
+		// backup and says nothing about the file's soundness (ok does).
 		if err := printJSON(map[string]any{"path": path, "ok": err == nil, "problems": append([]string{}, problems...),
-			"schema": res.Schema, "clean": res.Clean, "slots": res.Slots, "log_entries": res.LogEntries,
+			"schema": res.Schema, "closed_cleanly": res.Clean, "slots": res.Slots, "log_entries": res.LogEntries,
 			"reclaimable": res.Reclaimable}); err != nil {
 			return err
 		}
 	} else if err == nil {
-		fmt.Fprintf(stdout, "ok: %s is consistent (schema %d, %d slots, %d queued log entries, %d reclaimable at the next start)\n",
-			path, res.Schema, res.Slots, res.LogEntries, res.Reclaimable)
+		how := "closed cleanly"
+		if !res.Clean {
+			how = "not closed cleanly: a hot backup, a running server's file or a crash; the next start recovers it"
+		}
+		fmt.Fprintf(stdout, "ok: %s is consistent (schema %d, %d slots, %d queued log entries, %d reclaimable at the next start; %s)\n",
+			path, res.Schema, res.Slots, res.LogEntries, res.Reclaimable, how)
 	} else {
 		for _, p := range problems {
 			fmt.Fprintln(stdout, p)

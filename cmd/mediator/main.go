@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -37,10 +38,12 @@ Cluster (cluster mode; any node answers):
   cluster drain NODE         move every shard of NODE to the other nodes
   cluster reassign SHARD NODE --accept-data-loss
                              give a down node's shard to NODE without its data
+  cluster haproxy-sync       keep a running HAProxy's shard map current (runs until
+                             SIGTERM; see: mediator cluster haproxy-sync --help)
 
   Flags (before the command, before or after the arguments): --admin ADDR
   (default 127.0.0.1:8766), --admin-token-file FILE (default
-  ./data/admin.token), --json (raw API JSON).
+  <--data>/admin.token), --data DIR (default ./data), --json (raw API JSON).
   Example: mediator slots list 3fa2 --json
   GROUP is the hex group id or a unique prefix. DEVICE is the id as printed
   (0x and 16 hex digits, e.g. 0x1f00aa42c0ffee01), 0x-hex (0xa3), or decimal
@@ -53,27 +56,38 @@ Offline (server stopped, or on a backup file):
   version                    module version, VCS revision, Go version
 
 Every flag of a command can also be set by an environment variable
-MEDIATOR_<FLAG> (upper case, dashes as underscores); flags win.
+MEDIATOR_<FLAG> (upper case, dashes as underscores); flags win. The safety
+flags --force and --accept-data-loss are the exception: they are taken from
+the command line only. Help (--help after any command) goes to stdout.
 `
 
+// stderr receives usage texts that accompany an error and warnings (tests
+// replace it, as they replace stdout).
+var stderr io.Writer = os.Stderr
+
 func main() {
-	if err := run(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(0)
-		}
-		fmt.Fprintln(os.Stderr, "mediator:", err)
-		os.Exit(1)
+	os.Exit(exitStatus(run(os.Args[1:])))
+}
+
+// exitStatus is the process's exit status for run's result: 0 for success
+// and for help (flag.ErrHelp: the help was printed to stdout), otherwise
+// 1 with the error on stderr.
+func exitStatus(err error) int {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return 0
 	}
+	fmt.Fprintln(stderr, "mediator:", err)
+	return 1
 }
 
 func run(args []string) error {
 	globals, args, err := splitGlobalFlags(args)
 	if err != nil {
-		fmt.Fprint(os.Stderr, usage)
+		fmt.Fprint(stderr, usage)
 		return err
 	}
 	if len(args) == 0 {
-		fmt.Fprint(os.Stderr, usage)
+		fmt.Fprint(stderr, usage)
 		return errors.New("missing command")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -87,11 +101,11 @@ func run(args []string) error {
 		return dbCommand(ctx, args[1:], globals)
 	case "version":
 		return versionCommand(append(globals, args[1:]...))
-	case "help", "-h", "--help":
-		fmt.Fprint(os.Stdout, usage)
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
 		return nil
 	}
-	fmt.Fprint(os.Stderr, usage)
+	fmt.Fprint(stderr, usage)
 	return fmt.Errorf("unknown command %q", strings.Join(args, " "))
 }
 
@@ -125,8 +139,39 @@ func splitGlobalFlags(args []string) (globals, rest []string, err error) {
 	return globals, args, nil
 }
 
+// isHelp reports whether a is a request for help.
+func isHelp(a string) bool {
+	switch a {
+	case "-h", "--h", "-help", "--help":
+		return true
+	}
+	return false
+}
+
+// parseFlags parses args into fs with one rule for help everywhere: -h or
+// --help prints the usage to stdout and returns flag.ErrHelp (exit status
+// 0); any other parse error prints the usage to stderr and is returned.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard) // the flag package would print to stderr
+	err := fs.Parse(args)
+	fs.SetOutput(stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.SetOutput(stdout)
+		fs.Usage()
+		fs.SetOutput(stderr)
+	} else if err != nil {
+		fs.Usage()
+	}
+	return err
+}
+
+// safetyFlags confirm a step that destroys data. They are never read from
+// the environment: a variable exported once, for one command, would
+// silently confirm every later command of that shell.
+var safetyFlags = map[string]bool{"force": true, "accept-data-loss": true}
+
 // applyEnv sets every flag not given on the command line from
-// MEDIATOR_<FLAG> when that variable is set.
+// MEDIATOR_<FLAG> when that variable is set, except the safety flags.
 func applyEnv(fs *flag.FlagSet) error {
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
@@ -136,6 +181,12 @@ func applyEnv(fs *flag.FlagSet) error {
 			return
 		}
 		name := "MEDIATOR_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if safetyFlags[f.Name] {
+			if _, ok := os.LookupEnv(name); ok {
+				fmt.Fprintf(stderr, "mediator: %s is ignored: --%s is taken from the command line only\n", name, f.Name)
+			}
+			return
+		}
 		if v, ok := os.LookupEnv(name); ok {
 			if e := fs.Set(f.Name, v); e != nil {
 				err = fmt.Errorf("%s=%q: %w", name, v, e)

@@ -125,7 +125,7 @@ func TestVectors(t *testing.T) {
 }
 
 // TestDeviceGroupKeyVector reproduces the first official key derivation
-// vector of protocol.md §14 directly on the hash.
+// vector of docs/protocol.md §14 directly on the hash.
 func TestDeviceGroupKeyVector(t *testing.T) {
 	dgk := mustHex(t, "1b35ed7e1ba9993171fe4a7eed30c2831905c3a583616d61e93782da900bf8ba")
 	for _, tt := range []struct{ salt, want string }{

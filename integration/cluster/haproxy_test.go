@@ -1,56 +1,54 @@
 package cluster
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
-	"net"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"d2m-mediator/cluster"
+	"d2m-mediator/cluster/haproxysync"
+	"d2m-mediator/internal/deploytest"
 )
 
-// TestHAProxyRoutesByShard runs a real HAProxy (Debian's haproxy) with the
-// map from Node.HAProxyMap and one backend per node: a request for
-// /<prefix8>/… reaches the owner of that shard without a hop, for every
-// shard, iOS's "//" included. After a move, one runtime-API "set map"
-// line routes the moved shard to its new owner.
+// TestHAProxyRoutesByShard runs the shipped deploy/haproxy/haproxy-cluster.cfg
+// with the map from Node.HAProxyMap in front of three stand-ins for the
+// nodes' device listeners: a request for /<shard>/… reaches the owner of
+// that shard without a hop, for every shard, iOS's "//" and upper case
+// included. After a move, one runtime-API "set map" line routes the moved
+// shard to its new owner. A node whose health check fails is stood in for
+// by the next node of its backend (backup).
 func TestHAProxyRoutesByShard(t *testing.T) {
-	bin, err := exec.LookPath("haproxy")
-	if err != nil {
-		t.Skip("haproxy not installed (apt-get install haproxy; .ci/run installs it)")
-	}
+	bin := deploytest.Binary(t, "haproxy", "haproxy")
 	// Stand-ins for the nodes' device listeners: they answer with their id.
 	ids := []string{"node-a", "node-b", "node-c"}
 	adv := make(map[string]string)
+	stubs := make(map[string]*httptest.Server)
 	for _, id := range ids {
 		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprint(w, id)
 		}))
 		t.Cleanup(srv.Close)
-		adv[id] = strings.TrimPrefix(srv.URL, "http://")
+		adv[id], stubs[id] = strings.TrimPrefix(srv.URL, "http://"), srv
 	}
 	e := newEnv(t, nil, nodeOpts{advertise: adv})
 	a, b, c := e.start("node-a"), e.start("node-b"), e.start("node-c")
 	waitUntil(t, 10*time.Second, "all shards served", func() bool { return allServed(a, b, c) })
 
-	backends := make([][2]string, 0, len(ids))
-	for _, id := range ids {
-		backends = append(backends, [2]string{id, adv[id]})
-	}
-	front, mapFile, sock := startHAProxy(t, bin, backends, a.HAProxyMap())
-
+	h := startHAProxy(t, bin, adv, a.HAProxyMap())
+	hc := h.ca.Client()
 	get := func(path string) string {
 		t.Helper()
-		resp, err := http.Get("http://" + front + path)
+		resp, err := hc.Get("https://" + h.front + path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -90,79 +88,72 @@ func TestHAProxyRoutesByShard(t *testing.T) {
 	if line != s.String()+" node-c" {
 		t.Fatalf("map line for %s after the move: %q", s, line)
 	}
-	conn, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(conn, "set map %s %s\n", mapFile, line)
-	reply, _ := bufio.NewReader(conn).ReadString('\n')
-	conn.Close()
-	if strings.TrimSpace(reply) != "" {
-		t.Fatalf("haproxy runtime API: %q", reply)
+	if out, err := h.rt.Command(t.Context(), "set map "+h.mapFile+" "+line); err != nil || strings.TrimSpace(out) != "" {
+		t.Fatalf("haproxy runtime API: %q %v", out, err)
 	}
 	if got := get("/" + s.String() + "/0a20"); got != "node-c" {
 		t.Fatalf("after the move, shard %s reached %q", s, got)
 	}
+
+	// node-c's listener goes away: after two failed checks (2 s apart) its
+	// shards go to the first backup of backend node-c, node-a.
+	stubs["node-c"].Close()
+	deploytest.WaitHAProxyServer(t, h.rt.Socket, "mediator_nodes", "node-c", "DOWN L4CON")
+	if got := get("/" + s.String() + "/0a20"); got != "node-a" {
+		t.Fatalf("with node-c down, shard %s reached %q, want its backup node-a", s, got)
+	}
 }
 
-// startHAProxy runs a real HAProxy routing devices by the /{prefix8}/
-// segment with shardMap (HAProxy map format) over one backend per node
-// (id, address), plus a default backend of every node; it returns the
-// frontend address, the map file and the runtime API socket.
-func startHAProxy(t *testing.T, bin string, backends [][2]string, shardMap string) (front, mapFile, sock string) {
+// shippedHAProxy is deploy/haproxy/haproxy-cluster.cfg running.
+type shippedHAProxy struct {
+	front   string // the first bind, TLS with a certificate of ca
+	mapFile string // the shard map, as HAProxy knows it
+	rt      haproxysync.Runtime
+	ca      *deploytest.CA
+	proc    *deploytest.Process
+}
+
+// shippedNodes are the node ids and addresses in haproxy-cluster.cfg.
+var shippedNodes = map[string]string{"node-a": "10.0.0.11:8765", "node-b": "10.0.0.12:8765", "node-c": "10.0.0.13:8765"}
+
+// startHAProxy runs the shipped cluster configuration with only addresses,
+// ports and paths substituted: the nodes' device listeners (node id →
+// address, the ids the file names), the binds, the certificate, the map
+// file (holding shardMap) and the runtime API socket. It waits until every
+// node's health check has passed.
+func startHAProxy(t *testing.T, bin string, nodes map[string]string, shardMap string) *shippedHAProxy {
 	t.Helper()
+	if got, want := slices.Sorted(maps.Keys(nodes)), slices.Sorted(maps.Keys(shippedNodes)); !slices.Equal(got, want) {
+		t.Fatalf("nodes %v: haproxy-cluster.cfg names %v", got, want)
+	}
 	dir := t.TempDir()
-	mapFile = filepath.Join(dir, "shards.map")
-	if err := os.WriteFile(mapFile, []byte(shardMap), 0o644); err != nil {
+	h := &shippedHAProxy{front: deploytest.FreeAddr(t), mapFile: filepath.Join(dir, "mediator-shards.map"),
+		rt: haproxysync.Runtime{Socket: filepath.Join(dir, "admin.sock")}, ca: deploytest.NewCA(t)}
+	crt := h.ca.Issue(t, dir, "127.0.0.1")
+	if err := os.WriteFile(h.mapFile, []byte(shardMap), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	subs := []deploytest.Sub{
+		deploytest.S("stats socket /run/haproxy/admin.sock ", "stats socket "+h.rt.Socket+" "),
+		deploytest.S("bind :443 ssl", "bind "+h.front+" ssl"),
+		deploytest.S("bind :::443 ssl", "bind "+deploytest.FreeAddr(t)+" ssl"),
+		{Old: "/etc/haproxy/certs/mediator.pem", New: crt.Combined, N: 3}, // two binds, a comment
+		{Old: "/etc/haproxy/mediator-shards.map", New: h.mapFile, N: 3},   // use_backend, two comments
+		{Old: shippedNodes["node-a"], New: nodes["node-a"], N: 4},         // mediator_nodes and each per-node backend
+		{Old: shippedNodes["node-b"], New: nodes["node-b"], N: 4},
+		{Old: shippedNodes["node-c"], New: nodes["node-c"], N: 4},
 	}
-	front = ln.Addr().String()
-	ln.Close()
-	sock = filepath.Join(dir, "admin.sock")
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, `global
-    stats socket %s level admin
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-    timeout tunnel 1h
-frontend devices
-    bind %s
-    use_backend %%[path,field(2,/),lower,map(%s,mediators)]
-    default_backend mediators
-backend mediators
-`, sock, front, mapFile)
-	for _, b := range backends {
-		fmt.Fprintf(&cfg, "    server %s %s\n", b[0], b[1])
-	}
-	for _, b := range backends {
-		fmt.Fprintf(&cfg, "backend %s\n    server %s %s\n", b[0], b[0], b[1])
-	}
+	cfg := deploytest.Render(t, "deploy/haproxy/haproxy-cluster.cfg", subs...)
 	cfgFile := filepath.Join(dir, "haproxy.cfg")
-	if err := os.WriteFile(cfgFile, []byte(cfg.String()), 0o644); err != nil {
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "-db", "-f", cfgFile)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	args := append([]string{"-db", "-f", cfgFile}, deploytest.HAProxyArgs(t, cfg)...)
+	h.proc = deploytest.Start(t, "haproxy", exec.Command(bin, args...))
+	h.proc.WaitTCP(t, h.front, 10*time.Second)
+	// The shipped health check (TCP to the device listener) passes.
+	for id := range nodes {
+		deploytest.WaitHAProxyServer(t, h.rt.Socket, "mediator_nodes", id, "UP L4OK")
 	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	waitUntil(t, 10*time.Second, "haproxy listening", func() bool {
-		conn, err := net.Dial("tcp", front)
-		if err == nil {
-			conn.Close()
-		}
-		return err == nil
-	})
-	return front, mapFile, sock
+	return h
 }

@@ -154,6 +154,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		}
 		return float64(owned)
 	}))
+	registerClusterMetrics(s.Registry(), node)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := node.Join(ctx); err != nil {

@@ -4,7 +4,7 @@
 // ciphertexts with them.
 //
 // Envelope, DeviceInfo, SharedDeviceData and TransactionScope carry the
-// newest field numbers (protocol.md §15). The content messages are
+// newest field numbers (docs/protocol.md §15). The content messages are
 // abbreviated to the fields the device tools use; unknown fields survive a
 // round trip, so the abbreviation loses nothing on the wire.
 

@@ -2,7 +2,7 @@
 // container (see ../../d2m for the container and the binary structs).
 //
 // It is the seed protocol (package d2m, 2020) with the newer,
-// wire-compatible fields of the current protocol added (protocol.md §4).
+// wire-compatible fields of the current protocol added (docs/protocol.md §4).
 // Every field number and type matches the reference; names follow the
 // newest protocol where the two differ. Proto3 rule: a field at its default
 // value is not on the wire.

@@ -122,7 +122,7 @@ func TestOpenRefusesAsyncPrimary(t *testing.T) {
 
 // Appends write only queue rows, not the slot's counter column; when acks
 // delete the rows, the counter must survive them (a Reflected id is never
-// reused within a slot's life, protocol.md §5.4).
+// reused within a slot's life, docs/protocol.md §5.4).
 func TestCounterSurvivesAckedQueue(t *testing.T) {
 	t.Parallel()
 	dsn := pgtest.Shared(t).NewDatabase(t)

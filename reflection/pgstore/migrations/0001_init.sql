@@ -57,7 +57,7 @@ CREATE TABLE d2m_queue (
 );
 
 -- Reflections a transaction holder sent, kept back until its transaction
--- ends (protocol.md §10, §18 row 3).
+-- ends (docs/protocol.md §10, §18 row 3).
 CREATE TABLE d2m_held (
     group_id bytea  NOT NULL,
     sender   bigint NOT NULL,
