@@ -181,6 +181,7 @@ type Member struct {
 	ID        string
 	Advertise string
 	Started   time.Time
+	Draining  bool // marked draining (DrainNode): it takes no shards
 }
 
 // MoveInfo identifies one planned move; Transport carries it with the data.

@@ -748,7 +748,9 @@ func (n *Node) Members() []Member {
 	defer n.mu.Unlock()
 	out := make([]Member, 0, len(n.view.nodes))
 	for _, e := range n.view.nodes {
-		out = append(out, e.Member)
+		m := e.Member
+		m.Draining = n.view.draining[m.ID]
+		out = append(out, m)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out

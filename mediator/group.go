@@ -556,7 +556,7 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) error {
 			if !g.srv.mayAck(g.id) {
 				// The node can no longer be sure it owns the shard: no ack
 				// (the device sends the reflection again after it
-				// reconnects to the owner, protocol.md §10). A planned
+				// reconnects to the owner, docs/protocol.md §10). A planned
 				// move does not get here: it freezes the shard, which
 				// keeps acks for what it admitted before the freeze.
 				c.releaseReflect()

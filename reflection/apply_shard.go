@@ -210,7 +210,7 @@ func (bt *batchTx) importShard(op *shardOp) error {
 // disconnected now, so their expiry counts from now, and held reflections
 // are released into the other queues, because the transaction they were
 // held for ended with its holder's connection (an acked reflection is
-// never lost, protocol.md §18 row 3). The release comes after everything
+// never lost, docs/protocol.md §18 row 3). The release comes after everything
 // already queued, as it would have on the node that held them.
 func (bt *batchTx) settleShard(shard byte) error {
 	type connected struct {

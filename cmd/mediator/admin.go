@@ -217,23 +217,30 @@ func (c *adminClient) statusError(status int, body []byte) error {
 // call runs one JSON request: with raw set it copies the answer to stdout,
 // otherwise it decodes it into v.
 func (c *adminClient) call(ctx context.Context, method, path string, raw bool, v any) error {
+	_, err := c.callStatus(ctx, method, path, raw, v)
+	return err
+}
+
+// callStatus is call that also returns the answer's status (a 2xx: errors
+// are returned as errors).
+func (c *adminClient) callStatus(ctx context.Context, method, path string, raw bool, v any) (int, error) {
 	resp, err := c.do(ctx, method, path)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
 	if err != nil {
-		return fmt.Errorf("admin API %s: reading the answer: %w", c.addr, err)
+		return 0, fmt.Errorf("admin API %s: reading the answer: %w", c.addr, err)
 	}
 	if raw {
 		_, err := stdout.Write(body)
-		return err
+		return resp.StatusCode, err
 	}
 	if err := json.Unmarshal(body, v); err != nil {
-		return fmt.Errorf("admin API %s: unexpected answer: %w", c.addr, err)
+		return 0, fmt.Errorf("admin API %s: unexpected answer: %w", c.addr, err)
 	}
-	return nil
+	return resp.StatusCode, nil
 }
 
 // operation is one admin API command: its client, output mode and
@@ -242,34 +249,48 @@ type operation struct {
 	c              *adminClient
 	json           bool
 	args           []string
-	acceptDataLoss bool // cluster reassign
+	acceptDataLoss bool   // cluster reassign
+	noWait         bool   // cluster move
+	dryRun         bool   // cluster rebalance, drain
+	maxParallel    int    // cluster rebalance, drain
+	moveID         string // cluster abort
 }
 
 func (op *operation) call(ctx context.Context, method, path string, v any) (printed bool, err error) {
 	return op.json, op.c.call(ctx, method, path, op.json, v)
 }
 
+func (op *operation) callStatus(ctx context.Context, method, path string, v any) (status int, printed bool, err error) {
+	status, err = op.c.callStatus(ctx, method, path, op.json, v)
+	return status, op.json, err
+}
+
 type opCommand struct {
 	args string // positional arguments, for the usage text
 	help string
 	run  func(ctx context.Context, op *operation) error
+	// flags, if set, adds the command's own flags, bound to op.
+	flags func(fs *flag.FlagSet, op *operation)
 }
 
 var opCommands = map[string]opCommand{
-	"groups list":  {"", "Lists every device group: slots, connected devices, queued reflections, lock holder.", runGroupsList},
-	"slots list":   {"GROUP", "Lists a group's slots (state, queue, leader, lock) and tombstones.\nGROUP is the hex group id or a unique prefix of it.", runSlotsList},
-	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is the device id as printed (0x and 16 hex digits),\n0x-hex (0xa3) or decimal with dec: (dec:163, as in --json output).", runSlotsShow},
-	"slots drop":   {"GROUP DEVICE", "Drops a slot as a device's DropDevice would: a connected device is closed\nwith 4113, slot and queue are deleted, a lock it holds ends.", runSlotsDrop},
-	"queue purge":  {"GROUP DEVICE", "Empties a slot's reflection queue (the slot stays). Reflections already\nin a connected device's delivery window may still reach it.", runQueuePurge},
-	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow},
-	"lock release": {"GROUP", "Force-releases the group's transaction lock as if its holder had\ndisconnected: held reflections are delivered and the other devices get\nTransactionEnded. The holder stays connected.", runLockRelease},
-	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.", runStats},
+	"groups list":  {"", "Lists every device group: slots, connected devices, queued reflections, lock holder.", runGroupsList, nil},
+	"slots list":   {"GROUP", "Lists a group's slots (state, queue, leader, lock) and tombstones.\nGROUP is the hex group id or a unique prefix of it.", runSlotsList, nil},
+	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is the device id as printed (0x and 16 hex digits),\n0x-hex (0xa3) or decimal with dec: (dec:163, as in --json output).", runSlotsShow, nil},
+	"slots drop":   {"GROUP DEVICE", "Drops a slot as a device's DropDevice would: a connected device is closed\nwith 4113, slot and queue are deleted, a lock it holds ends.", runSlotsDrop, nil},
+	"queue purge":  {"GROUP DEVICE", "Empties a slot's reflection queue (the slot stays). Reflections already\nin a connected device's delivery window may still reach it.", runQueuePurge, nil},
+	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow, nil},
+	"lock release": {"GROUP", "Force-releases the group's transaction lock as if its holder had\ndisconnected: held reflections are delivered and the other devices get\nTransactionEnded. The holder stays connected.", runLockRelease, nil},
+	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.", runStats, nil},
 
-	"cluster nodes":    {"", "Lists the cluster's live nodes (cluster mode).", runClusterNodes},
-	"cluster shards":   {"", "Lists the 256 shards: assigned node, serving node, epoch, move state; groups,\ndevices and queued reflections for the shards the answering node serves.", runClusterShards},
-	"cluster move":     {"SHARD NODE", "Moves a shard (two hex digits, the /{prefix8}/ URL segment) to NODE with its\ndata: its devices are closed with 1001 and reconnect to NODE.", runClusterMove},
-	"cluster drain":    {"NODE", "Moves every shard of NODE to the other nodes.", runClusterDrain},
-	"cluster reassign": {"SHARD NODE", "Gives a shard whose node is down to NODE WITHOUT its data (the shard's\nqueued reflections and slots are lost); needs --accept-data-loss.", runClusterReassign},
+	"cluster nodes":     {"", "Lists the cluster's live nodes (cluster mode).", runClusterNodes, nil},
+	"cluster shards":    {"", "Lists the 256 shards: assigned node, serving node, epoch, move state; groups,\ndevices and queued reflections for the shards the answering node serves.", runClusterShards, nil},
+	"cluster move":      {"SHARD NODE", "Moves a shard (two hex digits, the /{prefix8}/ URL segment) to NODE with its\ndata: its devices are closed with 1001 and reconnect to NODE. Waits for the\noutcome unless --no-wait; the move goes on if this command is stopped\n(cluster abort stops it).", runClusterMove, moveFlags},
+	"cluster abort":     {"SHARD", "Aborts the planned move of SHARD in flight: the donor serves the shard\nagain, the recipient discards what it imported.", runClusterAbort, abortFlags},
+	"cluster drain":     {"NODE", "Marks NODE draining (it takes no shards) and moves every shard it serves\nto the other nodes, then prints what moved. The drain goes on if this\ncommand is stopped; cluster undrain clears the mark.", runClusterDrain, rebalanceFlags},
+	"cluster undrain":   {"NODE", "Clears NODE's drain mark: it takes shards again (cluster rebalance, or the\ncontroller with --cluster-auto-rebalance).", runClusterUndrain, nil},
+	"cluster rebalance": {"", "Moves shards until every live node that is not draining serves within one\nshard of the others, and draining nodes serve none; --dry-run prints the\nplan (which shard moves where, and why) without moving anything.", runClusterRebalance, rebalanceFlags},
+	"cluster reassign":  {"SHARD NODE", "Gives a shard whose node is down to NODE WITHOUT its data (the shard's\nqueued reflections and slots are lost); needs --accept-data-loss.", runClusterReassign, reassignFlags},
 }
 
 // adminCommand runs `mediator groups|slots|queue|lock|stats …`; globals
@@ -295,9 +316,9 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	}
 	fs := newCommandFlags(name, cmd.args, cmd.help)
 	o := addAdminFlags(fs)
-	var acceptDataLoss bool
-	if name == "cluster reassign" {
-		fs.BoolVar(&acceptDataLoss, "accept-data-loss", false, "confirm that the shard's data on the lost node is given up (command line only, never from the environment)")
+	op := &operation{}
+	if cmd.flags != nil {
+		cmd.flags(fs, op)
 	}
 	nargs := len(strings.Fields(cmd.args))
 	pos, err := parseCommandFlags(fs, append(globals, rest...), nargs)
@@ -308,7 +329,8 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	if err != nil {
 		return err
 	}
-	return cmd.run(ctx, &operation{c: c, json: o.json, args: pos, acceptDataLoss: acceptDataLoss})
+	op.c, op.json, op.args = c, o.json, pos
+	return cmd.run(ctx, op)
 }
 
 // printGroupUsage answers `mediator slots --help` and the like on stdout:

@@ -23,6 +23,8 @@ type clusterFlags struct {
 	leaseTTL                        time.Duration
 	cacert, cert, key, user         string
 	passwordFile                    string
+	autoRebalance                   bool
+	maxMoves                        int
 }
 
 func (c *clusterFlags) register(fs *flag.FlagSet) {
@@ -31,6 +33,8 @@ func (c *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.advertise, "advertise", "", "cluster mode: `host:port` other nodes and the load balancer reach the device listener at (default: the listener's address)")
 	fs.StringVar(&c.prefix, "cluster-prefix", cluster.DefaultPrefix, "cluster mode: etcd key `prefix`")
 	fs.DurationVar(&c.leaseTTL, "cluster-lease-ttl", 5*time.Second, "cluster mode: node lease TTL (whole seconds); acks for a shard stop at the last keepalive sent + TTL - TTL/5")
+	fs.BoolVar(&c.autoRebalance, "cluster-auto-rebalance", true, "cluster mode: the elected controller moves shards so that every node serves its share (a node that joins takes shards, a drained one gives them away), a few at a time")
+	fs.IntVar(&c.maxMoves, "cluster-max-moves", 4, "cluster mode: planned moves a rebalance or drain makes at once (`n`)")
 	fs.StringVar(&c.cacert, "etcd-cacert", "", "CA certificate `file` that signed etcd's server certificates (enables TLS)")
 	fs.StringVar(&c.cert, "etcd-cert", "", "client certificate `file` for etcd (with --etcd-key)")
 	fs.StringVar(&c.key, "etcd-key", "", "client key `file` for etcd")
@@ -93,5 +97,9 @@ func (c *clusterFlags) config() (*daemon.ClusterConfig, error) {
 		}
 		ec.Username, ec.Password = c.user, strings.TrimRight(string(pw), "\r\n")
 	}
-	return &daemon.ClusterConfig{Etcd: ec, NodeID: c.nodeID, Advertise: c.advertise, Prefix: c.prefix, LeaseTTL: c.leaseTTL}, nil
+	if c.maxMoves < 1 {
+		return nil, errors.New("--cluster-max-moves must be at least 1")
+	}
+	return &daemon.ClusterConfig{Etcd: ec, NodeID: c.nodeID, Advertise: c.advertise, Prefix: c.prefix, LeaseTTL: c.leaseTTL,
+		AutoRebalance: c.autoRebalance, MaxConcurrentMoves: c.maxMoves}, nil
 }

@@ -23,6 +23,14 @@ type ClusterConfig struct {
 	Advertise string // host:port other nodes and the load balancer reach DeviceListen at; "" = the listener's address
 	Prefix    string
 	LeaseTTL  time.Duration
+	// AutoRebalance: the elected controller keeps the shards balanced
+	// over the live nodes that are not draining (cluster.Config).
+	AutoRebalance bool
+	// MaxConcurrentMoves bounds the moves a rebalance or drain makes at
+	// once (cluster default 4).
+	MaxConcurrentMoves int
+	// MoveTimeout bounds a planned move (cluster default 60s).
+	MoveTimeout time.Duration
 }
 
 // placement adapts a cluster node to the server's Placement. Before Join
@@ -119,6 +127,10 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	}
 	hooks := newMoveHooks(d)
 	events := newEventLog(d, s, hooks)
+	plannedMoves := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mediator_cluster_planned_moves_total",
+		Help: "Moves this node planned and started (a rebalance, a drain, the controller's auto-rebalance), by outcome: handed_over, failed.",
+	}, []string{"outcome"})
 	keepalive := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "mediator_cluster_keepalive_seconds",
 		Help:    "Round trip of the node's etcd lease keepalives; the fence clock counts from their send time.",
@@ -126,6 +138,14 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	})
 	node, err := cluster.New(cli, cluster.Config{
 		NodeID: cc.NodeID, Advertise: advertise, Prefix: cc.Prefix, LeaseTTL: cc.LeaseTTL,
+		AutoRebalance: cc.AutoRebalance, MaxConcurrentMoves: cc.MaxConcurrentMoves, MoveTimeout: cc.MoveTimeout,
+		OnPlannedMove: func(pm cluster.PlannedMove, err error) {
+			outcome := "handed_over"
+			if err != nil {
+				outcome = "failed"
+			}
+			plannedMoves.WithLabelValues(outcome).Inc()
+		},
 		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
 		Hooks:       hooks,
 		// With a replicated store a lost node's shards are served by
@@ -142,7 +162,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		return err
 	}
 	p.node.Store(node)
-	s.Registry().MustRegister(keepalive, events.moves, events.moveSeconds, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+	s.Registry().MustRegister(keepalive, plannedMoves, events.moves, events.moveSeconds, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "mediator_cluster_shards_owned",
 		Help: "Shards this node serves and may ack for now.",
 	}, func() float64 {

@@ -267,7 +267,7 @@ func (d *Daemon) serve(hs *http.Server, ln net.Listener) {
 // Err yields an error if a listener stops serving on its own.
 func (d *Daemon) Err() <-chan error { return d.errc }
 
-// Shutdown stops the process as SIGTERM does (protocol.md §18 row 15):
+// Shutdown stops the process as SIGTERM does (docs/protocol.md §18 row 15):
 // stop accepting, close every device with 1001 (spread), wait for the
 // server's goroutines, stop the admin listener and the stand-in, and close
 // the store it opened. It returns the server's Shutdown error (ctx.Err()
