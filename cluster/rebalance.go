@@ -325,6 +325,13 @@ func (n *Node) runMoves(ctx context.Context, plan []PlannedMove, parallel int) (
 			defer func() { <-sem }()
 			n.log.Info().Str("shard", p.Shard.String()).Str("from", p.From).Str("to", p.To).Str("reason", p.Reason).Msg("cluster: move planned")
 			r, err := n.Move(ctx, p.Shard, p.To)
+			if errors.Is(err, ErrMoveInProgress) || errors.Is(err, ErrAlreadyOwner) {
+				// Another executor (the controller's auto-rebalance, a
+				// second drain) got there first: not a failure; the next
+				// pass plans from what it did.
+				n.log.Debug().Err(err).Str("shard", p.Shard.String()).Msg("cluster: planned move made by someone else")
+				return
+			}
 			n.notePlanned(p, r, err)
 			mu.Lock()
 			defer mu.Unlock()

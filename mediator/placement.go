@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"d2m-mediator/d2m"
@@ -59,10 +60,29 @@ type Route struct {
 	Settling bool
 }
 
-// ForwardedHeader marks an upgrade request one node forwarded to another.
-// A node that receives it for a shard it does not own refuses instead of
-// forwarding again, so a stale shard map on two nodes cannot make a loop.
-const ForwardedHeader = "D2m-Forwarded-By"
+// ForwardedHeader marks an upgrade request one node forwarded to another
+// (the value names the forwarding node); ForwardHopsHeader counts the
+// hops. A node that receives a forwarded upgrade for a shard it does not
+// serve forwards it once more (the shard has just moved on, and this node
+// knows where), but never past maxForwardHops: stale shard maps cannot
+// make a loop.
+const (
+	ForwardedHeader   = "D2m-Forwarded-By"
+	ForwardHopsHeader = "D2m-Forward-Hops"
+	maxForwardHops    = 2
+)
+
+// forwardHops is how many nodes forwarded r already.
+func forwardHops(r *http.Request) int {
+	if r.Header.Get(ForwardedHeader) == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(r.Header.Get(ForwardHopsHeader))
+	if err != nil || n < 1 {
+		return 1 // a node that counted no hops
+	}
+	return n
+}
 
 // unavailableRetryAfter is the Retry-After of a 503 for a shard nobody
 // serves: about the lease TTL, after which a returning node has claimed it.
@@ -139,10 +159,11 @@ func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte)
 	if rt.Local {
 		return false
 	}
-	if by := r.Header.Get(ForwardedHeader); by != "" {
+	hops := forwardHops(r)
+	if hops >= maxForwardHops {
 		s.metrics.forwards.WithLabelValues("loop_refused").Inc()
 		w.Header().Set("Retry-After", "1")
-		http.Error(w, "forwarded by "+by+" for a shard this node does not own", http.StatusServiceUnavailable)
+		http.Error(w, fmt.Sprintf("forwarded %d times (last by %s) for a shard this node does not serve", hops, r.Header.Get(ForwardedHeader)), http.StatusServiceUnavailable)
 		return true
 	}
 	if rt.Addr == "" {
@@ -151,7 +172,7 @@ func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte)
 		http.Error(w, "the device group's shard is not served right now", http.StatusServiceUnavailable)
 		return true
 	}
-	s.forward(w, r, rt)
+	s.forward(w, r, rt, hops+1)
 	return true
 }
 
@@ -186,7 +207,7 @@ func (s *Server) awaitSettled(ctx context.Context, shard byte, rt Route) Route {
 // with ForwardedHeader added (like DERP's mesh: one hop, no parsing of
 // d2m frames). The copy runs on a goroutine the server counts; Shutdown
 // closes both sockets.
-func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route) {
+func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops int) {
 	dialer := net.Dialer{Timeout: 5 * time.Second}
 	up, err := dialer.DialContext(r.Context(), "tcp", rt.Addr)
 	if err != nil {
@@ -203,6 +224,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route) {
 	}
 	req := r.Clone(context.Background())
 	req.Header.Set(ForwardedHeader, s.cfg.NodeID)
+	req.Header.Set(ForwardHopsHeader, strconv.Itoa(hops))
 	req.RequestURI = ""
 	if err := req.Write(up); err != nil {
 		up.Close()

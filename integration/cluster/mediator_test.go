@@ -612,19 +612,29 @@ func TestMediatorForwardedSession(t *testing.T) {
 		t.Fatalf("devices info through the forward: %v %v", info, err)
 	}
 
-	// A forwarded upgrade arriving at a node that does not own the shard.
+	// A forwarded upgrade arriving at a node that does not own the shard
+	// (its shard moved on meanwhile) is forwarded once more, to the
+	// owner; one that has made its two hops already is refused.
 	path := "/" + d2mclient.URLFor(via, k, "7f")[len(via)+1:]
-	req, _ := http.NewRequest("GET", "http://"+nodes[1].d.DeviceAddr.String()+path, nil)
-	req.Header.Set("Connection", "Upgrade")
-	req.Header.Set("Upgrade", "websocket")
-	req.Header.Set("Sec-WebSocket-Version", "13")
-	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-	req.Header.Set(mediator.ForwardedHeader, "elsewhere")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
+	upgrade := func(hops string) *http.Response {
+		req, _ := http.NewRequest("GET", "http://"+nodes[1].d.DeviceAddr.String()+path, nil)
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", "websocket")
+		req.Header.Set("Sec-WebSocket-Version", "13")
+		req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+		req.Header.Set(mediator.ForwardedHeader, "elsewhere")
+		req.Header.Set(mediator.ForwardHopsHeader, hops)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
 	}
-	resp.Body.Close()
+	if resp := upgrade("1"); resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade forwarded once for a foreign shard: %d, want 101 from the owner", resp.StatusCode)
+	}
+	resp := upgrade("2")
 	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("forwarded upgrade for a foreign shard: %d (Retry-After %q), want 503", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}
