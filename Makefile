@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
+.PHONY: all build run test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-prod bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
 
 all: build
 
@@ -79,6 +79,13 @@ bench: ## short benchmark run: Go benchmarks + every d2m-load scenario (<5 min)
 
 bench-full: ## the runs behind BENCHMARKS.md (~8 min); results in $$BENCH_OUT
 	FULL=1 cmd/d2m-load/bench.sh
+
+# bench-prod: the production-shape workload (d2m-load --scenario mixed)
+# against a mediator and a separate chatstub process; sizes from the
+# environment, e.g. DEVICES=50000 DURATION=10m make bench-prod (see
+# cmd/d2m-load/prodbench.sh for the others and for the limits it raises).
+bench-prod: build ## production-shape mixed workload, 5,000 devices for 3 min by default (~4 min); results in $$BENCH_OUT
+	BIN=$(BIN) cmd/d2m-load/prodbench.sh
 
 bench-store: build ## reflection-store figures: the store alone at fixed rates, then ReflectAck latency, CPU, commits, bytes per reflect (~3 min)
 	REFLECTION_PACED=1 $(GO) test -count=1 -run 'TestPacedLoad|TestPagesPerCommitFlat|TestBacklogMemory' -v ./reflection/

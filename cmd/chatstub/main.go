@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -55,9 +56,10 @@ Flags:
 func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("chatstub", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	listen := fs.String("listen", "127.0.0.1:5222", "TCP address to accept CSP connections on (5222 is the chat server's usual port)")
+	listen := fs.String("listen", "127.0.0.1:5222", "TCP `address` to accept CSP connections on (5222 is the chat server's usual port); several, comma-separated, serve the same identities and queues, e.g. for a mediator --chat-server template 127.0.2.{group}:5222 that spreads its upstream connections over several addresses")
 	keyFile := fs.String("key-file", "./data/chatstub.key", "file holding the server's long-term secret key; created (mode 0600) if missing")
 	logFormat := fs.String("log-format", "console", "log format: json or console")
+	logLevel := fs.String("log-level", "info", "log level: debug, info (one line per login and per closed connection), warn, error")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
 		fs.PrintDefaults()
@@ -78,6 +80,20 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	default:
 		return fmt.Errorf("--log-format must be json or console, not %q", *logFormat)
 	}
+	level, err := zerolog.ParseLevel(*logLevel)
+	if err != nil || *logLevel == "" {
+		return fmt.Errorf("--log-level must be debug, info, warn or error, not %q", *logLevel)
+	}
+	logger = logger.Level(level)
+	var addrs []string
+	for _, a := range strings.Split(*listen, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			addrs = append(addrs, a)
+		}
+	}
+	if len(addrs) == 0 {
+		return errors.New("--listen: no address")
+	}
 
 	key, err := chatstub.LoadOrCreateKey(*keyFile)
 	if err != nil {
@@ -87,24 +103,45 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", *listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+	// Every address is bound before anything is served, so a taken port
+	// fails the start instead of leaving a partial server.
+	lns := make([]net.Listener, 0, len(addrs))
+	for _, a := range addrs {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return fmt.Errorf("listen: %w", err)
+		}
+		lns = append(lns, ln)
 	}
 	pub := srv.PublicKey()
-	fmt.Fprintf(stdout, "chatstub (stand-in chat server, not for production) listening on %s\n", ln.Addr())
+	for _, ln := range lns {
+		fmt.Fprintf(stdout, "chatstub (stand-in chat server, not for production) listening on %s\n", ln.Addr())
+	}
 	fmt.Fprintf(stdout, "public key: %s\n", hex.EncodeToString(pub[:]))
 
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	errc := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() { errc <- srv.Serve(ln) }()
+	}
+	var first error
 	select {
 	case <-ctx.Done():
 		logger.Info().Msg("chatstub: shutting down")
-		srv.Close()
-		<-errc
-		return nil
-	case err := <-errc:
-		srv.Close()
-		return err
+	case first = <-errc:
 	}
+	// Close ends every Serve; collect them all before returning.
+	srv.Close()
+	for range len(lns) - 1 {
+		<-errc
+	}
+	if first == nil {
+		<-errc
+	}
+	if errors.Is(first, chatstub.ErrServerClosed) {
+		first = nil
+	}
+	return first
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -11,9 +12,11 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/coder/websocket"
+	"golang.org/x/sys/unix"
 
 	"d2m-mediator/d2d"
 	"d2m-mediator/d2m"
@@ -49,23 +52,84 @@ func checkLoopback(raw string) error {
 type dialer struct {
 	url      string
 	hc       *http.Client
+	queue    int          // d2mclient.Config.RecvQueue (0: its default)
 	overload atomic.Int64 // 503 answers seen (each was retried)
 	attempts atomic.Int64
 }
 
-func newDialer(base string) *dialer {
+// dialerOptions shape the dialer's TCP connections.
+type dialerOptions struct {
+	// sources > 0 binds each connection to one of that many loopback
+	// source addresses (sourceAddr), in turn.
+	sources int
+	// small: 1 KiB HTTP read/write buffers instead of net/http's 4 KiB
+	// (only the upgrade uses them, and the read side stays under the
+	// WebSocket's own buffer for the connection's life), and receive
+	// queues of 32 instead of d2mclient's 1024: what tens of thousands of
+	// mostly idle devices need.
+	small bool
+}
+
+func newDialer(base string, opt dialerOptions) *dialer {
+	dial := (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+	if opt.sources > 0 {
+		dial = sourceDialer(opt.sources)
+	}
 	tr := &http.Transport{
 		// One TCP connection per WebSocket: no pooling, no limits. A
 		// hijacked (101) connection never returns to a pool anyway; the
 		// 503 answers must not park idle connections either.
-		DialContext:        (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
+		DialContext:        dial,
 		DisableKeepAlives:  true,
 		DisableCompression: true,
 		MaxConnsPerHost:    0,
 		MaxIdleConns:       0,
 		ForceAttemptHTTP2:  false,
 	}
-	return &dialer{url: base, hc: &http.Client{Transport: statusTransport{tr}}}
+	d := &dialer{url: base, hc: &http.Client{Transport: statusTransport{tr}}}
+	if opt.small {
+		tr.ReadBufferSize, tr.WriteBufferSize = 1024, 1024
+		d.queue = 32
+	}
+	return d
+}
+
+// maxSources bounds --source-addrs: 127.1.0.1 … 127.1.16.32.
+const maxSources = 4096
+
+// sourceAddr is the i-th source address: 127.1.A.B with B in 1..254, so
+// no address ends in .0 or .255.
+func sourceAddr(i int) net.IP {
+	return net.IPv4(127, 1, byte(i/254), byte(i%254+1))
+}
+
+// sourceDialer spreads connections over n loopback source addresses, so
+// that no address needs more than its share of the ephemeral ports
+// (net.ipv4.ip_local_port_range, 28,232 by default). The socket is bound
+// with IP_BIND_ADDRESS_NO_PORT: the kernel then picks the port at
+// connect time by the full 4-tuple instead of reserving one at bind
+// time, so a port is only taken per (source, destination) pair. Every
+// 127.0.0.0/8 address is on the loopback interface already: nothing is
+// configured.
+func sourceDialer(n int) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	ds := make([]*net.Dialer, n)
+	for i := range ds {
+		ds[i] = &net.Dialer{
+			Timeout:   10 * time.Second,
+			LocalAddr: &net.TCPAddr{IP: sourceAddr(i)},
+			Control: func(network, address string, c syscall.RawConn) error {
+				var serr error
+				err := c.Control(func(fd uintptr) {
+					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+				})
+				return cmp.Or(err, serr)
+			},
+		}
+	}
+	var next atomic.Uint64
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return ds[(next.Add(1)-1)%uint64(n)].DialContext(ctx, "tcp4", addr)
+	}
 }
 
 // statusTransport lets dial see the HTTP status and Retry-After of a failed
@@ -99,6 +163,7 @@ func (d *dialer) deviceConfig(keys d2d.Keys, dev uint64) d2mclient.Config {
 		ExpirationPolicy: d2mpb.DeviceSlotExpirationPolicy_PERSISTENT,
 		DeviceInfo:       []byte("load-device-info"), // opaque to the server; skip sealing
 		HTTPClient:       d.hc,
+		RecvQueue:        d.queue,
 	}
 }
 
@@ -206,13 +271,16 @@ func (e *errCounter) add(err error) {
 	e.addKey(errorKey(err))
 }
 
-func (e *errCounter) addKey(k string) {
-	e.n.Add(1)
+func (e *errCounter) addKey(k string) { e.addN(k, 1) }
+
+// addN counts n errors of kind k.
+func (e *errCounter) addN(k string, n int64) {
+	e.n.Add(n)
 	e.mu.Lock()
 	if e.m == nil {
 		e.m = map[string]int64{}
 	}
-	e.m[k]++
+	e.m[k] += n
 	e.mu.Unlock()
 }
 

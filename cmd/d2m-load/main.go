@@ -9,6 +9,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/pprof"
@@ -49,6 +51,8 @@ type options struct {
 	plotFile       string
 	cpuProfile     string
 	quiet          bool
+	sourceAddrs    int
+	mixed          mixedOptions
 }
 
 const usage = `usage: d2m-load --scenario NAME [flags]
@@ -77,6 +81,24 @@ Scenarios:
              the stand-in chat server through the mediator
              (--chat-server-key) and send messages to each other;
              end-to-end messages/s and latency.
+  mixed      production shape, open loop: --devices N devices in groups of
+             1–3 (--group-mix), connected at --ramp devices/s, each with a
+             CSP session through the mediator to a chat server that should
+             run as its own process (cmd/chatstub, --chat-server-key); a CSP
+             echo every --echo-interval + up to --echo-jitter, a reflect
+             every --reflect-interval on average (--reflect-size), a
+             ReflectedAck for every Reflected, a transaction per group every
+             --tx-interval on average. Latency counts from the scheduled
+             send time. Every --report-interval: server cores, RSS,
+             goroutines and descriptors, echo and ReflectAck p50/p99/p99.9,
+             errors by kind, this tool's CPU and RSS; at the end "devices
+             per core at p99 ≤ --slo". --shard i/n runs a share of the
+             groups; "d2m-load merge" combines the shards' --json results.
+
+Subcommands:
+  d2m-load merge SHARD.json ...   combine mixed --shard results (JSON to
+                                  stdout, table to stderr)
+  d2m-load curve ...              latency against rate of reflect runs
 
 Flags:
 `
@@ -89,11 +111,11 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		fmt.Fprint(fs.Output(), usage)
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&o.scenario, "scenario", "", "`name`: reflect, idle, handshake, storm or csp")
+	fs.StringVar(&o.scenario, "scenario", "", "`name`: reflect, idle, handshake, storm, csp or mixed")
 	fs.StringVar(&o.url, "url", "ws://127.0.0.1:8765", "mediator device `URL` (loopback only)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "length of the measured phase (storm: deadline for the reconnect); capped at 10m")
 	fs.IntVar(&o.groups, "groups", 1000, "reflect: device groups")
-	fs.IntVar(&o.devices, "devices", 0, "devices per group (reflect, default 3); devices in total (idle 5000, storm 8000, csp 100)")
+	fs.IntVar(&o.devices, "devices", 0, "devices per group (reflect, default 3); devices in total (idle 5000, storm 8000, csp 100, mixed 2000; mixed: all shards together)")
 	fs.IntVar(&o.size, "size", 100, "envelope / message body `bytes` (reflect, storm, csp)")
 	fs.Float64Var(&o.rate, "rate", 0, "reflect/csp: target total `per second`; 0 = as fast as the pipeline allows")
 	fs.IntVar(&o.pipeline, "pipeline", 8, "reflect/csp: outstanding acks per device")
@@ -105,12 +127,14 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.serverPID, "server-pid", 0, "mediator `PID`: read VmRSS and CPU time from /proc")
 	fs.StringVar(&o.admin, "admin", "", "mediator admin `URL`, e.g. http://127.0.0.1:8766 (metrics; loopback only)")
 	fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "admin bearer token `file` (<data>/admin.token)")
-	fs.StringVar(&o.chatServerKey, "chat-server-key", "", "csp: chat server public key, 64 `hex` digits (mediator startup log field public_key)")
+	fs.StringVar(&o.chatServerKey, "chat-server-key", "", "csp, mixed: chat server public key, 64 `hex` digits (mediator startup log field public_key; chatstub prints it)")
+	fs.IntVar(&o.sourceAddrs, "source-addrs", -1, "bind connections to this many loopback source addresses 127.1.A.B in turn (with IP_BIND_ADDRESS_NO_PORT), so no address runs out of ephemeral ports; 0 = the kernel's choice (127.0.0.1); -1 = 16 for mixed, 0 otherwise")
+	o.mixed.register(fs)
 	fs.BoolVar(&o.reflect, "csp-reflect", true, "csp: reflect each outgoing and incoming message as a multi-device client must (ReflectAck before send / incoming ack)")
 	fs.BoolVar(&o.jsonOut, "json", false, "write the results as JSON to stdout")
 	fs.StringVar(&o.plotFile, "plot", "", "draw throughput over time and latency CDFs to `FILE`.svg or .png")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write this tool's CPU profile to `FILE` (the server's: GET /debug/pprof/profile on --admin)")
-	fs.BoolVar(&o.quiet, "quiet", false, "no per-second progress")
+	fs.BoolVar(&o.quiet, "quiet", false, "no per-second progress (mixed: no setup messages and report lines either)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -118,14 +142,20 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	if o.devices == 0 {
-		o.devices = map[string]int{"reflect": 3, "idle": 5000, "storm": 8000, "csp": 100, "handshake": 1}[o.scenario]
+		o.devices = map[string]int{"reflect": 3, "idle": 5000, "storm": 8000, "csp": 100, "handshake": 1, "mixed": 2000}[o.scenario]
+	}
+	if o.sourceAddrs < 0 {
+		o.sourceAddrs = 0
+		if o.scenario == "mixed" {
+			o.sourceAddrs = 16
+		}
 	}
 	switch o.scenario {
-	case "reflect", "idle", "handshake", "storm", "csp":
+	case "reflect", "idle", "handshake", "storm", "csp", "mixed":
 	case "":
-		return nil, errors.New("--scenario is required (reflect, idle, handshake, storm, csp)")
+		return nil, errors.New("--scenario is required (reflect, idle, handshake, storm, csp, mixed)")
 	default:
-		return nil, fmt.Errorf("--scenario %q: want reflect, idle, handshake, storm or csp", o.scenario)
+		return nil, fmt.Errorf("--scenario %q: want reflect, idle, handshake, storm, csp or mixed", o.scenario)
 	}
 	if err := checkLoopback(o.url); err != nil {
 		return nil, fmt.Errorf("--url: %w", err)
@@ -150,10 +180,22 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("--rate, --pipeline, --concurrency, --dial-concurrency and --queued must not be negative (pipeline/concurrency ≥ 1)")
 	case o.closeMode != "normal" && o.closeMode != "abort":
 		return nil, errors.New("--close must be normal or abort")
-	case o.scenario == "csp" && o.chatServerKey == "":
-		return nil, errors.New("csp: --chat-server-key is required (the mediator logs it as public_key at startup)")
+	case (o.scenario == "csp" || o.scenario == "mixed") && o.chatServerKey == "":
+		return nil, fmt.Errorf("%s: --chat-server-key is required (the mediator logs it as public_key at startup; cmd/chatstub prints it)", o.scenario)
+	case o.sourceAddrs > maxSources:
+		return nil, fmt.Errorf("--source-addrs %d is over the cap of %d", o.sourceAddrs, maxSources)
 	case o.scenario == "csp" && o.devices%2 != 0:
 		return nil, errors.New("csp: --devices must be even (identities talk in pairs)")
+	}
+	if o.sourceAddrs > 0 {
+		if u, _ := url.Parse(o.url); u == nil || net.ParseIP(u.Hostname()).To4() == nil {
+			return nil, fmt.Errorf("--source-addrs needs an IPv4 loopback --url (127.x.y.z), not %q; --source-addrs 0 dials from the kernel's choice", o.url)
+		}
+	}
+	if o.scenario == "mixed" {
+		if err := o.mixed.check(o); err != nil {
+			return nil, fmt.Errorf("mixed: %w", err)
+		}
 	}
 	return o, nil
 }
@@ -165,6 +207,8 @@ func (o *options) connections() int {
 		return o.groups * o.devices
 	case "handshake":
 		return o.concurrency
+	case "mixed":
+		return o.mixed.shareOf(o.devices)
 	}
 	return o.devices
 }
@@ -183,9 +227,15 @@ func raiseNoFile(need int) (uint64, error) {
 		}
 	}
 	const slack = 128
-	if uint64(need+slack) > lim.Cur {
-		return lim.Cur, fmt.Errorf("%d connections need about %d file descriptors, but the hard limit (ulimit -Hn) is %d: lower --devices/--groups or raise the limit (the server needs as many in its own process)",
-			need, need+slack, lim.Cur)
+	if want := uint64(need + slack); want > lim.Cur {
+		// Beyond the hard limit only with CAP_SYS_RESOURCE (root), up to
+		// fs.nr_open.
+		raised := syscall.Rlimit{Cur: want, Max: want}
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised); err != nil {
+			return lim.Cur, fmt.Errorf("%d connections need about %d file descriptors, but the hard limit (ulimit -Hn) is %d and raising it failed (%v; it needs root or CAP_SYS_RESOURCE): lower --devices/--groups or raise the limit (the server needs as many in its own process, twice as many with a chat-server upstream per device)",
+				need, want, lim.Cur, err)
+		}
+		return want, nil
 	}
 	return lim.Cur, nil
 }
@@ -197,6 +247,9 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "curve" {
 		return runCurve(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "merge" {
+		return runMerge(args[1:], stdout, stderr)
 	}
 	o, err := parseFlags(args, stderr)
 	if err != nil {
@@ -227,6 +280,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if o.scenario == "storm" {
 		limit += setupTimeout // the fill phase
 	}
+	if o.scenario == "mixed" {
+		limit = o.mixed.timeLimit(o)
+	}
 	watchdog := time.AfterFunc(limit, func() {
 		fmt.Fprintf(stderr, "d2m-load: hard time limit %v reached, exiting\n", limit)
 		os.Exit(3)
@@ -247,7 +303,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		defer pprof.StopCPUProfile()
 	}
 
-	env := &runEnv{o: o, probe: pr, dialer: newDialer(o.url)}
+	env := &runEnv{o: o, probe: pr, dialer: newDialer(o.url, dialerOptions{sources: o.sourceAddrs, small: o.scenario == "mixed"})}
 	var res *result
 	switch o.scenario {
 	case "reflect":
@@ -260,6 +316,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		res, err = runStorm(ctx, env)
 	case "csp":
 		res, err = runCSP(ctx, env)
+	case "mixed":
+		res, err = runMixed(ctx, env)
 	}
 	if res != nil {
 		res.Machine.NoFileLimit = nofile
@@ -268,6 +326,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			table = stderr
 		}
 		res.printTable(table)
+		res.printMixedVerdict(table)
 		if o.jsonOut {
 			if err := res.writeJSON(stdout); err != nil {
 				fmt.Fprintln(stderr, "d2m-load: json:", err)

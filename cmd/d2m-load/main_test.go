@@ -5,10 +5,14 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"net"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -99,9 +103,18 @@ func TestParseProm(t *testing.T) {
 // does, with the in-process stand-in chat server.
 type testServer struct {
 	url, admin, tokenFile, chatKey string
+	// serverGroups, with chatListeners > 1: the chat server's ports, to
+	// be used as server groups (the mediator dials 127.0.0.1:{group}).
+	serverGroups []string
+	accepted     []*atomic.Int64 // connections each chat listener accepted
 }
 
-func startTestServer(t *testing.T) *testServer {
+func startTestServer(t *testing.T) *testServer { return startTestServerChat(t, 1) }
+
+// startTestServerChat starts the stand-in chat server on chatListeners
+// loopback ports; with more than one, the mediator's --chat-server is the
+// template 127.0.0.1:{group}, so a device's server group picks the port.
+func startTestServerChat(t *testing.T, chatListeners int) *testServer {
 	t.Helper()
 	dir := t.TempDir()
 	var srv *mediator.Server
@@ -123,11 +136,25 @@ func startTestServer(t *testing.T) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr, err := stub.Start("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	ts := &testServer{}
+	chatServer := ""
+	var serving sync.WaitGroup
+	for range chatListeners {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl := &countingListener{Listener: ln}
+		ts.accepted = append(ts.accepted, &cl.n)
+		serving.Add(1)
+		go func() { defer serving.Done(); stub.Serve(cl) }()
+		chatServer = ln.Addr().String()
+		ts.serverGroups = append(ts.serverGroups, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
 	}
-	srv, err = mediator.New(mediator.Config{ChatServer: addr.String()}, store, zerolog.Nop())
+	if chatListeners > 1 {
+		chatServer = "127.0.0.1:{group}"
+	}
+	srv, err = mediator.New(mediator.Config{ChatServer: chatServer}, store, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,10 +173,26 @@ func startTestServer(t *testing.T) *testServer {
 		srv.Shutdown(ctx)
 		adm.Close()
 		stub.Close()
+		serving.Wait()
 		store.Close()
 	})
 	pub := stub.PublicKey()
-	return &testServer{url: "ws" + strings.TrimPrefix(dev.URL, "http"), admin: adm.URL, tokenFile: tokenFile, chatKey: hex.EncodeToString(pub[:])}
+	ts.url, ts.admin, ts.tokenFile, ts.chatKey = "ws"+strings.TrimPrefix(dev.URL, "http"), adm.URL, tokenFile, hex.EncodeToString(pub[:])
+	return ts
+}
+
+// countingListener counts accepted connections.
+type countingListener struct {
+	net.Listener
+	n atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
 }
 
 // TestScenarios runs every scenario briefly against a real server and

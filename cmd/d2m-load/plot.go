@@ -39,6 +39,9 @@ func writePlot(path string, r *result) error {
 		p := plot.New()
 		p.Title.Text = fmt.Sprintf("%s: %s over time", r.Scenario, unitTitle(u))
 		p.X.Label.Text = "time since start of the measured phase (s)"
+		if r.Scenario == "mixed" {
+			p.X.Label.Text = "time since the ramp began (s)"
+		}
 		p.Y.Label.Text = unitTitle(u)
 		p.Y.Min = 0
 		p.Add(plotter.NewGrid())

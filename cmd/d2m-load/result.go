@@ -31,6 +31,7 @@ type result struct {
 	Client   clientUse                 `json:"client"`
 	Timeline timeline                  `json:"timeline"`
 	Notes    []string                  `json:"notes,omitempty"`
+	Mixed    *mixedSummary             `json:"mixed,omitempty"`
 
 	hists []*hist
 }
@@ -233,10 +234,12 @@ func gauge(name, unit string, get func() float64) series {
 // progress prints one line per second to stderr and keeps the values for
 // the timeline and the plot.
 type progress struct {
-	label string
-	defs  []series
-	errs  *errCounter
-	start time.Time
+	label  string
+	defs   []series
+	errs   *errCounter
+	start  time.Time
+	every  time.Duration
+	silent bool // keep the values, print nothing
 
 	mu   sync.Mutex
 	t    []float64
@@ -246,8 +249,13 @@ type progress struct {
 }
 
 func startProgress(label string, errs *errCounter, defs ...series) *progress {
+	return startProgressEvery(label, time.Second, false, errs, defs...)
+}
+
+// startProgressEvery samples every interval, and prints unless silent.
+func startProgressEvery(label string, every time.Duration, silent bool, errs *errCounter, defs ...series) *progress {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &progress{label: label, defs: defs, errs: errs, start: time.Now(),
+	p := &progress{label: label, defs: defs, errs: errs, start: time.Now(), every: every, silent: silent,
 		vals: make([][]float64, len(defs)), done: make(chan struct{}), stop: cancel}
 	go p.run(ctx)
 	return p
@@ -262,7 +270,7 @@ func (p *progress) run(ctx context.Context) {
 		}
 	}
 	prevT := p.start
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(p.every)
 	defer tick.Stop()
 	sample := func(now time.Time, print bool) {
 		dt := now.Sub(prevT).Seconds()
@@ -278,7 +286,7 @@ func (p *progress) run(ctx context.Context) {
 				out = (v - prev[i]) / dt
 				prev[i] = v
 			}
-			p.vals[i] = append(p.vals[i], math.Round(out*10)/10)
+			p.vals[i] = append(p.vals[i], roundTimeline(out))
 			if d.rate {
 				fmt.Fprintf(&sb, "  %s=%s/s", d.name, fmtNum(math.Round(out)))
 			} else {
@@ -303,9 +311,18 @@ func (p *progress) run(ctx context.Context) {
 			}
 			return
 		case now := <-tick.C:
-			sample(now, true)
+			sample(now, !p.silent)
 		}
 	}
+}
+
+// roundTimeline keeps a timeline value short: one decimal, three below 10
+// (cores, small rates).
+func roundTimeline(v float64) float64 {
+	if math.Abs(v) < 10 {
+		return math.Round(v*1000) / 1000
+	}
+	return math.Round(v*10) / 10
 }
 
 // finish stops the ticker and stores the timeline in r.

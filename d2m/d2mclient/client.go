@@ -43,7 +43,17 @@ type Config struct {
 	// HTTPClient overrides the dialer's client (e.g. for connection reuse
 	// limits in load tests).
 	HTTPClient *http.Client
+	// RecvQueue is the capacity of each of the two receive queues between
+	// the reader goroutine and Recv/RecvProxy; 0 means DefaultRecvQueue.
+	// The queues are allocated up front (about 56 KiB per connection at
+	// the default), so a load tool holding tens of thousands of
+	// connections sets it low.
+	RecvQueue int
 }
+
+// DefaultRecvQueue is the receive queue capacity of DialRaw and of a
+// Config without RecvQueue.
+const DefaultRecvQueue = 1024
 
 // Expect returns a pointer to s, for Config.ExpectedState.
 func Expect(s d2mpb.DeviceSlotState) *d2mpb.DeviceSlotState { return &s }
@@ -69,6 +79,13 @@ type Conn struct {
 // DialRaw opens a WebSocket to url (full URL including the path) without
 // any handshake.
 func DialRaw(ctx context.Context, url string, hc *http.Client) (*Conn, *http.Response, error) {
+	return dialRaw(ctx, url, hc, DefaultRecvQueue)
+}
+
+func dialRaw(ctx context.Context, url string, hc *http.Client, queue int) (*Conn, *http.Response, error) {
+	if queue <= 0 {
+		queue = DefaultRecvQueue
+	}
 	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
 		CompressionMode: websocket.CompressionDisabled,
 		HTTPClient:      hc,
@@ -77,7 +94,7 @@ func DialRaw(ctx context.Context, url string, hc *http.Client) (*Conn, *http.Res
 		return nil, resp, err
 	}
 	ws.SetReadLimit(d2m.MaxFrameSize + 1024)
-	c := &Conn{ws: ws, msgs: make(chan Message, 1024), proxy: make(chan []byte, 1024), done: make(chan struct{})}
+	c := &Conn{ws: ws, msgs: make(chan Message, queue), proxy: make(chan []byte, queue), done: make(chan struct{})}
 	go c.readLoop()
 	return c, resp, nil
 }
@@ -149,6 +166,12 @@ func (c *Conn) RecvProxy(ctx context.Context) ([]byte, error) {
 		return nil, ctx.Err()
 	}
 }
+
+// Incoming returns the queues Recv and RecvProxy read from, for a caller
+// that waits on both (and on its own timers) in one select instead of
+// running a goroutine per queue. What it takes from them Recv and
+// RecvProxy do not see; Done is closed when the connection has ended.
+func (c *Conn) Incoming() (msgs <-chan Message, proxy <-chan []byte) { return c.msgs, c.proxy }
 
 // Send writes one complete frame.
 func (c *Conn) Send(ctx context.Context, frame []byte) error {
@@ -237,7 +260,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		}
 		cfg.DeviceInfo = info
 	}
-	conn, _, err := DialRaw(ctx, URLFor(cfg.URL, cfg.Keys, cfg.ServerGroup), cfg.HTTPClient)
+	conn, _, err := dialRaw(ctx, URLFor(cfg.URL, cfg.Keys, cfg.ServerGroup), cfg.HTTPClient, cfg.RecvQueue)
 	if err != nil {
 		return nil, err
 	}
