@@ -117,7 +117,7 @@ type plannedWrite struct {
 // It returns when it wants to run again (0: on the next change).
 func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ctrlState) time.Duration {
 	n.mu.Lock()
-	v := n.view // arrays of pointers to immutable entries: a cheap copy
+	v := n.view.snapshot()
 	live := make(map[string]bool, len(n.view.nodes))
 	ids := make([]string, 0, len(n.view.nodes))
 	for id := range n.view.nodes {

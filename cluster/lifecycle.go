@@ -116,15 +116,15 @@ type shardState struct {
 type eventKind uint8
 
 const (
-	evClaimed      eventKind = iota + 1 // an owner key of this node under lease at epoch (claim, flip, or seen by the watch)
-	evLost                              // the owner key no longer names this node at epoch (cause, to, move)
-	evLeaseLost                         // lease expired or was revoked
-	evFreeze                            // a move's draining record names this node as donor at epoch
-	evExported                          // the donor recorded "exported" at revision gen
-	evThaw                              // the move ended without handing the shard over
-	evReceive                           // Receive starts importing move's copy of generation gen
-	evReceiveEnd                        // Receive ended without the flip; discard drops the copy
-	evStoreFenced                       // the store refused epoch
+	evClaimed     eventKind = iota + 1 // an owner key of this node under lease at epoch (claim, flip, or seen by the watch)
+	evLost                             // the owner key no longer names this node at epoch (cause, to, move)
+	evLeaseLost                        // lease expired or was revoked
+	evFreeze                           // a move's draining record names this node as donor at epoch
+	evExported                         // the donor recorded "exported" at revision gen
+	evThaw                             // the move ended without handing the shard over
+	evReceive                          // Receive starts importing move's copy of generation gen
+	evReceiveEnd                       // Receive ended without the flip; discard drops the copy
+	evStoreFenced                      // the store refused epoch
 )
 
 // lifecycleEvent is one observation; only the fields of its kind are set.

@@ -120,21 +120,32 @@ func (n *Node) StartMove(ctx context.Context, s Shard, to string) (MoveInfo, int
 	if err != nil {
 		return fail(err)
 	}
-	rec := moveRecord{ID: newMoveID(), From: owner.Node, To: to, State: StateDraining, FromEpoch: epoch, Started: time.Now().UTC()}
-	cresp, err := n.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", oldMoveRev),
-			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", epoch),
-			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
-		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).
-		Else(get...).Commit()
-	if err != nil {
-		return fail(err)
-	}
-	if !cresp.Succeeded {
-		if _, _, err := check(cresp); err != nil {
+	rec := moveRecord{ID: newMoveID(), To: to, State: StateDraining, Started: time.Now().UTC()}
+	var cresp *clientv3.TxnResponse
+	// The compares fail when something changed between the read and the
+	// write; most often the controller just deleted the finished record
+	// of the previous move. The Else branch read everything again: check
+	// it and try once more with what it says.
+	for attempt := 1; ; attempt++ {
+		rec.From, rec.FromEpoch = owner.Node, epoch
+		cresp, err = n.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", oldMoveRev),
+				clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", epoch),
+				clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
+			Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).
+			Else(get...).Commit()
+		if err != nil {
 			return fail(err)
 		}
-		return fail(fmt.Errorf("%w (the shard's owner changed meanwhile)", ErrMoveAborted))
+		if cresp.Succeeded {
+			break
+		}
+		if owner, epoch, err = check(cresp); err != nil {
+			return fail(err)
+		}
+		if attempt == 5 {
+			return fail(fmt.Errorf("%w (the shard's owner or move record kept changing)", ErrMoveAborted))
+		}
 	}
 	info = MoveInfo{ID: rec.ID, Shard: s, From: rec.From, To: to, FromEpoch: epoch}
 	n.log.Info().Str("shard", s.String()).Str("move", rec.ID).Str("from", rec.From).Str("to", to).Msg("cluster: move started")

@@ -375,14 +375,19 @@ func (n *Node) reconcileLocal() {
 	n.mu.Lock()
 	v := &n.view
 	lease := n.fence.currentLease()
+	var dropping bool // this pass's transitions drop shard s's copy
 	note := func(s Shard, ev lifecycleEvent, m moveEntry) {
 		if e := n.lc.apply(s, ev); len(e) > 0 {
 			effs = append(effs, shardEffects{shard: s, effs: e, move: m})
+			for _, x := range e {
+				dropping = dropping || x.kind == effDrop
+			}
 		}
 	}
 	for i := range NumShards {
 		s := Shard(i)
 		o, m, a := v.owner[s], v.moves[s], v.assign[s]
+		dropping = false
 		n.setRoute(s, o)
 		st := n.lc.state(s)
 		held := st.phase == PhaseServing || st.phase == PhaseFrozen || st.phase == PhaseFenced
@@ -423,7 +428,9 @@ func (n *Node) reconcileLocal() {
 			claims = append(claims, c)
 		}
 		incoming := m != nil && m.To == me && !m.finished()
-		if n.ownCopies() && n.copies[s].has && st.phase == PhaseAbsent && (a == nil || a.Node != me) && !incoming {
+		if dropping {
+			n.copies[s].has = false // the hand-over's drop is on its way
+		} else if n.ownCopies() && n.copies[s].has && st.phase == PhaseAbsent && (a == nil || a.Node != me) && !incoming {
 			// A copy of a shard the cluster gave to another node: left by
 			// a move that handed it over while this node was down, or
 			// imported for a move that never flipped.

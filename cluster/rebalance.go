@@ -159,9 +159,9 @@ func (n *Node) DrainNode(ctx context.Context, node string, opt RebalanceOptions)
 	}
 	if opt.DryRun {
 		n.mu.Lock()
-		v := n.view
+		v := n.view.snapshot()
 		n.mu.Unlock()
-		v.draining = maps(v.draining, node)
+		v.draining[node] = true
 		var plan []PlannedMove
 		for _, pm := range v.planRebalance(-1) {
 			if pm.From == node {
@@ -196,15 +196,6 @@ func (n *Node) DrainNode(ctx context.Context, node string, opt RebalanceOptions)
 		}
 		return res, err
 	})
-}
-
-func maps(m map[string]bool, add string) map[string]bool {
-	out := make(map[string]bool, len(m)+1)
-	for k, v := range m {
-		out[k] = v
-	}
-	out[add] = true
-	return out
 }
 
 // Undrain clears node's drain mark: it takes shards again (by rebalancing).

@@ -48,6 +48,22 @@ type moveEntry struct {
 
 func newView() view { return view{nodes: make(map[string]nodeEntry), draining: make(map[string]bool)} }
 
+// snapshot is a copy of the view that the watch loop's later changes do
+// not touch: the arrays hold pointers to immutable entries, the maps are
+// copied.
+func (v *view) snapshot() view {
+	c := *v
+	c.nodes = make(map[string]nodeEntry, len(v.nodes))
+	for k, e := range v.nodes {
+		c.nodes[k] = e
+	}
+	c.draining = make(map[string]bool, len(v.draining))
+	for k, d := range v.draining {
+		c.draining[k] = d
+	}
+	return c
+}
+
 // apply takes one key's new value (or its deletion) into the view.
 // Unparsable values are treated as absent: they cannot be acted on.
 func (v *view) apply(k keys, kv *mvccpb.KeyValue, deleted bool) {

@@ -79,10 +79,10 @@ func startBenchMediator(b *testing.B, id, prefix, dir string) *mediatorNode {
 
 // startMediatorVia starts a node that reaches etcd at endpoints (proxies,
 // to cut it off).
-func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) *mediatorNode {
+func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string, opts ...func(*daemon.Config)) *mediatorNode {
 	t.Helper()
 	logs := mediatortest.NewLogBuffer(4 << 20)
-	d, err := daemon.Start(daemon.Config{
+	cfg := daemon.Config{
 		Server:       mediator.Config{ShutdownSpread: time.Millisecond},
 		DataDir:      dir,
 		DeviceListen: "127.0.0.1:0",
@@ -94,7 +94,11 @@ func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) 
 			Etcd:   clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()},
 			NodeID: id, Prefix: prefix, LeaseTTL: ttl,
 		},
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	d, err := daemon.Start(cfg)
 	if err != nil {
 		t.Fatalf("start %s: %v", id, err)
 	}
