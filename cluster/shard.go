@@ -81,6 +81,10 @@ func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 type nodeRecord struct {
 	Advertise string    `json:"advertise"`
 	Started   time.Time `json:"started"`
+	// Admin is where other nodes reach this node's admin API (host:port;
+	// empty: none), TLS whether its device listener serves TLS.
+	Admin string `json:"admin,omitempty"`
+	TLS   bool   `json:"tls,omitempty"`
 }
 
 // assignRecord is the value of assign/<NN>, without a lease: the node that
