@@ -13,7 +13,8 @@ import (
 	"d2m-mediator/reflection"
 )
 
-// Cluster endpoints (cluster mode only; 404 otherwise):
+// Cluster endpoints (cluster mode; on a single node they answer 404 "not
+// in cluster mode"):
 //
 //	GET  /cluster/haproxy.map                        the shard map as an HAProxy map file
 //	GET  /api/v1/cluster/nodes                       ClusterNodes
@@ -30,6 +31,8 @@ type ClusterBackend interface {
 	ID() string
 	Members() []cluster.Member
 	Shards() []cluster.ShardInfo
+	Owner(s cluster.Shard) (node, addr string, epoch int64, ok bool)
+	Owns(s cluster.Shard) (epoch int64, ok bool)
 	Move(ctx context.Context, s cluster.Shard, to string) (cluster.MoveResult, error)
 	DrainNode(ctx context.Context, node string) ([]cluster.MoveResult, error)
 	Reassign(ctx context.Context, s cluster.Shard, to string, acceptDataLoss bool) error
@@ -42,6 +45,8 @@ var _ ClusterBackend = (*cluster.Node)(nil)
 type ClusterNode struct {
 	ID        string `json:"id"`
 	Advertise string `json:"advertise"`
+	Admin     string `json:"admin,omitempty"` // its admin API (host:port), where other nodes forward admin requests
+	TLS       bool   `json:"tls,omitempty"`   // its device listener serves TLS
 	Started   string `json:"started"`
 	Shards    int    `json:"shards"` // shards it serves now
 	This      bool   `json:"this"`   // the node that answered
@@ -60,11 +65,13 @@ type ClusterShard struct {
 	Owner    string `json:"owner"` // "" while nobody serves it (503)
 	Addr     string `json:"addr"`
 	Epoch    int64  `json:"epoch"`
-	Move     string `json:"move"` // serving, or the state of a move in progress
-	MoveTo   string `json:"move_to,omitempty"`
-	Groups   *int   `json:"groups"`
-	Devices  *int   `json:"devices"`
-	Queued   *int   `json:"queued"`
+	// Move is the state of a move in progress (draining, exported, …),
+	// else "serving", or "unserved" while nobody serves the shard.
+	Move    string `json:"move"`
+	MoveTo  string `json:"move_to,omitempty"`
+	Groups  *int   `json:"groups"`
+	Devices *int   `json:"devices"`
+	Queued  *int   `json:"queued"`
 }
 
 // ClusterShards is GET /api/v1/cluster/shards.
@@ -90,19 +97,27 @@ type DrainResult struct {
 	Moves []MoveResult `json:"moves"`
 }
 
-func (a *API) registerCluster(mux *http.ServeMux) {
-	if a.cluster == nil {
-		return
+// registerCluster adds the cluster endpoints; on a single node each
+// answers 404 saying so (the routes exist either way: they need the
+// token on every node).
+func (a *API) registerCluster(mux *routes) {
+	clustered := func(h http.HandlerFunc) http.HandlerFunc {
+		if a.cluster != nil {
+			return h
+		}
+		return func(w http.ResponseWriter, r *http.Request) {
+			writeError(w, http.StatusNotFound, "not in cluster mode: this mediator runs as a single node (cluster mode needs --cluster-etcd)")
+		}
 	}
-	mux.HandleFunc("GET /cluster/haproxy.map", func(w http.ResponseWriter, r *http.Request) {
+	mux.handleFunc("GET /cluster/haproxy.map", clustered(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte(a.cluster.HAProxyMap()))
-	})
-	mux.HandleFunc("GET /api/v1/cluster/nodes", a.apiClusterNodes)
-	mux.HandleFunc("GET /api/v1/cluster/shards", a.apiClusterShards)
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/move", a.apiClusterMove)
-	mux.HandleFunc("POST /api/v1/cluster/nodes/{node}/drain", a.apiClusterDrain)
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/reassign", a.apiClusterReassign)
+	}))
+	mux.handleFunc("GET /api/v1/cluster/nodes", clustered(a.apiClusterNodes))
+	mux.handleFunc("GET /api/v1/cluster/shards", clustered(a.apiClusterShards))
+	mux.handleFunc("POST /api/v1/cluster/shards/{shard}/move", clustered(a.apiClusterMove))
+	mux.handleFunc("POST /api/v1/cluster/nodes/{node}/drain", clustered(a.apiClusterDrain))
+	mux.handleFunc("POST /api/v1/cluster/shards/{shard}/reassign", clustered(a.apiClusterReassign))
 }
 
 func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
@@ -115,7 +130,7 @@ func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
 	out := ClusterNodes{Nodes: []ClusterNode{}}
 	for _, m := range a.cluster.Members() {
 		out.Nodes = append(out.Nodes, ClusterNode{
-			ID: m.ID, Advertise: m.Advertise, Started: m.Started.UTC().Format(time.RFC3339),
+			ID: m.ID, Advertise: m.Advertise, Admin: m.Admin, TLS: m.TLS, Started: m.Started.UTC().Format(time.RFC3339),
 			Shards: serving[m.ID], This: m.ID == a.cluster.ID(),
 		})
 	}
@@ -154,6 +169,9 @@ func (a *API) apiClusterShards(w http.ResponseWriter, r *http.Request) {
 		cs := ClusterShard{
 			Shard: fmt.Sprintf("%02x", byte(s.Shard)), Assigned: s.Assigned, Owner: s.Owner, Addr: s.Addr,
 			Epoch: s.Epoch, Move: string(s.Move), MoveTo: s.MoveTo,
+		}
+		if s.Move == cluster.StateServing && s.Owner == "" {
+			cs.Move = "unserved"
 		}
 		if c := local[byte(s.Shard)]; c != nil {
 			cs.Groups, cs.Devices, cs.Queued = &c.groups, &c.devices, &c.queued
