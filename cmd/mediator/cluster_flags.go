@@ -31,7 +31,7 @@ func (c *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.etcd, "cluster-etcd", "", "cluster mode: comma-separated etcd `endpoints` (absent: a single node)")
 	fs.StringVar(&c.nodeID, "node-id", "", "cluster mode: this node's `id` (letters, digits, '.', '_', '-'; stable across restarts)")
 	fs.StringVar(&c.advertise, "advertise", "", "cluster mode: `host:port` other nodes and the load balancer reach the device listener at (default: the listener's address)")
-	fs.StringVar(&c.adminAdvertise, "cluster-admin-advertise", "", "cluster mode: `host:port` other nodes reach the admin listener at; they forward admin requests for this node's shards there (default: the admin listener's address)")
+	fs.StringVar(&c.adminAdvertise, "cluster-admin-advertise", "", "cluster mode: `host:port` other nodes reach the admin listener at; they forward admin requests for this node's shards there (default: the admin listener's address; on 0.0.0.0 or [::], the --advertise host with the admin port)")
 	fs.StringVar(&c.caFile, "cluster-ca-file", "", "cluster mode: CA certificate `file` that verifies the other nodes' --tls-cert when they forward devices and send shards to each other over TLS (default: the system roots)")
 	fs.StringVar(&c.prefix, "cluster-prefix", cluster.DefaultPrefix, "cluster mode: etcd key `prefix`")
 	fs.DurationVar(&c.leaseTTL, "cluster-lease-ttl", 5*time.Second, "cluster mode: node lease TTL (whole seconds); acks for a shard stop at the last keepalive sent + TTL - TTL/5")

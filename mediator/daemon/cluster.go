@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"net"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -23,7 +25,8 @@ type ClusterConfig struct {
 	Advertise string // host:port other nodes and the load balancer reach DeviceListen at; "" = the listener's address
 	// AdminAdvertise is the host:port other nodes reach the admin listener
 	// at (they forward admin requests for this node's shards there); ""
-	// = the admin listener's address.
+	// = the admin listener's address (on a wildcard address, with the
+	// host of Advertise).
 	AdminAdvertise string
 	Prefix         string
 	LeaseTTL       time.Duration
@@ -128,7 +131,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	}
 	adminAdvertise := cc.AdminAdvertise
 	if adminAdvertise == "" && d.AdminAddr != nil {
-		adminAdvertise = d.AdminAddr.String()
+		adminAdvertise = defaultAdminAdvertise(advertise, d.AdminAddr)
 	}
 	hooks := newMoveHooks(d)
 	events := newEventLog(d, s, hooks)
@@ -176,6 +179,22 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	}
 	d.Cluster, d.etcd = node, cli
 	return nil
+}
+
+// defaultAdminAdvertise is where other nodes reach the admin listener
+// when no address is configured: the listener's address, but on a
+// wildcard address (0.0.0.0, ::) the host other nodes reach the device
+// listener at, with the admin listener's port.
+func defaultAdminAdvertise(deviceAdvertise string, admin net.Addr) string {
+	tcp, ok := admin.(*net.TCPAddr)
+	if !ok || !tcp.IP.IsUnspecified() {
+		return admin.String()
+	}
+	host, _, err := net.SplitHostPort(deviceAdvertise)
+	if err != nil {
+		return admin.String()
+	}
+	return net.JoinHostPort(host, strconv.Itoa(tcp.Port))
 }
 
 // nodeTLS is the client TLS configuration for connections to other
