@@ -19,6 +19,7 @@ import (
 	"d2m-mediator/d2d"
 	"d2m-mediator/d2m"
 	"d2m-mediator/mediator/adminapi"
+	"d2m-mediator/mediator/daemon"
 	"d2m-mediator/proto/d2mpb"
 )
 
@@ -346,5 +347,34 @@ func TestAdminThroughAnyNode(t *testing.T) {
 	}
 	if !strings.Contains(out, "shard(s) unserved") {
 		t.Fatalf("cluster shards: no summary of the unserved shards\n%s", out)
+	}
+}
+
+// TestAdminTokenMismatch: a node whose admin token differs from the asked
+// node's refuses the forwarded request; the asked node says that the
+// nodes need one token, instead of passing on a 401 that would blame the
+// caller's token.
+func TestAdminTokenMismatch(t *testing.T) {
+	prefix := fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1))
+	base := t.TempDir()
+	m1 := startMediator(t, "m1", prefix, filepath.Join(base, "m1"))
+	startMediatorWith(t, "m2", prefix, filepath.Join(base, "m2"), shared.clients, func(c *daemon.Config) { c.AdminToken = "another-token" })
+	var k d2d.Keys
+	waitUntil(t, 20*time.Second, "a shard served by m2", func() bool {
+		k = d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		node, _, _, _ := m1.d.Cluster.Owner(cluster.Shard(k.DeviceGroupID()[0]))
+		return node == "m2"
+	})
+	code, _, body := adminCall(t, m1, "GET", "/api/v1/groups/"+fmt.Sprintf("%x", k.DeviceGroupID())[:4], adminToken)
+	if code != http.StatusBadGateway || !bytes.Contains(body, []byte("node m2 refused the admin token this node accepted")) {
+		t.Fatalf("forwarded to a node with another token: %d %s", code, body)
+	}
+	var gl adminapi.GroupList
+	adminJSON(t, m1, "GET", "/api/v1/groups", 200, &gl)
+	if len(gl.Errors) != 1 || gl.Errors[0].Node != "m2" || !strings.Contains(gl.Errors[0].Error, "same admin token") {
+		t.Fatalf("groups with m2 refusing: %+v", gl)
+	}
+	if _, err := runMediatorCLI(t, m1, "groups", "list"); err == nil || !strings.Contains(err.Error(), "incomplete: 1 node(s) did not answer (node m2:") {
+		t.Fatalf("CLI groups list with m2 refusing: %v", err)
 	}
 }

@@ -81,8 +81,14 @@ func startBenchMediator(b *testing.B, id, prefix, dir string) *mediatorNode {
 // to cut it off).
 func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) *mediatorNode {
 	t.Helper()
+	return startMediatorWith(t, id, prefix, dir, endpoints, nil)
+}
+
+// startMediatorWith starts a node whose configuration edit changes first.
+func startMediatorWith(t testing.TB, id, prefix, dir string, endpoints []string, edit func(*daemon.Config)) *mediatorNode {
+	t.Helper()
 	logs := mediatortest.NewLogBuffer(4 << 20)
-	d, err := daemon.Start(daemon.Config{
+	cfg := daemon.Config{
 		Server:       mediator.Config{ShutdownSpread: time.Millisecond},
 		DataDir:      dir,
 		DeviceListen: "127.0.0.1:0",
@@ -94,7 +100,11 @@ func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) 
 			Etcd:   clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()},
 			NodeID: id, Prefix: prefix, LeaseTTL: ttl,
 		},
-	})
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	d, err := daemon.Start(cfg)
 	if err != nil {
 		t.Fatalf("start %s: %v", id, err)
 	}
