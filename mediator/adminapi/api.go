@@ -4,8 +4,8 @@
 // It talks to the server only through the narrow Backend interface and
 // holds no server state of its own.
 //
-//	GET    /api/v1/stats                                  ServerStats (cluster mode: ClusterStats)
-//	GET    /api/v1/groups                                 GroupList
+//	GET    /api/v1/stats[?local=true]                     ServerStats (cluster mode: ClusterStats)
+//	GET    /api/v1/groups[?local=true][&owned=true]       GroupList
 //	GET    /api/v1/groups/{group}                         GroupDetail
 //	GET    /api/v1/groups/{group}/slots/{device}          SlotDetail
 //	DELETE /api/v1/groups/{group}/slots/{device}          drop the slot (4113) → DropResult
