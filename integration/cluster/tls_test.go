@@ -122,7 +122,8 @@ func TestProcessTLSForwardAndMove(t *testing.T) {
 	caFile, certFile, keyFile, pool := testCA(t, dir)
 	tlsFlags := []string{"--tls-cert", certFile, "--tls-key", keyFile}
 	withCA := append(tlsFlags, "--cluster-ca-file", caFile)
-	prefix := "/t/" + t.Name() + "/"
+	// A prefix of its own per pass (-count=N shares the etcd).
+	prefix := fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1))
 	p1 := startProcess(t, "p1", prefix, filepath.Join(dir, "p1"), withCA...)
 	p2 := startProcess(t, "p2", prefix, filepath.Join(dir, "p2"), withCA...)
 	if !strings.HasPrefix(p1.url, "wss://") || !strings.HasPrefix(p2.url, "wss://") {
