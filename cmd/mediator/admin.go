@@ -353,7 +353,7 @@ func nodeErrors(errs []adminapi.NodeError) error {
 	}
 	var parts []string
 	for _, e := range errs {
-		parts = append(parts, fmt.Sprintf("node %s: %s", e.Node, e.Error))
+		parts = append(parts, e.Node+": "+e.Error)
 	}
 	return fmt.Errorf("incomplete: %d node(s) did not answer (%s)", len(errs), strings.Join(parts, "; "))
 }

@@ -46,15 +46,14 @@ func printGroups(w io.Writer, list adminapi.GroupList) {
 	fmt.Fprintf(w, "%d group(s)\n", len(list.Groups))
 }
 
-// printMissing says which groups a cluster-wide list could not include.
+// printMissing says which shards' groups a cluster-wide list could not
+// include.
 func printMissing(w io.Writer, list adminapi.GroupList) {
 	if n := len(list.UnservedShards); n > 0 {
 		fmt.Fprintf(w, "not listed: the groups of %d shard(s) nobody serves right now (%s); see mediator cluster shards\n",
 			n, abbreviate(list.UnservedShards, 16))
 	}
-	for _, e := range list.Errors {
-		fmt.Fprintf(w, "not listed: the groups of node %s, which did not answer: %s\n", e.Node, e.Error)
-	}
+	// The nodes that did not answer are the command's error.
 }
 
 // abbreviate joins the first max items and says how many more there are.

@@ -374,7 +374,7 @@ func TestAdminTokenMismatch(t *testing.T) {
 	if len(gl.Errors) != 1 || gl.Errors[0].Node != "m2" || !strings.Contains(gl.Errors[0].Error, "same admin token") {
 		t.Fatalf("groups with m2 refusing: %+v", gl)
 	}
-	if _, err := runMediatorCLI(t, m1, "groups", "list"); err == nil || !strings.Contains(err.Error(), "incomplete: 1 node(s) did not answer (node m2:") {
+	if _, err := runMediatorCLI(t, m1, "groups", "list"); err == nil || !strings.Contains(err.Error(), "incomplete: 1 node(s) did not answer (m2: it refused the admin token") {
 		t.Fatalf("CLI groups list with m2 refusing: %v", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -204,7 +205,7 @@ func (a *API) askNode(ctx context.Context, r *http.Request, m cluster.Member, pa
 		return fmt.Errorf("reading the answer of %s: %w", m.Admin, err)
 	}
 	if resp.StatusCode == http.StatusUnauthorized {
-		return fmt.Errorf("%s", tokenMismatch(m.ID))
+		return errors.New("it refused the admin token this node accepted: every node of a cluster needs the same admin token")
 	}
 	if resp.StatusCode != http.StatusOK {
 		var e APIError
