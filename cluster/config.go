@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -18,6 +19,12 @@ type Config struct {
 	NodeID    string // required; letters, digits, '.', '_', '-'
 	Advertise string // required; host:port where other nodes and the load balancer reach this node's device listener
 	Prefix    string // etcd key prefix of the cluster (DefaultPrefix)
+	// AdminAdvertise is the host:port where other nodes reach this node's
+	// admin API (they forward admin requests for its shards there); ""
+	// if it has none. DeviceTLS: the device listener at Advertise serves
+	// TLS, so other nodes forward devices and send shards to it over TLS.
+	AdminAdvertise string
+	DeviceTLS      bool
 
 	LeaseTTL    time.Duration // the node lease's TTL, whole seconds (5s)
 	FenceMargin time.Duration // acks stop at last keepalive send + LeaseTTL − FenceMargin (LeaseTTL/5)
@@ -106,6 +113,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("cluster: node id %q: want 1-63 of [A-Za-z0-9._-], starting with a letter or digit", c.NodeID)
 	case c.Advertise == "":
 		return errors.New("cluster: advertise address required")
+	case c.AdminAdvertise != "" && !isHostPort(c.AdminAdvertise):
+		return fmt.Errorf("cluster: admin advertise address %q: want host:port", c.AdminAdvertise)
 	case c.LeaseTTL < time.Second || c.LeaseTTL%time.Second != 0:
 		return errors.New("cluster: lease ttl must be whole seconds, at least 1s (etcd leases count seconds)")
 	case c.FenceMargin <= 0 || c.FenceMargin >= c.LeaseTTL:
@@ -114,6 +123,11 @@ func (c Config) Validate() error {
 		return errors.New("cluster: settle delay and move timeout must not be negative, max concurrent moves positive")
 	}
 	return nil
+}
+
+func isHostPort(addr string) bool {
+	host, port, err := net.SplitHostPort(addr)
+	return err == nil && host != "" && port != ""
 }
 
 // EventKind says what happened to a shard on this node.
@@ -181,7 +195,9 @@ type Member struct {
 	ID        string
 	Advertise string
 	Started   time.Time
-	Draining  bool // marked draining (DrainNode): it takes no shards
+	Draining  bool   // marked draining (DrainNode): it takes no shards
+	Admin     string // its admin API, host:port ("" if it publishes none)
+	TLS       bool   // its device listener serves TLS
 }
 
 // MoveInfo identifies one planned move; Transport carries it with the data.

@@ -159,7 +159,7 @@ func (n *Node) register(ctx context.Context) (clientv3.LeaseID, error) {
 	}
 	n.lastLease.Store(int64(lease))
 	key := n.k.node(n.cfg.NodeID)
-	val := mustJSON(nodeRecord{Advertise: n.cfg.Advertise, Started: time.Now().UTC()})
+	val := mustJSON(nodeRecord{Advertise: n.cfg.Advertise, Started: time.Now().UTC(), Admin: n.cfg.AdminAdvertise, TLS: n.cfg.DeviceTLS})
 	for {
 		resp, err := n.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
@@ -761,6 +761,14 @@ func (n *Node) Members() []Member {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
+}
+
+// Member returns the live node id, if it is one (no etcd call).
+func (n *Node) Member(id string) (Member, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	e, ok := n.view.nodes[id]
+	return e.Member, ok
 }
 
 // ShardInfo is one row of the shard map.

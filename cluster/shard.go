@@ -68,8 +68,8 @@ func (k keys) owners() string         { return k.prefix + "shards/" }
 func (k keys) owner(s Shard) string   { return k.owners() + s.String() }
 func (k keys) moves() string          { return k.prefix + "moves/" }
 func (k keys) move(s Shard) string    { return k.moves() + s.String() }
-func (k keys) drains() string          { return k.prefix + "drain/" }
-func (k keys) drain(id string) string  { return k.drains() + id }
+func (k keys) drains() string         { return k.prefix + "drain/" }
+func (k keys) drain(id string) string { return k.drains() + id }
 func (k keys) electionPrefix() string { return k.prefix + "controller" }
 func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 	if !strings.HasPrefix(key, dir) {
@@ -83,6 +83,10 @@ func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 type nodeRecord struct {
 	Advertise string    `json:"advertise"`
 	Started   time.Time `json:"started"`
+	// Admin is where other nodes reach this node's admin API (host:port;
+	// empty: none), TLS whether its device listener serves TLS.
+	Admin string `json:"admin,omitempty"`
+	TLS   bool   `json:"tls,omitempty"`
 }
 
 // assignRecord is the value of assign/<NN>, without a lease: the node that

@@ -74,7 +74,7 @@ func (v *view) apply(k keys, kv *mvccpb.KeyValue, deleted bool) {
 			delete(v.nodes, id)
 			return
 		}
-		v.nodes[id] = nodeEntry{Member: Member{ID: id, Advertise: rec.Advertise, Started: rec.Started}, lease: clientv3.LeaseID(kv.Lease)}
+		v.nodes[id] = nodeEntry{Member: Member{ID: id, Advertise: rec.Advertise, Started: rec.Started, Admin: rec.Admin, TLS: rec.TLS}, lease: clientv3.LeaseID(kv.Lease)}
 		return
 	}
 	if id, ok := strings.CutPrefix(key, k.drains()); ok {

@@ -3,6 +3,7 @@ package mediator
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -53,6 +54,9 @@ type Route struct {
 	Local bool   // this node owns the shard
 	Node  string // the owner's node id ("" when nobody serves it)
 	Addr  string // the owner's device listener, host:port ("" when nobody serves it)
+	// TLS: the owner's device listener serves TLS; a forward dials it
+	// with TLS and verifies its certificate (Config.NodeTLS).
+	TLS bool
 	// Settling: the answer is about to change on this node (it owns the
 	// shard but may not ack for it at this instant, or it is taking the
 	// shard over in a move). An upgrade waits up to settleWait for a
@@ -208,10 +212,15 @@ func (s *Server) awaitSettled(ctx context.Context, shard byte, rt Route) Route {
 // d2m frames). The copy runs on a goroutine the server counts; Shutdown
 // closes both sockets.
 func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops int) {
-	dialer := net.Dialer{Timeout: 5 * time.Second}
-	up, err := dialer.DialContext(r.Context(), "tcp", rt.Addr)
+	up, err := s.dialOwner(r.Context(), rt)
 	if err != nil {
 		s.metrics.forwards.WithLabelValues("dial_failed").Inc()
+		var cv *tls.CertificateVerificationError
+		if errors.As(err, &cv) {
+			// A configuration error, not an outage: say so.
+			s.log.Warn().Err(err).Str("owner", rt.Node).Str("addr", rt.Addr).
+				Msg("cluster: forwarding a device failed: the owner's TLS certificate does not verify against the cluster CA (--cluster-ca-file)")
+		}
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "the node serving this device group cannot be reached", http.StatusServiceUnavailable)
 		return
@@ -250,6 +259,32 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops 
 			s.metrics.forwardedBytes.WithLabelValues("to_device").Add)
 	}()
 }
+
+// dialOwner connects to the owner's device listener: over TLS when it
+// serves TLS, verifying its certificate for the host of its advertise
+// address against Config.NodeTLS's roots. The dial and the handshake
+// together are bounded by forwardDialTimeout.
+func (s *Server) dialOwner(ctx context.Context, rt Route) (net.Conn, error) {
+	dialer := &net.Dialer{Timeout: forwardDialTimeout}
+	if !rt.TLS {
+		return dialer.DialContext(ctx, "tcp", rt.Addr)
+	}
+	host, _, err := net.SplitHostPort(rt.Addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if s.cfg.NodeTLS != nil {
+		tc = s.cfg.NodeTLS.Clone()
+	}
+	tc.ServerName = host
+	// HTTP/1.1 only: the upgrade request is replayed as written.
+	tc.NextProtos = []string{"http/1.1"}
+	return (&tls.Dialer{NetDialer: dialer, Config: tc}).DialContext(ctx, "tcp", rt.Addr)
+}
+
+// forwardDialTimeout bounds connecting to the owner (TCP and TLS).
+const forwardDialTimeout = 5 * time.Second
 
 // forwarded is one device connection copied to its owner node.
 type forwarded struct {

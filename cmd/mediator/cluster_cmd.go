@@ -17,7 +17,7 @@ func runClusterNodes(ctx context.Context, op *operation) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tADVERTISE\tSHARDS\tSTARTED\t")
+	fmt.Fprintln(tw, "NODE\tADVERTISE\tADMIN\tSHARDS\tSTARTED\t")
 	for _, n := range r.Nodes {
 		id := n.ID
 		if n.This {
@@ -26,7 +26,15 @@ func runClusterNodes(ctx context.Context, op *operation) error {
 		if n.Draining {
 			id += " (draining)"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t\n", id, n.Advertise, n.Shards, n.Started)
+		adv := n.Advertise
+		if n.TLS {
+			adv += " (tls)"
+		}
+		admin := n.Admin
+		if admin == "" {
+			admin = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t\n", id, adv, admin, n.Shards, n.Started)
 	}
 	return tw.Flush()
 }
@@ -44,21 +52,32 @@ func runClusterShards(ctx context.Context, op *operation) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SHARD\tASSIGNED\tSERVING\tEPOCH\tMOVE\tGROUPS\tDEVICES\tQUEUED\t")
+	fmt.Fprintln(tw, "SHARD\tASSIGNED\tSERVING\tEPOCH\tSTATE\tGROUPS\tDEVICES\tQUEUED\t")
+	unserved := 0
 	for _, s := range r.Shards {
-		serving := s.Owner
+		serving, epoch := s.Owner, fmt.Sprint(s.Epoch)
 		if serving == "" {
-			serving = "- (unavailable)"
+			serving, epoch = "-", "-"
+			unserved++
 		}
-		move := s.Move
+		assigned := s.Assigned
+		if assigned == "" {
+			assigned = "-"
+		}
+		// STATE: serving, unserved (devices get 503), or the state of
+		// the move in progress and where to.
+		state := s.Move
 		if s.MoveTo != "" {
-			move += " → " + s.MoveTo
+			state += " → " + s.MoveTo
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t\n", s.Shard, s.Assigned, serving, s.Epoch, move,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s.Shard, assigned, serving, epoch, state,
 			optInt(s.Groups), optInt(s.Devices), optInt(s.Queued))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	if unserved > 0 {
+		fmt.Fprintf(stdout, "%d shard(s) unserved: their devices get 503 until a node serves them again (ASSIGNED names the node they wait for)\n", unserved)
 	}
 	fmt.Fprintf(stdout, "(groups, devices and queued are counted for the shards %s serves)\n", r.Node)
 	return nil
@@ -73,6 +92,10 @@ func printMove(m adminapi.MoveResult) {
 		fmt.Fprintf(stdout, "move %s of shard %s from %s to %s is %s; it goes on (cluster shards shows it, cluster abort %s stops it)\n",
 			m.ID, m.Shard, m.From, m.To, m.State, m.Shard)
 	}
+}
+
+func localFlags(fs *flag.FlagSet, op *operation) {
+	fs.BoolVar(&op.local, "local", false, "cluster mode: the asked node alone (its whole store), not every live node")
 }
 
 func moveFlags(fs *flag.FlagSet, op *operation) {

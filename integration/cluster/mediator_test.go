@@ -81,6 +81,16 @@ func startBenchMediator(b *testing.B, id, prefix, dir string) *mediatorNode {
 // to cut it off).
 func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string, opts ...func(*daemon.Config)) *mediatorNode {
 	t.Helper()
+	return startMediatorWith(t, id, prefix, dir, endpoints, func(c *daemon.Config) {
+		for _, o := range opts {
+			o(c)
+		}
+	})
+}
+
+// startMediatorWith starts a node whose configuration edit changes first.
+func startMediatorWith(t testing.TB, id, prefix, dir string, endpoints []string, edit func(*daemon.Config)) *mediatorNode {
+	t.Helper()
 	logs := mediatortest.NewLogBuffer(4 << 20)
 	cfg := daemon.Config{
 		Server:       mediator.Config{ShutdownSpread: time.Millisecond},
@@ -95,8 +105,8 @@ func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string, 
 			NodeID: id, Prefix: prefix, LeaseTTL: ttl,
 		},
 	}
-	for _, o := range opts {
-		o(&cfg)
+	if edit != nil {
+		edit(&cfg)
 	}
 	d, err := daemon.Start(cfg)
 	if err != nil {

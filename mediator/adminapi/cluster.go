@@ -13,7 +13,8 @@ import (
 	"d2m-mediator/reflection"
 )
 
-// Cluster endpoints (cluster mode only; 404 otherwise):
+// Cluster endpoints (cluster mode; on a single node they answer 404 "not
+// in cluster mode"):
 //
 //	GET  /cluster/haproxy.map                        the shard map as an HAProxy map file
 //	GET  /api/v1/cluster/nodes                       ClusterNodes
@@ -35,6 +36,8 @@ type ClusterBackend interface {
 	ID() string
 	Members() []cluster.Member
 	Shards() []cluster.ShardInfo
+	Owner(s cluster.Shard) (node, addr string, epoch int64, ok bool)
+	Owns(s cluster.Shard) (epoch int64, ok bool)
 	StartMove(ctx context.Context, s cluster.Shard, to string) (cluster.MoveInfo, int64, error)
 	WaitMove(ctx context.Context, mi cluster.MoveInfo, rev int64) (cluster.MoveResult, error)
 	AbortMove(ctx context.Context, s cluster.Shard, id, reason string) error
@@ -51,6 +54,8 @@ var _ ClusterBackend = (*cluster.Node)(nil)
 type ClusterNode struct {
 	ID        string `json:"id"`
 	Advertise string `json:"advertise"`
+	Admin     string `json:"admin,omitempty"` // its admin API (host:port), where other nodes forward admin requests
+	TLS       bool   `json:"tls,omitempty"`   // its device listener serves TLS
 	Started   string `json:"started"`
 	Shards    int    `json:"shards"`   // shards it serves now
 	Draining  bool   `json:"draining"` // marked draining: takes no shards
@@ -70,11 +75,13 @@ type ClusterShard struct {
 	Owner    string `json:"owner"` // "" while nobody serves it (503)
 	Addr     string `json:"addr"`
 	Epoch    int64  `json:"epoch"`
-	Move     string `json:"move"` // serving, or the state of a move in progress
-	MoveTo   string `json:"move_to,omitempty"`
-	Groups   *int   `json:"groups"`
-	Devices  *int   `json:"devices"`
-	Queued   *int   `json:"queued"`
+	// Move is the state of a move in progress (draining, exported, …),
+	// else "serving", or "unserved" while nobody serves the shard.
+	Move    string `json:"move"`
+	MoveTo  string `json:"move_to,omitempty"`
+	Groups  *int   `json:"groups"`
+	Devices *int   `json:"devices"`
+	Queued  *int   `json:"queued"`
 }
 
 // ClusterShards is GET /api/v1/cluster/shards.
@@ -83,18 +90,26 @@ type ClusterShards struct {
 	Shards []ClusterShard `json:"shards"`
 }
 
-func (a *API) registerCluster(mux *http.ServeMux) {
-	if a.cluster == nil {
-		return
+// registerCluster adds the cluster endpoints; on a single node each
+// answers 404 saying so (the routes exist either way: they need the
+// token on every node).
+func (a *API) registerCluster(mux *routes) {
+	clustered := func(h http.HandlerFunc) http.HandlerFunc {
+		if a.cluster != nil {
+			return h
+		}
+		return func(w http.ResponseWriter, r *http.Request) {
+			writeError(w, http.StatusNotFound, "not in cluster mode: this mediator runs as a single node (cluster mode needs --cluster-etcd)")
+		}
 	}
-	mux.HandleFunc("GET /cluster/haproxy.map", func(w http.ResponseWriter, r *http.Request) {
+	mux.handleFunc("GET /cluster/haproxy.map", clustered(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte(a.cluster.HAProxyMap()))
-	})
-	mux.HandleFunc("GET /api/v1/cluster/nodes", a.apiClusterNodes)
-	mux.HandleFunc("GET /api/v1/cluster/shards", a.apiClusterShards)
-	a.registerClusterMoves(mux)
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/reassign", a.apiClusterReassign)
+	}))
+	mux.handleFunc("GET /api/v1/cluster/nodes", clustered(a.apiClusterNodes))
+	mux.handleFunc("GET /api/v1/cluster/shards", clustered(a.apiClusterShards))
+	a.registerClusterMoves(mux, clustered)
+	mux.handleFunc("POST /api/v1/cluster/shards/{shard}/reassign", clustered(a.apiClusterReassign))
 }
 
 func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
@@ -107,7 +122,7 @@ func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
 	out := ClusterNodes{Nodes: []ClusterNode{}}
 	for _, m := range a.cluster.Members() {
 		out.Nodes = append(out.Nodes, ClusterNode{
-			ID: m.ID, Advertise: m.Advertise, Started: m.Started.UTC().Format(time.RFC3339),
+			ID: m.ID, Advertise: m.Advertise, Admin: m.Admin, TLS: m.TLS, Started: m.Started.UTC().Format(time.RFC3339),
 			Shards: serving[m.ID], Draining: m.Draining, This: m.ID == a.cluster.ID(),
 		})
 	}
@@ -146,6 +161,9 @@ func (a *API) apiClusterShards(w http.ResponseWriter, r *http.Request) {
 		cs := ClusterShard{
 			Shard: fmt.Sprintf("%02x", byte(s.Shard)), Assigned: s.Assigned, Owner: s.Owner, Addr: s.Addr,
 			Epoch: s.Epoch, Move: string(s.Move), MoveTo: s.MoveTo,
+		}
+		if s.Move == cluster.StateServing && s.Owner == "" {
+			cs.Move = "unserved"
 		}
 		if c := local[byte(s.Shard)]; c != nil {
 			cs.Groups, cs.Devices, cs.Queued = &c.groups, &c.devices, &c.queued

@@ -47,12 +47,12 @@ type RebalanceResult struct {
 	Moves  []MoveResult  `json:"moves"`
 }
 
-func (a *API) registerClusterMoves(mux *http.ServeMux) {
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/move", a.apiClusterMove)
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/abort", a.apiClusterAbort)
-	mux.HandleFunc("POST /api/v1/cluster/nodes/{node}/drain", a.apiClusterDrain)
-	mux.HandleFunc("POST /api/v1/cluster/nodes/{node}/undrain", a.apiClusterUndrain)
-	mux.HandleFunc("POST /api/v1/cluster/rebalance", a.apiClusterRebalance)
+func (a *API) registerClusterMoves(mux *routes, clustered func(http.HandlerFunc) http.HandlerFunc) {
+	mux.handleFunc("POST /api/v1/cluster/shards/{shard}/move", clustered(a.apiClusterMove))
+	mux.handleFunc("POST /api/v1/cluster/shards/{shard}/abort", clustered(a.apiClusterAbort))
+	mux.handleFunc("POST /api/v1/cluster/nodes/{node}/drain", clustered(a.apiClusterDrain))
+	mux.handleFunc("POST /api/v1/cluster/nodes/{node}/undrain", clustered(a.apiClusterUndrain))
+	mux.handleFunc("POST /api/v1/cluster/rebalance", clustered(a.apiClusterRebalance))
 }
 
 func moveResult(m cluster.MoveResult) MoveResult {

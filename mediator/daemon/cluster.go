@@ -2,11 +2,13 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
+	"net"
+	"strconv"
 	"sync/atomic"
 	"time"
-
-	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -21,8 +23,17 @@ type ClusterConfig struct {
 	Etcd      clientv3.Config // endpoints, TLS, user and password
 	NodeID    string
 	Advertise string // host:port other nodes and the load balancer reach DeviceListen at; "" = the listener's address
-	Prefix    string
-	LeaseTTL  time.Duration
+	// AdminAdvertise is the host:port other nodes reach the admin listener
+	// at (they forward admin requests for this node's shards there); ""
+	// = the admin listener's address (on a wildcard address, with the
+	// host of Advertise).
+	AdminAdvertise string
+	Prefix         string
+	LeaseTTL       time.Duration
+	// RootCAs verifies the other nodes' device listener certificates
+	// when they serve TLS (forwarded devices, shard transfers); nil: the
+	// system roots.
+	RootCAs *x509.CertPool
 	// AutoRebalance: the elected controller keeps the shards balanced
 	// over the live nodes that are not draining (cluster.Config).
 	AutoRebalance bool
@@ -105,7 +116,8 @@ func (p *placement) Route(shard byte) mediator.Route {
 		// forwarding to ourselves would refuse it as a loop.
 		return mediator.Route{Settling: true}
 	}
-	return mediator.Route{Node: node, Addr: addr}
+	m, _ := n.Member(node)
+	return mediator.Route{Node: node, Addr: addr, TLS: m.TLS}
 }
 
 // MayAck is asked once per ReflectAck: lock-free.
@@ -116,7 +128,7 @@ func (p *placement) MayAck(shard byte) bool {
 
 // joinCluster connects to etcd and joins the cluster as the node serving
 // the already listening device listener.
-func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement, scheme string) error {
+func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement, deviceTLS bool) error {
 	cli, err := clientv3.New(cc.Etcd)
 	if err != nil {
 		return fmt.Errorf("etcd client: %w", err)
@@ -124,6 +136,10 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	advertise := cc.Advertise
 	if advertise == "" {
 		advertise = d.DeviceAddr.String()
+	}
+	adminAdvertise := cc.AdminAdvertise
+	if adminAdvertise == "" && d.AdminAddr != nil {
+		adminAdvertise = defaultAdminAdvertise(advertise, d.AdminAddr)
 	}
 	hooks := newMoveHooks(d)
 	events := newEventLog(d, s, hooks)
@@ -146,6 +162,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 			}
 			plannedMoves.WithLabelValues(outcome).Inc()
 		},
+		AdminAdvertise: adminAdvertise, DeviceTLS: deviceTLS,
 		OnKeepAlive: func(_ time.Time, rtt time.Duration) { keepalive.Observe(rtt.Seconds()) },
 		Hooks:       hooks,
 		// With a replicated store a lost node's shards are served by
@@ -153,7 +170,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		// hands over only the epoch.
 		AutoFailover: d.shared,
 		SharedStore:  d.shared,
-		Transport:    &httpTransport{scheme: scheme, client: &http.Client{Timeout: cluster.DefaultMoveTimeout}},
+		Transport:    newHTTPTransport(nodeTLS(cc.RootCAs)),
 		OnEvents:     events.handle,
 		Log:          d.log.With().Str("component", "cluster").Logger(),
 	})
@@ -183,6 +200,29 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	}
 	d.Cluster, d.etcd = node, cli
 	return nil
+}
+
+// defaultAdminAdvertise is where other nodes reach the admin listener
+// when no address is configured: the listener's address, but on a
+// wildcard address (0.0.0.0, ::) the host other nodes reach the device
+// listener at, with the admin listener's port.
+func defaultAdminAdvertise(deviceAdvertise string, admin net.Addr) string {
+	tcp, ok := admin.(*net.TCPAddr)
+	if !ok || !tcp.IP.IsUnspecified() {
+		return admin.String()
+	}
+	host, _, err := net.SplitHostPort(deviceAdvertise)
+	if err != nil {
+		return admin.String()
+	}
+	return net.JoinHostPort(host, strconv.Itoa(tcp.Port))
+}
+
+// nodeTLS is the client TLS configuration for connections to other
+// nodes' device listeners: their certificates are verified against
+// roots (nil: the system roots), for the host of the address dialled.
+func nodeTLS(roots *x509.CertPool) *tls.Config {
+	return &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 }
 
 // leaveCluster stops acking at once and revokes the node's lease (its

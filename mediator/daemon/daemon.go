@@ -88,6 +88,9 @@ type Daemon struct {
 	DeviceURL  string
 	DeviceAddr net.Addr
 	AdminAddr  net.Addr // nil without an admin listener
+	// AdminHandler is what the admin listener serves (nil without one);
+	// adminapi.Routes lists its routes.
+	AdminHandler http.Handler
 	// Cluster is this node's cluster membership (cluster mode only).
 	Cluster *cluster.Node
 	etcd    *clientv3.Client
@@ -194,6 +197,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 	if place != nil {
 		cfg.Server.Placement = place
 		cfg.Server.NodeID = cfg.Cluster.NodeID
+		cfg.Server.NodeTLS = nodeTLS(cfg.Cluster.RootCAs)
 	}
 	s, err := mediator.New(cfg.Server, d.Store, log)
 	if err != nil {
@@ -232,7 +236,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 	if place != nil {
 		// After the listener exists (other nodes forward to it as soon as
 		// this node claims shards), before it serves.
-		if err := d.joinCluster(*cfg.Cluster, s, place, map[bool]string{false: "http", true: "https"}[scheme == "wss"]); err != nil {
+		if err := d.joinCluster(*cfg.Cluster, s, place, scheme == "wss"); err != nil {
 			return nil, err
 		}
 		undo = append(undo, func() { d.leaveCluster(context.Background()) })
@@ -247,7 +251,8 @@ func Start(cfg Config) (d *Daemon, err error) {
 		if d.Cluster != nil {
 			opts = append(opts, adminapi.WithCluster(d.Cluster))
 		}
-		d.admin = &http.Server{Handler: adminapi.Handler(s, cfg.AdminToken, log, opts...), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+		d.AdminHandler = adminapi.Handler(s, cfg.AdminToken, log, opts...)
+		d.admin = &http.Server{Handler: d.AdminHandler, ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 		d.serve(d.admin, adminLn)
 	}
 	s.SetReady(true)

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -235,19 +236,31 @@ func (l *eventLog) finished(s cluster.Shard, outcome string) {
 	}
 }
 
-// httpTransport posts a shard to the recipient's device listener.
+// httpTransport posts a shard to the recipient's device listener: over
+// https when the recipient's listener serves TLS (cluster.Member.TLS),
+// verifying its certificate against the cluster's roots.
 type httpTransport struct {
-	scheme string // http, or https when devices connect with TLS
 	client *http.Client
 }
 
+func newHTTPTransport(tc *tls.Config) *httpTransport {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil // node to node, never through an HTTP proxy
+	tr.TLSClientConfig = tc
+	return &httpTransport{client: &http.Client{Transport: tr, Timeout: cluster.DefaultMoveTimeout}}
+}
+
 func (t *httpTransport) Send(ctx context.Context, to cluster.Member, mi cluster.MoveInfo, data io.Reader) error {
+	scheme := "http"
+	if to.TLS {
+		scheme = "https"
+	}
 	q := url.Values{}
 	q.Set("shard", strconv.Itoa(int(mi.Shard)))
 	q.Set("from", mi.From)
 	q.Set("to", mi.To)
 	q.Set("from_epoch", strconv.FormatInt(mi.FromEpoch, 10))
-	u := t.scheme + "://" + to.Advertise + receivePath + url.PathEscape(mi.ID) + "?" + q.Encode()
+	u := scheme + "://" + to.Advertise + receivePath + url.PathEscape(mi.ID) + "?" + q.Encode()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, data)
 	if err != nil {
 		return err
