@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	crand "crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -29,6 +31,8 @@ type Node struct {
 
 	route  [NumShards]atomic.Pointer[routeEntry] // owner of each shard, for routing
 	events *eventQueue
+
+	secret []byte // the cluster's shared secret, set by Join
 
 	ctx    context.Context // ends with Close
 	cancel context.CancelFunc
@@ -120,6 +124,9 @@ func (n *Node) Join(ctx context.Context) error {
 	n.joined = true
 	n.mu.Unlock()
 
+	if err := n.loadSecret(ctx); err != nil {
+		return err
+	}
 	lease, err := n.register(ctx)
 	if err != nil {
 		return err
@@ -146,6 +153,43 @@ func (n *Node) Join(ctx context.Context) error {
 	n.reconcileLocal()
 	return nil
 }
+
+// loadSecret reads the cluster's secret, creating it if this is the first
+// node: 32 random bytes under <prefix>secret, which nodes use to
+// authenticate what they send each other (shard transfers). Whoever can
+// read the cluster's etcd keys can read it; whoever can write them can
+// reassign shards anyway, so etcd's access control is the trust root.
+func (n *Node) loadSecret(ctx context.Context) error {
+	var b [32]byte
+	if _, err := crand.Read(b[:]); err != nil {
+		return err
+	}
+	fresh := base64.StdEncoding.EncodeToString(b[:])
+	k := n.k.secret()
+	resp, err := n.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, fresh)).Else(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return fmt.Errorf("cluster: read the cluster secret: %w", err)
+	}
+	val := fresh
+	if !resp.Succeeded {
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 0 {
+			return errors.New("cluster: the cluster secret vanished while it was read")
+		}
+		val = string(kvs[0].Value)
+	}
+	secret, err := base64.StdEncoding.DecodeString(val)
+	if err != nil || len(secret) < 16 {
+		return fmt.Errorf("cluster: the cluster secret at %s is not base64 of at least 16 bytes", k)
+	}
+	n.secret = secret
+	return nil
+}
+
+// Secret is the cluster's shared secret (after Join): nodes authenticate
+// their requests to each other with it (HMAC).
+func (n *Node) Secret() []byte { return n.secret }
 
 // ownCopies reports whether this node holds copies of shards of its own
 // (a local store with hooks).

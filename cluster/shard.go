@@ -71,6 +71,7 @@ func (k keys) move(s Shard) string    { return k.moves() + s.String() }
 func (k keys) drains() string         { return k.prefix + "drain/" }
 func (k keys) drain(id string) string { return k.drains() + id }
 func (k keys) electionPrefix() string { return k.prefix + "controller" }
+func (k keys) secret() string         { return k.prefix + "secret" }
 func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 	if !strings.HasPrefix(key, dir) {
 		return 0, false

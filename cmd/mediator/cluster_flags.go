@@ -38,7 +38,7 @@ func (c *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.prefix, "cluster-prefix", cluster.DefaultPrefix, "cluster mode: etcd key `prefix`")
 	fs.DurationVar(&c.leaseTTL, "cluster-lease-ttl", 5*time.Second, "cluster mode: node lease TTL (whole seconds); acks for a shard stop at the last keepalive sent + TTL - TTL/5")
 	fs.BoolVar(&c.autoRebalance, "cluster-auto-rebalance", true, "cluster mode: the elected controller moves shards so that every node serves its share (a node that joins takes shards, a drained one gives them away), a few at a time")
-	fs.IntVar(&c.maxMoves, "cluster-max-moves", 4, "cluster mode: planned moves a rebalance or drain makes at once (`n`)")
+	fs.IntVar(&c.maxMoves, "cluster-max-moves", 0, "cluster mode: planned moves a rebalance or drain makes at once (`n`; 0: 4)")
 	fs.StringVar(&c.cacert, "etcd-cacert", "", "CA certificate `file` that signed etcd's server certificates (enables TLS)")
 	fs.StringVar(&c.cert, "etcd-cert", "", "client certificate `file` for etcd (with --etcd-key)")
 	fs.StringVar(&c.key, "etcd-key", "", "client key `file` for etcd")
@@ -109,8 +109,8 @@ func (c *clusterFlags) config() (*daemon.ClusterConfig, error) {
 		}
 		ec.Username, ec.Password = c.user, strings.TrimRight(string(pw), "\r\n")
 	}
-	if c.maxMoves < 1 {
-		return nil, errors.New("--cluster-max-moves must be at least 1")
+	if c.maxMoves < 0 {
+		return nil, errors.New("--cluster-max-moves must not be negative (0: the default, 4)")
 	}
 	return &daemon.ClusterConfig{
 		Etcd: ec, NodeID: c.nodeID, Advertise: c.advertise, AdminAdvertise: c.adminAdvertise,

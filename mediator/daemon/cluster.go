@@ -42,6 +42,9 @@ type ClusterConfig struct {
 	MaxConcurrentMoves int
 	// MoveTimeout bounds a planned move (cluster default 60s).
 	MoveTimeout time.Duration
+	// TransferIdleTimeout bounds how long a shard transfer may make no
+	// progress (DefaultTransferIdleTimeout).
+	TransferIdleTimeout time.Duration
 }
 
 // placement adapts a cluster node to the server's Placement. Before Join
@@ -170,7 +173,7 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 		// hands over only the epoch.
 		AutoFailover: d.shared,
 		SharedStore:  d.shared,
-		Transport:    newHTTPTransport(nodeTLS(cc.RootCAs)),
+		Transport:    newHTTPTransport(nodeTLS(cc.RootCAs), cc.TransferIdleTimeout, func() []byte { return p.node.Load().Secret() }),
 		OnEvents:     events.handle,
 		Log:          d.log.With().Str("component", "cluster").Logger(),
 	})

@@ -1,11 +1,16 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -239,15 +244,33 @@ func (l *eventLog) finished(s cluster.Shard, outcome string) {
 // httpTransport posts a shard to the recipient's device listener: over
 // https when the recipient's listener serves TLS (cluster.Member.TLS),
 // verifying its certificate against the cluster's roots.
+// Every transfer is signed with the cluster's secret (moveauth.go), and a
+// connection that makes no progress for idle ends the transfer.
 type httpTransport struct {
 	client *http.Client
+	secret func() []byte
 }
 
-func newHTTPTransport(tc *tls.Config) *httpTransport {
+// DefaultTransferIdleTimeout bounds how long a shard transfer may make no
+// progress (no byte sent or received) before it fails and the move aborts.
+const DefaultTransferIdleTimeout = 30 * time.Second
+
+func newHTTPTransport(tc *tls.Config, idle time.Duration, secret func() []byte) *httpTransport {
+	if idle <= 0 {
+		idle = DefaultTransferIdleTimeout
+	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.Proxy = nil // node to node, never through an HTTP proxy
 	tr.TLSClientConfig = tc
-	return &httpTransport{client: &http.Client{Transport: tr, Timeout: cluster.DefaultMoveTimeout}}
+	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return idleConn{Conn: c, timeout: idle}, nil
+	}
+	return &httpTransport{client: &http.Client{Transport: tr, Timeout: cluster.DefaultMoveTimeout}, secret: secret}
 }
 
 func (t *httpTransport) Send(ctx context.Context, to cluster.Member, mi cluster.MoveInfo, data io.Reader) error {
@@ -261,11 +284,17 @@ func (t *httpTransport) Send(ctx context.Context, to cluster.Member, mi cluster.
 	q.Set("to", mi.To)
 	q.Set("from_epoch", strconv.FormatInt(mi.FromEpoch, 10))
 	u := scheme + "://" + to.Advertise + receivePath + url.PathEscape(mi.ID) + "?" + q.Encode()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, data)
+	secret := t.secret()
+	trailer := http.Header{moveMACTrailer: nil}
+	body := &signingReader{r: data, h: sha256.New(), secret: secret, mi: mi, trailer: trailer}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, body)
 	if err != nil {
 		return err
 	}
+	req.ContentLength = -1 // chunked: the trailer follows the body
+	req.Trailer = trailer
 	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set(moveAuthHeader, signMove(secret, mi))
 	resp, err := t.client.Do(req)
 	if err != nil {
 		return err
@@ -299,7 +328,30 @@ func (d *Daemon) receiveHandler(next http.Handler) http.Handler {
 			return
 		}
 		mi := cluster.MoveInfo{ID: id, Shard: cluster.Shard(shard), From: q.Get("from"), To: q.Get("to"), FromEpoch: epoch}
-		if err := d.Cluster.Receive(r.Context(), mi, r.Body); err != nil {
+		secret := d.Cluster.Secret()
+		if err := checkMoveHeader(secret, mi, r.Header.Get(moveAuthHeader)); err != nil {
+			d.log.Warn().Str("remote", r.RemoteAddr).Str("move", id).Str("shard", mi.Shard.String()).
+				Msg("cluster: refused a shard transfer without this cluster's signature")
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		// The whole stream is read before anything is imported (the
+		// import holds it in memory anyway), so its signature, in the
+		// trailer, is checked first.
+		h := sha256.New()
+		var buf bytes.Buffer
+		if _, err := buf.ReadFrom(io.TeeReader(r.Body, h)); err != nil {
+			http.Error(w, "reading the shard: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		mac, err := hex.DecodeString(r.Trailer.Get(moveMACTrailer))
+		if err != nil || !hmac.Equal(mac, bodyMAC(secret, mi, h.Sum(nil))) {
+			d.log.Warn().Str("remote", r.RemoteAddr).Str("move", id).Str("shard", mi.Shard.String()).
+				Msg("cluster: refused a shard transfer whose stream does not match its signature")
+			http.Error(w, errMoveAuth.Error()+" (stream)", http.StatusForbidden)
+			return
+		}
+		if err := d.Cluster.Receive(r.Context(), mi, &buf); err != nil {
 			// A refusal (the move was aborted, the donor gave up), not a
 			// fault of this node: the donor records the outcome.
 			d.log.Warn().Err(err).Msg("cluster: receiving a shard failed")
