@@ -53,12 +53,38 @@ type ClusterConfig struct {
 // Status, Admit, MayAck).
 type placement struct {
 	node atomic.Pointer[cluster.Node]
+	fake shardNode // tests: answers instead of node
+}
+
+// shardNode is what placement asks of the cluster node (*cluster.Node);
+// its unit tests drive the routing decisions with a fake.
+type shardNode interface {
+	ID() string
+	Status(cluster.Shard) cluster.ShardStatus
+	MayAck(cluster.Shard) bool
+	Admit(ctx context.Context, s cluster.Shard, epoch int64) error
+	Release(cluster.Shard)
+	Incoming(cluster.Shard) bool
+	Moving(cluster.Shard) bool
+	Owner(cluster.Shard) (node, addr string, epoch int64, ok bool)
+	Member(id string) (cluster.Member, bool)
+}
+
+// get returns the node, nil before Join.
+func (p *placement) get() shardNode {
+	if p.fake != nil {
+		return p.fake
+	}
+	if n := p.node.Load(); n != nil {
+		return n
+	}
+	return nil
 }
 
 // Epoch is the epoch this node serves the shard at (serving, or frozen by
 // a planned move).
 func (p *placement) Epoch(shard byte) (int64, bool) {
-	n := p.node.Load()
+	n := p.get()
 	if n == nil {
 		return 0, false
 	}
@@ -70,7 +96,7 @@ func (p *placement) Epoch(shard byte) (int64, bool) {
 }
 
 func (p *placement) Admit(ctx context.Context, shard byte, epoch int64) error {
-	n := p.node.Load()
+	n := p.get()
 	if n == nil {
 		return &cluster.ShardGoneError{Shard: cluster.Shard(shard)}
 	}
@@ -78,13 +104,13 @@ func (p *placement) Admit(ctx context.Context, shard byte, epoch int64) error {
 }
 
 func (p *placement) Release(shard byte) {
-	if n := p.node.Load(); n != nil {
+	if n := p.get(); n != nil {
 		n.Release(cluster.Shard(shard))
 	}
 }
 
 func (p *placement) Route(shard byte) mediator.Route {
-	n := p.node.Load()
+	n := p.get()
 	if n == nil {
 		return mediator.Route{}
 	}
@@ -125,7 +151,7 @@ func (p *placement) Route(shard byte) mediator.Route {
 
 // MayAck is asked once per ReflectAck: lock-free.
 func (p *placement) MayAck(shard byte) bool {
-	n := p.node.Load()
+	n := p.get()
 	return n != nil && n.MayAck(cluster.Shard(shard))
 }
 
