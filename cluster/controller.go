@@ -4,7 +4,6 @@ import (
 	"context"
 	"sort"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -50,22 +49,38 @@ func (n *Node) controllerLoop() {
 
 // ctrlState is what the controller remembers between passes of one term.
 type ctrlState struct {
-	live        string    // sorted ids of the live nodes at the last pass
-	liveSince   time.Time // when that set was first seen
-	rebalancing atomic.Bool
+	live      string    // sorted ids of the live nodes at the last pass
+	liveSince time.Time // when that set was first seen
 }
 
 // lead runs reconciliation passes while this node is the controller:
-// after every change of the view, and every TTL.
+// after every change of the view, and every TTL. It ends when ctx ends or
+// its election key goes (deleted, or its session's lease expired): every
+// write compares that key, so a controller that lost it writes nothing
+// and must campaign again rather than fail forever.
 func (n *Node) lead(ctx context.Context, el *concurrency.Election) {
 	leader := clientv3.Compare(clientv3.CreateRevision(el.Key()), "=", el.Rev())
 	st := &ctrlState{}
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	gone := n.cli.Watch(wctx, el.Key(), clientv3.WithRev(el.Rev()+1))
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case resp, ok := <-gone:
+			if !ok || resp.Canceled {
+				return
+			}
+			for _, ev := range resp.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					n.log.Warn().Str("node", n.cfg.NodeID).Msg("cluster: controller's election key is gone; campaigning again")
+					return
+				}
+			}
+			continue
 		case <-n.ctrlKick:
 		case <-timer.C:
 		}
@@ -102,15 +117,14 @@ type plannedWrite struct {
 // It returns when it wants to run again (0: on the next change).
 func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ctrlState) time.Duration {
 	n.mu.Lock()
-	v := n.view // arrays of pointers to immutable entries: a cheap copy
+	v := n.view.snapshot()
 	live := make(map[string]bool, len(n.view.nodes))
 	ids := make([]string, 0, len(n.view.nodes))
 	for id := range n.view.nodes {
 		live[id] = true
 		ids = append(ids, id)
 	}
-	load := n.view.load()
-	plan := n.view.rebalancePlan()
+	load := n.view.targets()
 	n.mu.Unlock()
 
 	sort.Strings(ids)
@@ -122,9 +136,17 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 
 	var writes []plannedWrite
 	var cleanups []plannedWrite
-	movesInFlight := 0
 	for i := range NumShards {
 		s := Shard(i)
+		if rev := v.badMoves[s]; rev != 0 {
+			n.log.Error().Str("shard", s.String()).Int64("revision", rev).
+				Msg("cluster: controller deletes an unreadable move record (it would block every move and claim of the shard)")
+			cleanups = append(cleanups, plannedWrite{
+				cmps: []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", rev)},
+				op:   clientv3.OpDelete(n.k.move(s)),
+			})
+			continue
+		}
 		if m := v.moves[s]; m != nil {
 			switch o := v.owner[s]; {
 			case m.finished():
@@ -139,8 +161,6 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 					cmps: []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", m.rev)},
 					op:   clientv3.OpPut(n.k.move(s), mustJSON(rec)),
 				})
-			default:
-				movesInFlight++
 			}
 			continue
 		}
@@ -178,14 +198,22 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 	if !settled {
 		return max(wait, time.Millisecond)
 	}
-	if n.cfg.AutoRebalance && movesInFlight == 0 && len(plan) > 0 && st.rebalancing.CompareAndSwap(false, true) {
-		n.spawn(func() {
-			defer st.rebalancing.Store(false)
-			if _, err := n.runMoves(ctx, plan); err != nil {
-				n.log.Warn().Err(err).Msg("cluster: rebalance")
+	if n.cfg.AutoRebalance {
+		// Start a budget's worth of moves and let the cluster carry
+		// them: the next passes (each move's states wake the watch) see
+		// them in flight, and a new controller finds them there too.
+		for _, pm := range v.planRebalance(n.cfg.MaxConcurrentMoves - v.movesInFlight()) {
+			sctx, cancel := context.WithTimeout(ctx, n.cfg.LeaseTTL)
+			info, _, err := n.StartMove(sctx, pm.Shard, pm.To)
+			cancel()
+			if err != nil {
+				n.log.Warn().Err(err).Str("shard", pm.Shard.String()).Str("to", pm.To).Msg("cluster: controller could not start a planned move")
+				continue
 			}
-			n.kickController()
-		})
+			n.log.Info().Str("shard", pm.Shard.String()).Str("from", pm.From).Str("to", pm.To).Str("reason", pm.Reason).Str("move", info.ID).
+				Msg("cluster: controller started a planned move")
+			n.watchPlanned(pm, info)
+		}
 	}
 	if ok {
 		n.controllerRev.Store(v.rev)
@@ -205,7 +233,9 @@ func (n *Node) applyWrites(ctx context.Context, leader clientv3.Cmp, writes []pl
 			cmps = append(cmps, w.cmps...)
 			ops = append(ops, w.op)
 		}
-		resp, err := n.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		tctx, cancel := context.WithTimeout(ctx, n.cfg.LeaseTTL)
+		resp, err := n.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
+		cancel()
 		if err != nil {
 			n.log.Warn().Err(err).Msg("cluster: controller write")
 			return false
@@ -229,4 +259,18 @@ func (n *Node) applyWrites(ctx context.Context, leader clientv3.Cmp, writes []pl
 		}
 	}
 	return all
+}
+
+// watchPlanned follows a move the controller started, on a goroutine of
+// the node, to report its end (log, OnPlannedMove). It stops waiting when
+// the node closes, never aborting the move.
+func (n *Node) watchPlanned(pm PlannedMove, info MoveInfo) {
+	n.spawn(func() {
+		ctx, cancel := context.WithTimeout(n.ctx, n.cfg.MoveTimeout+n.cfg.LeaseTTL)
+		defer cancel()
+		r, err := n.WaitMove(ctx, info, 0)
+		if n.ctx.Err() == nil {
+			n.notePlanned(pm, r, err)
+		}
+	})
 }

@@ -21,7 +21,7 @@
 //
 // Under a prefix (DefaultPrefix, "/d2m-mediator/"):
 //
-//	nodes/<node-id>  {"advertise","started"}  on the node's lease     a live node (one lease per node, as CockroachDB's node liveness)
+//	nodes/<node-id>  {"advertise","started","admin","tls"}  on the node's lease     a live node (one lease per node, as CockroachDB's node liveness)
 //	assign/<NN>      {"node","by"}            no lease                the node that holds the shard's data: where it must be served
 //	shards/<NN>      {"node","advertise"}     on the owner's lease    the node serving it now; its ModRevision is the shard's epoch
 //	moves/<NN>       {"id","from","to","state","from_epoch",…}  no lease   a planned move in progress (or just finished)

@@ -69,14 +69,11 @@ func TestFenceStopsAtLastSendPlusTTLMinusMargin(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !f.claim(7, id, 42) {
-			t.Fatal("claim under the current lease refused")
+		if f.mayAck(id + 1) {
+			t.Fatal("MayAck true under a lease that is not the current one")
 		}
-		if f.claim(7, id, 42) {
-			t.Fatal("the same claim recorded twice")
-		}
-		if f.mayAck(8) {
-			t.Fatal("MayAck true for a shard not owned")
+		if f.mayAck(0) {
+			t.Fatal("MayAck true for no lease (a shard not owned)")
 		}
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error, 1)
@@ -95,16 +92,16 @@ func TestFenceStopsAtLastSendPlusTTLMinusMargin(t *testing.T) {
 			t.Fatalf("owned until %v, want send + TTL − margin = %v (the reply came 100 ms after the send)", st.OwnedUntil.Sub(start), want.Sub(start))
 		}
 		time.Sleep(time.Until(st.OwnedUntil) - time.Nanosecond)
-		if !f.mayAck(7) {
+		if !f.mayAck(id) {
 			t.Fatal("MayAck false before the fence time")
 		}
 		time.Sleep(time.Nanosecond)
-		if f.mayAck(7) {
+		if f.mayAck(id) {
 			t.Fatal("MayAck true at the fence time")
 		}
 		// A pause far past the TTL (SIGSTOP): still false, nothing ran.
 		time.Sleep(time.Minute)
-		if f.mayAck(7) {
+		if f.mayAck(id) {
 			t.Fatal("MayAck true after a long pause")
 		}
 		// etcd still knew the lease (it was only unreachable): the next
@@ -113,7 +110,7 @@ func TestFenceStopsAtLastSendPlusTTLMinusMargin(t *testing.T) {
 		fl.set(false, false)
 		time.Sleep(ttl)
 		synctest.Wait()
-		if !f.mayAck(7) {
+		if !f.mayAck(id) {
 			t.Fatal("MayAck false after a keepalive succeeded again")
 		}
 		cancel()
@@ -138,13 +135,12 @@ func TestSlowKeepAliveKeepsTheFence(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		f.claim(7, id, 42)
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error, 1)
 		go func() { done <- k.run(ctx, id) }()
 		for range 200 { // 20 s in steps of 100 ms
 			time.Sleep(100 * time.Millisecond)
-			if !f.mayAck(7) {
+			if !f.mayAck(id) {
 				t.Fatalf("the fence lapsed with keepalives answered after 700 ms (last sent %v ago)", time.Since(f.status().LastKeepAliveSent))
 			}
 		}
@@ -154,15 +150,13 @@ func TestSlowKeepAliveKeepsTheFence(t *testing.T) {
 }
 
 // TestKeeperLeaseGone: etcd saying "lease not found" ends the loop with
-// errLeaseLost, and leaseLost releases every shard of that lease.
+// errLeaseLost, and leaseLost stops acks under that lease at once.
 func TestKeeperLeaseGone(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		fl := &fakeLease{delay: 10 * time.Millisecond}
 		f := newFence(200 * time.Millisecond)
 		k := keeper{lease: fl, fence: f, ttl: time.Second}
 		id, _ := k.grant(t.Context())
-		f.claim(1, id, 10)
-		f.claim(2, id, 10)
 		done := make(chan error, 1)
 		go func() { done <- k.run(t.Context(), id) }()
 		time.Sleep(2 * time.Second)
@@ -170,55 +164,15 @@ func TestKeeperLeaseGone(t *testing.T) {
 		if err := <-done; !errors.Is(err, errLeaseLost) {
 			t.Fatalf("run returned %v, want errLeaseLost", err)
 		}
-		lost := f.leaseLost(id)
-		if len(lost) != 2 || lost[0].Shard != 1 || lost[1].Shard != 2 || lost[0].Kind != ShardLost || lost[0].Epoch != 10 {
-			t.Fatalf("lost = %+v", lost)
+		if !f.mayAck(id) {
+			t.Fatal("MayAck false before the loss was reported")
 		}
-		if f.mayAck(1) || f.mayAck(2) {
+		f.leaseLost(id)
+		if f.mayAck(id) {
 			t.Fatal("MayAck true after the lease was lost")
-		}
-		if f.claim(3, id, 11) {
-			t.Fatal("claim under a lost lease accepted")
 		}
 		if f.renewed(id, time.Now(), time.Second) {
 			t.Fatal("renewal of a lost lease accepted")
-		}
-	})
-}
-
-// TestFencePauseResume: a draining move stops acks at once and keeps
-// the shard owned; resume needs the same epoch; release ends it.
-func TestFencePauseResume(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		f := newFence(time.Second)
-		f.granted(5, time.Now(), 5*time.Second)
-		f.claim(9, 5, 100)
-		if !f.mayAck(9) {
-			t.Fatal("not acking a claimed shard")
-		}
-		if f.pause(9, 99) {
-			t.Fatal("pause at a wrong epoch accepted")
-		}
-		if !f.pause(9, 100) || f.mayAck(9) {
-			t.Fatal("pause did not stop acks")
-		}
-		if _, paused, ok := f.ownedAt(9); !ok || !paused {
-			t.Fatal("paused shard not owned")
-		}
-		// Renewals do not revive a paused shard.
-		time.Sleep(time.Second)
-		f.renewed(5, time.Now(), 5*time.Second)
-		if f.mayAck(9) {
-			t.Fatal("renewal revived a paused shard")
-		}
-		if f.resume(9, 101) {
-			t.Fatal("resume at a wrong epoch accepted")
-		}
-		if !f.resume(9, 100) || !f.mayAck(9) {
-			t.Fatal("resume did not restore acks")
-		}
-		if e, was := f.release(9); !was || e != 100 || f.mayAck(9) {
-			t.Fatal("release")
 		}
 	})
 }
@@ -269,13 +223,28 @@ func TestConfigValidate(t *testing.T) {
 
 // BenchmarkMayAck is the reflect path's cost of asking.
 func BenchmarkMayAck(b *testing.B) {
-	f := newFence(time.Second)
-	f.granted(1, time.Now(), time.Hour)
-	f.claim(3, 1, 10)
+	n := &Node{fence: newFence(time.Second)}
+	n.fence.granted(1, time.Now(), time.Hour)
+	n.lc.apply(3, lifecycleEvent{kind: evClaimed, epoch: 10, lease: 1})
 	b.ReportAllocs()
 	for b.Loop() {
-		if !f.mayAck(3) {
+		if !n.MayAck(3) {
 			b.Fatal("not acking")
 		}
+	}
+}
+
+// BenchmarkAdmitRelease is the cost every group write pays in cluster
+// mode to pass the shard's lifecycle.
+func BenchmarkAdmitRelease(b *testing.B) {
+	n := &Node{fence: newFence(time.Second)}
+	n.lc.apply(3, lifecycleEvent{kind: evClaimed, epoch: 10, lease: 1})
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := n.Admit(ctx, 3, 10); err != nil {
+			b.Fatal(err)
+		}
+		n.Release(3)
 	}
 }

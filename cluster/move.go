@@ -8,8 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
-	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -24,6 +22,9 @@ var (
 	ErrShardUnavailable = errors.New("shard has no live owner")
 	ErrAlreadyOwner     = errors.New("node already owns the shard")
 	ErrMoveAborted      = errors.New("move aborted")
+	ErrMoveRunning      = errors.New("the move goes on without the caller")
+	ErrMoveFinished     = errors.New("the move has already finished")
+	ErrNoSuchMove       = errors.New("no such move")
 	ErrDataLoss         = errors.New("reassigning a shard whose owner is gone loses its data: acceptDataLoss is required")
 	ErrOwnerLive        = errors.New("the shard's owner is live: use a move, which keeps its data")
 	ErrNoOtherNode      = errors.New("no other live node to move shards to")
@@ -36,11 +37,13 @@ type StateChange struct {
 	Rev   int64 // etcd revision of the record's write
 }
 
-// MoveResult tells how a planned move went.
+// MoveResult tells how a planned move went, or how far it got.
 type MoveResult struct {
 	MoveInfo
-	ToEpoch int64         // epoch of the recipient's ownership
-	States  []StateChange // in order: draining, exported, handed-over
+	State   MoveState     // the last state seen: handed-over, aborted, or the one in flight
+	Reason  string        // aborted: why
+	ToEpoch int64         // epoch of the recipient's ownership (handed over)
+	States  []StateChange // in order: draining, exported, handed-over (or aborted)
 	Took    time.Duration
 }
 
@@ -50,17 +53,31 @@ func newMoveID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Move moves shard s to node to with its data: the donor stops acking and
-// drains (draining), exports (exported), the recipient imports and flips
-// ownership in one transaction that compares the donor's epoch
-// (handed-over). Every state is a write of moves/<NN>, so both nodes and
-// the caller see it. Move may be called on any node; it returns when the
-// move ended. A second move of a shard, a move to a node that is not
-// live, and a move of a shard without a live owner are refused.
+// Move moves shard s to node to with its data and waits for the outcome:
+// StartMove, then WaitMove. The move belongs to the cluster, not to the
+// caller: if ctx ends first, Move returns ErrMoveRunning and the move goes
+// on (the donor bounds it with MoveTimeout); AbortMove stops it.
 func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error) {
-	start := time.Now()
-	fail := func(err error) (MoveResult, error) {
-		return MoveResult{}, fmt.Errorf("cluster: move shard %s to %s: %w", s, to, err)
+	info, rev, err := n.StartMove(ctx, s, to)
+	if err != nil {
+		return MoveResult{MoveInfo: info}, err
+	}
+	return n.WaitMove(ctx, info, rev)
+}
+
+// StartMove creates the move record of a planned move of s to node to and
+// returns at once with the move and the record's revision. The donor
+// (s's owner) sees the record, freezes s and drives the move: it drains
+// and exports (draining), records exported and sends the export, and the
+// recipient imports it and flips ownership in one transaction that
+// compares the donor's epoch (handed-over). Every state is a write of
+// moves/<NN>, so both nodes and any watcher see it. A second move of a
+// shard, a move to a node that is not live, and a move of a shard without
+// a live owner are refused.
+func (n *Node) StartMove(ctx context.Context, s Shard, to string) (MoveInfo, int64, error) {
+	info := MoveInfo{Shard: s, To: to}
+	fail := func(err error) (MoveInfo, int64, error) {
+		return info, 0, fmt.Errorf("cluster: move shard %s to %s: %w", s, to, err)
 	}
 	if !ValidNodeID(to) {
 		return fail(fmt.Errorf("%w (invalid node id)", ErrNodeNotLive))
@@ -72,7 +89,8 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 	}
 	// A finished move's record (handed-over, aborted) that the controller
 	// has not deleted yet does not block a new move: the new record
-	// replaces it, compared on its revision.
+	// replaces it, compared on its revision. So does a record nobody can
+	// read (the controller clears those too).
 	var oldMoveRev int64
 	check := func(resp *clientv3.TxnResponse) (ownerRecord, int64, error) {
 		var o ownerRecord
@@ -82,8 +100,7 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 		oldMoveRev = 0
 		if len(moveKV) > 0 {
 			var m moveRecord
-			_ = json.Unmarshal(moveKV[0].Value, &m)
-			if !m.finished() {
+			if json.Unmarshal(moveKV[0].Value, &m) == nil && !m.finished() {
 				return o, 0, fmt.Errorf("%w (move %s from %s to %s is %s)", ErrMoveInProgress, m.ID, m.From, m.To, m.State)
 			}
 			oldMoveRev = moveKV[0].ModRevision
@@ -103,39 +120,63 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 	if err != nil {
 		return fail(err)
 	}
-	rec := moveRecord{ID: newMoveID(), From: owner.Node, To: to, State: StateDraining, FromEpoch: epoch, Started: time.Now().UTC()}
-	cresp, err := n.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", oldMoveRev),
-			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", epoch),
-			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
-		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).
-		Else(get...).Commit()
-	if err != nil {
-		return fail(err)
-	}
-	if !cresp.Succeeded {
-		if _, _, err := check(cresp); err != nil {
+	rec := moveRecord{ID: newMoveID(), To: to, State: StateDraining, Started: time.Now().UTC()}
+	var cresp *clientv3.TxnResponse
+	// The compares fail when something changed between the read and the
+	// write; most often the controller just deleted the finished record
+	// of the previous move. The Else branch read everything again: check
+	// it and try once more with what it says.
+	for attempt := 1; ; attempt++ {
+		rec.From, rec.FromEpoch = owner.Node, epoch
+		cresp, err = n.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", oldMoveRev),
+				clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", epoch),
+				clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
+			Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).
+			Else(get...).Commit()
+		if err != nil {
 			return fail(err)
 		}
-		return fail(fmt.Errorf("%w (the shard's owner changed meanwhile)", ErrMoveAborted))
+		if cresp.Succeeded {
+			break
+		}
+		if owner, epoch, err = check(cresp); err != nil {
+			return fail(err)
+		}
+		if attempt == 5 {
+			return fail(fmt.Errorf("%w (the shard's owner or move record kept changing)", ErrMoveAborted))
+		}
 	}
-	res := MoveResult{
-		MoveInfo: MoveInfo{ID: rec.ID, Shard: s, From: rec.From, To: to, FromEpoch: epoch},
-		States:   []StateChange{{State: StateDraining, Rev: cresp.Header.Revision}},
-	}
-	lastRev := cresp.Header.Revision
+	info = MoveInfo{ID: rec.ID, Shard: s, From: rec.From, To: to, FromEpoch: epoch}
+	n.log.Info().Str("shard", s.String()).Str("move", rec.ID).Str("from", rec.From).Str("to", to).Msg("cluster: move started")
+	return info, cresp.Header.Revision, nil
+}
+
+// WaitMove follows move mi of shard s, whose record was written at rev,
+// until it ends: handed over (nil error) or aborted (ErrMoveAborted with
+// the reason). If ctx ends first it returns how far the move got and
+// ErrMoveRunning: the move goes on.
+func (n *Node) WaitMove(ctx context.Context, mi MoveInfo, rev int64) (MoveResult, error) {
+	start := time.Now()
+	s := mi.Shard
+	res := MoveResult{MoveInfo: mi, State: StateDraining}
+	lastRev := rev - 1
 	// seen takes one state of the record; done reports the move's end.
 	seen := func(kv *mvccpb.KeyValue, deleted bool) (done bool, err error) {
-		if kv.ModRevision <= res.States[len(res.States)-1].Rev {
+		if kv.ModRevision <= lastRev {
 			return false, nil // seen before the watch was reopened
 		}
+		lastRev = kv.ModRevision
 		if deleted {
-			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", rec.ID, s, ErrMoveAborted, res.States[len(res.States)-1].State)
+			// The controller deletes a record only once it has ended; a
+			// handed-over one was returned when it was seen.
+			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record deleted in state %s)", mi.ID, s, ErrMoveAborted, res.State)
 		}
 		var m moveRecord
-		if json.Unmarshal(kv.Value, &m) != nil || m.ID != rec.ID {
-			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", rec.ID, s, ErrMoveAborted)
+		if json.Unmarshal(kv.Value, &m) != nil || m.ID != mi.ID {
+			return true, fmt.Errorf("cluster: move %s of shard %s: %w (record replaced)", mi.ID, s, ErrMoveAborted)
 		}
+		res.State, res.Reason = m.State, m.Reason
 		res.States = append(res.States, StateChange{State: m.State, Rev: kv.ModRevision})
 		switch m.State {
 		case StateHandedOver:
@@ -143,7 +184,7 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 			res.Took = time.Since(start)
 			return true, nil
 		case StateAborted:
-			return true, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", rec.ID, s, to, ErrMoveAborted, m.Reason)
+			return true, fmt.Errorf("cluster: move %s of shard %s to %s: %w: %s", mi.ID, s, mi.To, ErrMoveAborted, m.Reason)
 		}
 		return false, nil
 	}
@@ -156,12 +197,12 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 			if wresp.CompactRevision != 0 {
 				if r, err := n.cli.Get(ctx, n.k.move(s)); err == nil {
 					if len(r.Kvs) == 0 {
-						return res, fmt.Errorf("cluster: move %s of shard %s: %w (record gone after a compaction; look at the shard map)", rec.ID, s, ErrMoveAborted)
+						return res, fmt.Errorf("cluster: move %s of shard %s: %w (record gone after a compaction; look at the shard map)", mi.ID, s, ErrMoveAborted)
 					}
 					if done, err := seen(r.Kvs[0], false); done {
 						return res, err
 					}
-					lastRev = r.Header.Revision
+					lastRev = max(lastRev, r.Header.Revision)
 				}
 				break
 			}
@@ -169,7 +210,6 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 				break
 			}
 			for _, ev := range wresp.Events {
-				lastRev = ev.Kv.ModRevision
 				if done, err := seen(ev.Kv, ev.Type == clientv3.EventTypeDelete); done {
 					return res, err
 				}
@@ -182,67 +222,86 @@ func (n *Node) Move(ctx context.Context, s Shard, to string) (MoveResult, error)
 			}
 		}
 	}
-	// The caller gave up: abort unless the move got further meanwhile.
-	actx, acancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.LeaseTTL)
-	defer acancel()
-	cur := rec
-	cur.State = res.States[len(res.States)-1].State
-	n.abortMove(actx, moveEntry{moveRecord: cur, shard: s, rev: res.States[len(res.States)-1].Rev}, "the caller gave up: "+context.Cause(ctx).Error())
-	return res, fmt.Errorf("cluster: move %s of shard %s: %w", rec.ID, s, context.Cause(ctx))
+	return res, fmt.Errorf("cluster: move %s of shard %s to %s is %s: %w", mi.ID, s, mi.To, res.State, ErrMoveRunning)
 }
 
-// abortMove marks a move aborted if its record is still at m.rev.
-func (n *Node) abortMove(ctx context.Context, m moveEntry, reason string) bool {
+// AbortMove aborts move id of shard s if it has not ended: the donor thaws
+// the shard and serves it again, the recipient discards what it imported.
+// A move that has already handed the shard over cannot be aborted
+// (ErrMoveFinished).
+func (n *Node) AbortMove(ctx context.Context, s Shard, id, reason string) error {
+	fail := func(err error) error { return fmt.Errorf("cluster: abort move %s of shard %s: %w", id, s, err) }
+	for {
+		resp, err := n.cli.Get(ctx, n.k.move(s))
+		if err != nil {
+			return fail(err)
+		}
+		var m moveRecord
+		if len(resp.Kvs) == 0 || json.Unmarshal(resp.Kvs[0].Value, &m) != nil || (id != "" && m.ID != id) {
+			return fail(ErrNoSuchMove)
+		}
+		if m.finished() {
+			return fail(fmt.Errorf("%w (%s)", ErrMoveFinished, m.State))
+		}
+		e := moveEntry{moveRecord: m, shard: s, rev: resp.Kvs[0].ModRevision}
+		ok, err := n.casAbort(ctx, e, reason)
+		if err != nil {
+			return fail(err)
+		}
+		if ok {
+			return nil
+		}
+		// The record changed meanwhile (the move went on): look again.
+	}
+}
+
+// abortMove marks a move aborted if its record is still at m.rev. Bounded
+// (the watch loop calls it) and retried while etcd is between leaders.
+func (n *Node) abortMove(m moveEntry, reason string) bool {
+	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.LeaseTTL)
+	defer cancel()
+	ok, err := n.casAbort(ctx, m, reason)
+	if err != nil {
+		n.log.Warn().Err(err).Str("shard", m.shard.String()).Str("move", m.ID).Msg("cluster: abort move")
+	}
+	return ok
+}
+
+func (n *Node) casAbort(ctx context.Context, m moveEntry, reason string) (bool, error) {
 	rec := m.moveRecord
 	rec.State, rec.Reason = StateAborted, reason
-	resp, err := n.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(n.k.move(m.shard)), "=", m.rev)).
-		Then(clientv3.OpPut(n.k.move(m.shard), mustJSON(rec))).Commit()
+	var resp *clientv3.TxnResponse
+	err := retryTransient(ctx, func() error {
+		var err error
+		resp, err = n.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(n.k.move(m.shard)), "=", m.rev)).
+			Then(clientv3.OpPut(n.k.move(m.shard), mustJSON(rec))).Commit()
+		return err
+	})
 	if err != nil {
-		n.log.Warn().Err(err).Str("shard", m.shard.String()).Msg("cluster: abort move")
-		return false
+		return false, err
 	}
 	if resp.Succeeded {
-		n.log.Info().Str("shard", m.shard.String()).Str("move", m.ID).Str("reason", reason).Msg("cluster: move aborted")
+		n.log.Warn().Str("shard", m.shard.String()).Str("move", m.ID).Str("from", m.From).Str("to", m.To).Str("reason", reason).Msg("cluster: move aborted")
 	}
-	return resp.Succeeded
+	return resp.Succeeded, nil
 }
 
-// donation is a move this node is giving a shard away in; cancel stops
-// the donor's work (MoveTimeout, or the move was aborted elsewhere).
-type donation struct {
-	id     string
-	cancel context.CancelFunc
-}
-
-type donationStart struct {
-	m      moveEntry
-	ctx    context.Context
-	cancel context.CancelFunc
-}
-
-// donate is the donor's side of a move: MayAck is already false (the
-// watch loop paused the shard). It drains and exports, records
-// "exported", and sends the export to the recipient, whose Receive flips
-// ownership. On failure it aborts the move; the watch loop then resumes
-// the shard if it is still this node's.
+// donate is the donor's side of a move; the shard is frozen (the
+// lifecycle started it). It waits for the writes admitted before the
+// freeze, drains and exports, records "exported", and sends the export to
+// the recipient, whose Receive flips ownership. On failure it aborts the
+// move; the watch then thaws the shard. ctx ends with MoveTimeout, or
+// when the lifecycle cancels the move (aborted elsewhere, lease lost);
+// never at the flip, so the recipient's request is not cut short.
 func (n *Node) donate(ctx context.Context, cancel context.CancelFunc, m moveEntry) {
 	defer cancel()
-	defer func() {
-		n.mu.Lock()
-		delete(n.donating, m.shard)
-		n.mu.Unlock()
-		select {
-		case n.kick <- struct{}{}:
-		default:
-		}
-	}()
 	rev, err := n.runDonor(ctx, m)
 	if err == nil || n.ctx.Err() != nil {
 		return
 	}
 	m.rev = rev
-	n.abortMove(n.ctx, m, err.Error())
+	n.abortMove(m, err.Error())
 }
 
 func (n *Node) runDonor(ctx context.Context, m moveEntry) (rev int64, err error) {
@@ -251,6 +310,9 @@ func (n *Node) runDonor(ctx context.Context, m moveEntry) (rev int64, err error)
 	h, t := n.cfg.Hooks, n.cfg.Transport
 	if h == nil || t == nil {
 		return rev, fmt.Errorf("donor %s: %w", n.cfg.NodeID, ErrNoHooks)
+	}
+	if err := n.lc.quiesce(ctx, s, m.ID); err != nil {
+		return rev, fmt.Errorf("freeze: %w", err)
 	}
 	if err := h.Drain(ctx, s); err != nil {
 		return rev, fmt.Errorf("drain: %w", err)
@@ -262,10 +324,15 @@ func (n *Node) runDonor(ctx context.Context, m moveEntry) (rev int64, err error)
 	defer data.Close()
 	rec := m.moveRecord
 	rec.State = StateExported
-	resp, err := n.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", m.rev),
-			clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
-		Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).Commit()
+	var resp *clientv3.TxnResponse
+	err = retryTransient(ctx, func() error {
+		var err error
+		resp, err = n.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", m.rev),
+				clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
+			Then(clientv3.OpPut(n.k.move(s), mustJSON(rec))).Commit()
+		return err
+	})
 	if err != nil {
 		return rev, fmt.Errorf("record exported: %w", err)
 	}
@@ -273,6 +340,8 @@ func (n *Node) runDonor(ctx context.Context, m moveEntry) (rev int64, err error)
 		return rev, errors.New("the move record or the shard's owner changed while draining")
 	}
 	rev = resp.Header.Revision
+	// The copy the recipient imports has this generation.
+	n.carryOut([]shardEffects{{shard: s, effs: n.lc.apply(s, lifecycleEvent{kind: evExported, move: m.ID, gen: rev})}})
 	n.mu.Lock()
 	to, live := n.view.nodes[m.To]
 	n.mu.Unlock()
@@ -286,13 +355,24 @@ func (n *Node) runDonor(ctx context.Context, m moveEntry) (rev int64, err error)
 	return rev, nil
 }
 
+// flipTimeout bounds the recipient's flip once the copy is imported.
+const flipTimeout = 10 * time.Second
+
 // Receive is the recipient's side of a move; the mediator calls it with
 // what its Transport carried. It checks that the move is exported and
-// addressed to this node, imports the data (Hooks.Import), and flips
-// ownership in one transaction that compares the move record and the
-// donor's epoch: assign/<NN> and shards/<NN> name this node (the latter
-// attached to its lease), moves/<NN> says handed-over. The transaction's
-// revision is the new epoch, higher than the donor's.
+// addressed to this node, imports the data (Hooks.Import) as a copy of
+// the generation of the move's exported record, and flips ownership in
+// one transaction that compares the move record and the donor's epoch:
+// assign/<NN> names this node and that generation, shards/<NN> names this
+// node (attached to its lease), moves/<NN> says handed-over. The
+// transaction's revision is the new epoch, higher than the donor's.
+//
+// Once the copy is imported, the flip runs under the node's context, not
+// ctx: whether it happens is decided by etcd's compares alone, and a
+// donor that went away after sending everything has no say in it. A move
+// that ends without the flip discards the imported copy; if the flip's
+// outcome is unknown (etcd unreachable), the copy stays until the shard
+// map shows it (served here, or dropped as a stray).
 func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 	s := mi.Shard
 	fail := func(format string, args ...any) error {
@@ -301,16 +381,6 @@ func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 	if n.cfg.Hooks == nil {
 		return fail("%v", ErrNoHooks)
 	}
-	n.mu.Lock()
-	n.receiving[s]++
-	n.mu.Unlock()
-	defer func() {
-		n.mu.Lock()
-		if n.receiving[s]--; n.receiving[s] == 0 {
-			delete(n.receiving, s)
-		}
-		n.mu.Unlock()
-	}()
 	var resp *clientv3.TxnResponse
 	err := retryTransient(ctx, func() error {
 		var err error
@@ -333,26 +403,52 @@ func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 		return fail("the donor no longer owns the shard at epoch %d", m.FromEpoch)
 	}
 	moveRev := moveKV[0].ModRevision
-	if err := n.cfg.Hooks.Import(ctx, s, data); err != nil {
+	gen := moveRev
+	n.lc.apply(s, lifecycleEvent{kind: evReceive, move: mi.ID, gen: gen})
+	if st := n.lc.state(s); st.phase != PhaseReceiving || st.move != mi.ID {
+		return fail("the shard is %s on this node", st.phase)
+	}
+	flipped, discard := false, true
+	defer func() {
+		if !flipped {
+			n.carryOut([]shardEffects{{shard: s, effs: n.lc.apply(s, lifecycleEvent{kind: evReceiveEnd, move: mi.ID, discard: discard})}})
+		}
+	}()
+	if n.ownCopies() {
+		n.mu.Lock()
+		n.copies[s] = shardCopy{has: true, gen: gen} // whatever Import leaves, it may have written
+		n.mu.Unlock()
+	}
+	if err := n.cfg.Hooks.Import(ctx, s, gen, data); err != nil {
 		return fail("import: %v", err)
 	}
 	lease := n.fence.currentLease()
 	if lease == 0 {
 		return fail("this node has no lease")
 	}
+	fctx, cancel := context.WithTimeout(n.ctx, flipTimeout)
+	defer cancel()
 	m.State = StateHandedOver
 	var flip *clientv3.TxnResponse
-	err = retryTransient(ctx, func() error {
+	err = retryTransient(fctx, func() error {
 		var err error
-		flip, err = n.cli.Txn(ctx).
+		flip, err = n.cli.Txn(fctx).
 			If(clientv3.Compare(clientv3.ModRevision(n.k.move(s)), "=", moveRev),
 				clientv3.Compare(clientv3.ModRevision(n.k.owner(s)), "=", m.FromEpoch)).
-			Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: n.cfg.NodeID, By: "move"})),
+			Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: n.cfg.NodeID, By: "move", Gen: gen})),
 				clientv3.OpPut(n.k.owner(s), mustJSON(ownerRecord{Node: n.cfg.NodeID, Advertise: n.cfg.Advertise}), clientv3.WithLease(lease)),
 				clientv3.OpPut(n.k.move(s), mustJSON(m))).Commit()
 		return err
 	})
 	if err != nil {
+		// Applied or not: an answer lost on the way cannot tell. Keep
+		// the copy; the watch shows the outcome.
+		if epoch, ok := n.flippedHere(fctx, s, mi.ID, lease); ok {
+			flipped = true
+			n.carryOut([]shardEffects{{shard: s, effs: n.lc.apply(s, lifecycleEvent{kind: evClaimed, epoch: epoch, lease: lease})}})
+			return nil
+		}
+		discard = false
 		return fail("flip ownership: %v", err)
 	}
 	epoch := flip.Header.Revision
@@ -361,13 +457,13 @@ func (n *Node) Receive(ctx context.Context, mi MoveInfo, data io.Reader) error {
 		// was lost (a leader change): then the move record says handed
 		// over by this move and the owner key is ours.
 		var ok bool
-		if epoch, ok = n.flippedHere(ctx, s, mi.ID, lease); !ok {
+		if epoch, ok = n.flippedHere(fctx, s, mi.ID, lease); !ok {
 			return fail("the move or the donor's ownership changed before the flip")
 		}
 	}
-	if n.fence.claim(s, lease, epoch) {
-		n.events.push(Event{Kind: ShardGained, Shard: s, Epoch: epoch})
-	}
+	flipped = true
+	n.carryOut([]shardEffects{{shard: s, effs: n.lc.apply(s, lifecycleEvent{kind: evClaimed, epoch: epoch, lease: lease})}})
+	n.log.Info().Str("shard", s.String()).Str("move", mi.ID).Str("from", mi.From).Int64("epoch", epoch).Msg("cluster: shard received")
 	return nil
 }
 
@@ -425,123 +521,6 @@ func transientEtcd(err error) bool {
 	return false
 }
 
-// DrainNode moves every shard node serves to the least loaded other live
-// nodes, MaxConcurrentMoves at a time. Shards assigned to node that it
-// does not serve (it is down) cannot be moved and are reported.
-func (n *Node) DrainNode(ctx context.Context, node string) ([]MoveResult, error) {
-	n.mu.Lock()
-	load := n.view.load()
-	var plan []plannedMove
-	var unserved []string
-	for i := range NumShards {
-		a, o := n.view.assign[i], n.view.owner[i]
-		switch {
-		case o != nil && o.Node == node:
-			plan = append(plan, plannedMove{shard: Shard(i)})
-		case a != nil && a.Node == node:
-			unserved = append(unserved, Shard(i).String())
-		}
-	}
-	n.mu.Unlock()
-	delete(load, node)
-	if len(plan) > 0 && len(load) == 0 {
-		return nil, fmt.Errorf("cluster: drain %s: %w", node, ErrNoOtherNode)
-	}
-	for i := range plan {
-		to, _ := leastLoaded(load, node)
-		load[to]++
-		plan[i].to = to
-	}
-	res, err := n.runMoves(ctx, plan)
-	if len(unserved) > 0 {
-		err = errors.Join(err, fmt.Errorf("cluster: drain %s: shards %v are assigned to it but not served: %w", node, unserved, ErrShardUnavailable))
-	}
-	return res, err
-}
-
-// Rebalance moves shards from the most to the least loaded live node until
-// every live node's count is within one of the others'.
-func (n *Node) Rebalance(ctx context.Context) ([]MoveResult, error) {
-	n.mu.Lock()
-	plan := n.view.rebalancePlan()
-	n.mu.Unlock()
-	return n.runMoves(ctx, plan)
-}
-
-type plannedMove struct {
-	shard Shard
-	to    string
-}
-
-func (v *view) rebalancePlan() []plannedMove {
-	load := v.load()
-	if len(load) < 2 {
-		return nil
-	}
-	movable := make(map[string][]Shard) // served shards without a move, per owner
-	for i := NumShards - 1; i >= 0; i-- {
-		if o, a := v.owner[i], v.assign[i]; o != nil && v.moves[i] == nil && a != nil && a.Node == o.Node {
-			movable[o.Node] = append(movable[o.Node], Shard(i))
-		}
-	}
-	var plan []plannedMove
-	for {
-		ids := make([]string, 0, len(load))
-		for id := range load {
-			ids = append(ids, id)
-		}
-		sort.Slice(ids, func(i, j int) bool {
-			if load[ids[i]] != load[ids[j]] {
-				return load[ids[i]] > load[ids[j]]
-			}
-			return ids[i] < ids[j]
-		})
-		hi, lo := ids[0], ids[len(ids)-1]
-		if load[hi]-load[lo] <= 1 || len(movable[hi]) == 0 {
-			return plan
-		}
-		s := movable[hi][len(movable[hi])-1]
-		movable[hi] = movable[hi][:len(movable[hi])-1]
-		plan = append(plan, plannedMove{shard: s, to: lo})
-		load[hi]--
-		load[lo]++
-	}
-}
-
-func (n *Node) runMoves(ctx context.Context, plan []plannedMove) ([]MoveResult, error) {
-	var (
-		mu   sync.Mutex
-		res  []MoveResult
-		errs []error
-		wg   sync.WaitGroup
-		sem  = make(chan struct{}, n.cfg.MaxConcurrentMoves)
-	)
-	for _, p := range plan {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			wg.Wait()
-			return res, errors.Join(append(errs, ctx.Err())...)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			r, err := n.Move(ctx, p.shard, p.to)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-				return
-			}
-			res = append(res, r)
-		}()
-	}
-	wg.Wait()
-	sort.Slice(res, func(i, j int) bool { return res[i].Shard < res[j].Shard })
-	return res, errors.Join(errs...)
-}
-
 // Reassign gives shard s, whose owner is gone, to node to without its data:
 // the operator's explicit decision when the old node will not come back.
 // acceptDataLoss must be true. Refused while the shard is served (use
@@ -577,7 +556,7 @@ func (n *Node) Reassign(ctx context.Context, s Shard, to string, acceptDataLoss 
 			clientv3.Compare(clientv3.CreateRevision(n.k.owner(s)), "=", 0),
 			clientv3.Compare(clientv3.CreateRevision(n.k.move(s)), "=", 0),
 			clientv3.Compare(clientv3.CreateRevision(n.k.node(to)), ">", 0)).
-		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: to, By: "reassign"}))).Commit()
+		Then(clientv3.OpPut(n.k.assign(s), mustJSON(assignRecord{Node: to, By: "reassign", Fresh: true}))).Commit()
 	if err != nil {
 		return fail(err)
 	}

@@ -68,7 +68,10 @@ func (k keys) owners() string         { return k.prefix + "shards/" }
 func (k keys) owner(s Shard) string   { return k.owners() + s.String() }
 func (k keys) moves() string          { return k.prefix + "moves/" }
 func (k keys) move(s Shard) string    { return k.moves() + s.String() }
+func (k keys) drains() string         { return k.prefix + "drain/" }
+func (k keys) drain(id string) string { return k.drains() + id }
 func (k keys) electionPrefix() string { return k.prefix + "controller" }
+func (k keys) secret() string         { return k.prefix + "secret" }
 func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 	if !strings.HasPrefix(key, dir) {
 		return 0, false
@@ -81,6 +84,10 @@ func (k keys) shardSuffix(key, dir string) (Shard, bool) {
 type nodeRecord struct {
 	Advertise string    `json:"advertise"`
 	Started   time.Time `json:"started"`
+	// Admin is where other nodes reach this node's admin API (host:port;
+	// empty: none), TLS whether its device listener serves TLS.
+	Admin string `json:"admin,omitempty"`
+	TLS   bool   `json:"tls,omitempty"`
 }
 
 // assignRecord is the value of assign/<NN>, without a lease: the node that
@@ -90,6 +97,12 @@ type assignRecord struct {
 	// By says who wrote it: "controller", "failover", "move" or
 	// "reassign" (an operator accepted data loss).
 	By string `json:"by"`
+	// Gen is the generation of the copy Node must serve (Hooks): a
+	// move's export revision, 0 for a shard never moved.
+	Gen int64 `json:"gen,omitempty"`
+	// Fresh: Node serves the shard from empty (reassign, failover); its
+	// copy's generation becomes this record's revision.
+	Fresh bool `json:"fresh,omitempty"`
 }
 
 // ownerRecord is the value of shards/<NN>, attached to the owner's lease
@@ -97,6 +110,12 @@ type assignRecord struct {
 type ownerRecord struct {
 	Node      string `json:"node"`
 	Advertise string `json:"advertise"`
+}
+
+// drainRecord is the value of drain/<id>, without a lease: the node takes
+// no shards and gives its shards away (DrainNode) until Undrain.
+type drainRecord struct {
+	Since time.Time `json:"since"`
 }
 
 // MoveState names the states of a planned move.

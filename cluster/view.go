@@ -16,6 +16,12 @@ type view struct {
 	assign [NumShards]*assignEntry
 	owner  [NumShards]*ownerEntry
 	moves  [NumShards]*moveEntry
+	// badMoves holds, per shard, the revision of a move record that
+	// cannot be read (0: none). It would block every move and claim of
+	// the shard (both compare that no record exists); the controller
+	// deletes it.
+	badMoves [NumShards]int64
+	draining map[string]bool // nodes with a drain mark (drain/<id>)
 }
 
 type nodeEntry struct {
@@ -40,7 +46,23 @@ type moveEntry struct {
 	rev   int64
 }
 
-func newView() view { return view{nodes: make(map[string]nodeEntry)} }
+func newView() view { return view{nodes: make(map[string]nodeEntry), draining: make(map[string]bool)} }
+
+// snapshot is a copy of the view that the watch loop's later changes do
+// not touch: the arrays hold pointers to immutable entries, the maps are
+// copied.
+func (v *view) snapshot() view {
+	c := *v
+	c.nodes = make(map[string]nodeEntry, len(v.nodes))
+	for k, e := range v.nodes {
+		c.nodes[k] = e
+	}
+	c.draining = make(map[string]bool, len(v.draining))
+	for k, d := range v.draining {
+		c.draining[k] = d
+	}
+	return c
+}
 
 // apply takes one key's new value (or its deletion) into the view.
 // Unparsable values are treated as absent: they cannot be acted on.
@@ -52,7 +74,15 @@ func (v *view) apply(k keys, kv *mvccpb.KeyValue, deleted bool) {
 			delete(v.nodes, id)
 			return
 		}
-		v.nodes[id] = nodeEntry{Member: Member{ID: id, Advertise: rec.Advertise, Started: rec.Started}, lease: clientv3.LeaseID(kv.Lease)}
+		v.nodes[id] = nodeEntry{Member: Member{ID: id, Advertise: rec.Advertise, Started: rec.Started, Admin: rec.Admin, TLS: rec.TLS}, lease: clientv3.LeaseID(kv.Lease)}
+		return
+	}
+	if id, ok := strings.CutPrefix(key, k.drains()); ok {
+		if deleted {
+			delete(v.draining, id)
+		} else {
+			v.draining[id] = true
+		}
 		return
 	}
 	if s, ok := k.shardSuffix(key, k.assigns()); ok {
@@ -75,8 +105,14 @@ func (v *view) apply(k keys, kv *mvccpb.KeyValue, deleted bool) {
 	}
 	if s, ok := k.shardSuffix(key, k.moves()); ok {
 		var rec moveRecord
-		if deleted || json.Unmarshal(kv.Value, &rec) != nil {
+		v.badMoves[s] = 0
+		if deleted {
 			v.moves[s] = nil
+			return
+		}
+		if json.Unmarshal(kv.Value, &rec) != nil || rec.ID == "" {
+			v.moves[s] = nil
+			v.badMoves[s] = kv.ModRevision
 			return
 		}
 		v.moves[s] = &moveEntry{moveRecord: rec, shard: s, rev: kv.ModRevision}

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"strings"
 	"testing"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -73,14 +74,14 @@ func TestBalanceLogic(t *testing.T) {
 	if id, _ := leastLoaded(map[string]int{"b": 3, "a": 1}, "a"); id != "b" {
 		t.Fatalf("leastLoaded skip → %s", id)
 	}
-	plan := v.rebalancePlan()
+	plan := v.planRebalance(-1)
 	after := v.load()
 	for _, p := range plan {
-		if p.shard == 0 || v.owner[p.shard] == nil || v.owner[p.shard].Node != "a" && v.owner[p.shard].Node != "b" {
-			t.Fatalf("planned move of shard %s (moving or not served)", p.shard)
+		if p.Shard == 0 || v.owner[p.Shard] == nil || v.owner[p.Shard].Node != p.From || p.From != "a" && p.From != "b" {
+			t.Fatalf("planned move of shard %s (moving or not served)", p.Shard)
 		}
-		after[v.owner[p.shard].Node]--
-		after[p.to]++
+		after[p.From]--
+		after[p.To]++
 	}
 	lo, hi := NumShards, 0
 	for _, n := range after {
@@ -88,5 +89,81 @@ func TestBalanceLogic(t *testing.T) {
 	}
 	if hi-lo > 1 {
 		t.Fatalf("after the plan: %v", after)
+	}
+}
+
+// TestPlanRebalance: a node that joins and a node that drains are the
+// same case; the plan moves only the excess, never a moving or unserved
+// shard, and never more than its budget.
+func TestPlanRebalance(t *testing.T) {
+	mk := func(nodes ...string) *view {
+		v := new(view)
+		*v = newView()
+		for _, id := range nodes {
+			v.nodes[id] = nodeEntry{Member: Member{ID: id}}
+		}
+		for i := range NumShards {
+			node := nodes[i%3] // the first three share everything
+			v.assign[i] = &assignEntry{assignRecord: assignRecord{Node: node}}
+			v.owner[i] = &ownerEntry{ownerRecord: ownerRecord{Node: node}, epoch: 1}
+		}
+		return v
+	}
+	count := func(v *view, plan []PlannedMove) map[string]int {
+		c := v.load()
+		for _, p := range plan {
+			c[p.From]--
+			c[p.To]++
+		}
+		return c
+	}
+	// A fourth node joins: exactly the excess moves to it, 64 each after.
+	v := mk("a", "b", "c", "d")
+	plan := v.planRebalance(-1)
+	if got := count(v, plan); got["a"] != 64 || got["b"] != 64 || got["c"] != 64 || got["d"] != 64 || len(plan) != 64 {
+		t.Fatalf("join: %d moves, after %v", len(plan), got)
+	}
+	seen := map[Shard]bool{}
+	for _, p := range plan {
+		if p.To != "d" || seen[p.Shard] || !strings.HasPrefix(p.Reason, "balance: ") {
+			t.Fatalf("join plan: %+v", p)
+		}
+		seen[p.Shard] = true
+	}
+	// With a budget, the same plan's first moves.
+	if b := v.planRebalance(4); len(b) != 4 || b[0] != plan[0] || b[3] != plan[3] {
+		t.Fatalf("budget 4: %+v", b)
+	}
+	if b := v.planRebalance(0); len(b) != 0 {
+		t.Fatalf("budget 0: %+v", b)
+	}
+	// A moving shard, an unreadable move record and an unserved shard
+	// stay where they are.
+	v.moves[3] = &moveEntry{moveRecord: moveRecord{From: "a", To: "b", State: StateDraining}}
+	v.badMoves[6] = 9
+	v.owner[9] = nil
+	for _, p := range v.planRebalance(-1) {
+		if p.Shard == 3 || p.Shard == 6 || p.Shard == 9 {
+			t.Fatalf("planned %+v", p)
+		}
+	}
+	// Node c drains: its shards go first, to the least loaded, and c
+	// ends with none; the rest stay within one.
+	v = mk("a", "b", "c")
+	v.draining["c"] = true
+	plan = v.planRebalance(-1)
+	got := count(v, plan)
+	if got["c"] != 0 || got["a"]+got["b"] != NumShards || got["a"]-got["b"] > 1 || got["b"]-got["a"] > 1 {
+		t.Fatalf("drain: after %v", got)
+	}
+	for i, p := range plan {
+		if p.From != "c" || p.Reason != "drain c" {
+			t.Fatalf("drain plan move %d: %+v", i, p)
+		}
+	}
+	// Everyone draining: nowhere to go.
+	v.draining["a"], v.draining["b"] = true, true
+	if p := v.planRebalance(-1); len(p) != 0 {
+		t.Fatalf("all draining: %+v", p)
 	}
 }

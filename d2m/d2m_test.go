@@ -340,6 +340,27 @@ func TestVerifyChallengeResponse(t *testing.T) {
 	if err := VerifyChallengeResponse(esk, group, challenge, resp[:71]); !errors.Is(err, ErrResponseLength) {
 		t.Errorf("short: %v", err)
 	}
+	// The right key, but sealing another connection's challenge (a
+	// response recorded from another handshake and replayed here): the
+	// box opens, the challenge differs.
+	otherChallenge := make([]byte, ChallengeSize)
+	rand.Read(otherChallenge)
+	replayed := box.Seal(nonce[:], otherChallenge, &nonce, &eskPub, dgpkSec)
+	if err := VerifyChallengeResponse(esk, group, challenge, replayed); !errors.Is(err, ErrBadResponse) {
+		t.Errorf("response to another connection's challenge: %v", err)
+	}
+	// Another connection's whole handshake (its ESK and its challenge),
+	// answered with the right key, replayed to this one.
+	otherESK, _ := ecdh.X25519().GenerateKey(rand.Reader)
+	var otherESKPub [32]byte
+	copy(otherESKPub[:], otherESK.PublicKey().Bytes())
+	replayedHandshake := box.Seal(nonce[:], otherChallenge, &nonce, &otherESKPub, dgpkSec)
+	if err := VerifyChallengeResponse(otherESK, group, otherChallenge, replayedHandshake); err != nil {
+		t.Fatalf("the other connection's own response: %v", err)
+	}
+	if err := VerifyChallengeResponse(esk, group, challenge, replayedHandshake); !errors.Is(err, ErrBadResponse) {
+		t.Errorf("another connection's handshake replayed: %v", err)
+	}
 	var lowOrder DeviceGroupID // the all-zero point has order 1
 	if err := VerifyChallengeResponse(esk, lowOrder, challenge, resp); !errors.Is(err, ErrLowOrderKey) {
 		t.Errorf("low order: %v", err)

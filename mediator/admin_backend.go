@@ -123,13 +123,16 @@ func (s *Server) GroupsLoaded() int {
 // does (docs/protocol.md §12): the connected device gets 4113, a lock it holds
 // ends (TransactionEnded to the others), slot and queue are deleted and a
 // tombstone written. It returns once the deletion is durable.
-func (s *Server) DropSlot(id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error) {
+func (s *Server) DropSlot(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error) {
 	g, err := s.acquireLoadedGroup(id)
 	if err != nil {
 		return false, 0, err
 	}
 	// Loaded for this drop alone if no device holds it: let it go again.
 	defer s.releaseGroup(g)
+	if err := g.admit(ctx); err != nil {
+		return false, 0, err
+	}
 	done := make(chan error, 1)
 	g.mu.Lock()
 	_, exists := g.slots[dev]
@@ -141,6 +144,7 @@ func (s *Server) DropSlot(id reflection.GroupID, dev reflection.DeviceID) (wasCo
 		g.dropSlotLocked(dev, reflection.Dropped, func(err error) { done <- err })
 	}
 	g.mu.Unlock()
+	g.released()
 	if !exists {
 		return false, 0, ErrNoSlot
 	}
@@ -175,9 +179,21 @@ func (s *Server) ReleaseLock(ctx context.Context, id reflection.GroupID) (holder
 		g.mu.Unlock()
 		return 0, 0, false, ErrLockEnding
 	}
+	g.mu.Unlock()
+	if err := g.admit(ctx); err != nil {
+		return 0, 0, false, err
+	}
+	g.mu.Lock()
+	if g.txn != t || t.ending {
+		// Ended while this waited for a planned move.
+		g.mu.Unlock()
+		g.released()
+		return 0, 0, false, ErrLockEnding
+	}
 	holder, heldFor = t.holder.deviceID, time.Since(t.started)
 	g.endTransactionLocked(false)
 	g.mu.Unlock()
+	g.released()
 	s.log.Info().Str("group", shortID(id)).Str("holder", deviceStr(holder)).Msg("admin released transaction lock")
 	// The lock is free once the held reflections are durable in the other
 	// queues (endTransactionLocked's callback closes t.ended).
@@ -191,8 +207,19 @@ func (s *Server) ReleaseLock(ctx context.Context, id reflection.GroupID) (holder
 
 // PurgeQueue empties a slot's reflection queue, keeping the slot and its
 // counter, and returns once that is durable.
-func (s *Server) PurgeQueue(id reflection.GroupID, dev reflection.DeviceID) error {
-	err := reflection.Sync(func(done func(error)) { s.store.PurgeQueue(id, dev, done) })
+func (s *Server) PurgeQueue(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) error {
+	g, err := s.acquireLoadedGroup(id)
+	if err != nil {
+		return err
+	}
+	defer s.releaseGroup(g)
+	if err := g.admit(ctx); err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	s.store.PurgeQueue(id, dev, func(err error) { done <- err })
+	g.released()
+	err = <-done
 	if err == nil {
 		s.log.Info().Str("group", shortID(id)).Str("device", deviceStr(dev)).Msg("admin purged reflection queue")
 	}

@@ -1,6 +1,7 @@
 package mediator
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"time"
@@ -35,6 +36,12 @@ type Config struct {
 	Placement Placement
 	// NodeID names this node in forwarded requests (ForwardedHeader).
 	NodeID string
+	// NodeTLS is the client TLS configuration for forwarding a device to
+	// an owner whose listener serves TLS (Route.TLS): the roots its
+	// certificate is verified against (nil RootCAs: the system roots).
+	// ServerName is set per forward from the owner's address. Nil: the
+	// defaults.
+	NodeTLS *tls.Config
 }
 
 // Defaults of Config, shared with the command line (cmd/mediator) so that

@@ -510,7 +510,34 @@ func (c *deviceConn) finishClose() {
 		}
 	}
 	code := d2m.CloseCode(c.closeCode.Load())
-	c.ws.Close(websocket.StatusCode(code), code.String())
+	c.ws.Close(websocket.StatusCode(code), closeReason(code, c.cause()))
+}
+
+// closeReasoner is a close cause with a reason for the device (a moved
+// shard names its new owner).
+type closeReasoner interface{ CloseReason() string }
+
+// maxCloseReason is RFC 6455's limit for a close frame's reason (125
+// bytes of payload less the 2-byte code).
+const maxCloseReason = 123
+
+// closeReason is the reason sent with code: the cause's own, if it has
+// one, else the code's name.
+func closeReason(code d2m.CloseCode, cause error) string {
+	var cr closeReasoner
+	if errors.As(cause, &cr) {
+		if r := cr.CloseReason(); r != "" && len(r) <= maxCloseReason {
+			return r
+		}
+	}
+	return code.String()
+}
+
+// cause returns the cause recorded with the close decision.
+func (c *deviceConn) cause() error {
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	return c.closeCause
 }
 
 // out writes a control frame, or parks it behind its delivery barrier.

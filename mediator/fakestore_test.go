@@ -286,6 +286,10 @@ func (s *fakeStore) PruneTombstones(olderThan int64, done func(error)) {
 	s.submit(func() { complete(done, nil) })
 }
 
+func (s *fakeStore) Barrier(done func(error)) {
+	s.submit(func() { complete(done, nil) })
+}
+
 func (s *fakeStore) Close() error {
 	s.mu.Lock()
 	s.closed = true

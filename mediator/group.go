@@ -16,6 +16,11 @@ import (
 type group struct {
 	id  reflection.GroupID
 	srv *Server
+	// epoch is the shard's epoch on this node when this object was made
+	// (cluster mode; 0 otherwise): its state belongs to that epoch, and
+	// its writes are admitted only under it (Placement.Admit). A shard
+	// served again at a later epoch gets new group objects.
+	epoch int64
 
 	refs int // connections holding the group in memory; guarded by Server.mu
 
@@ -49,7 +54,7 @@ type transaction struct {
 
 func newGroup(s *Server, id reflection.GroupID) *group {
 	return &group{
-		id: id, srv: s,
+		id: id, srv: s, epoch: s.epochOf(id),
 		slots:      make(map[reflection.DeviceID]*reflection.Slot),
 		tombstones: make(map[reflection.DeviceID]reflection.Tombstone),
 		conns:      make(map[reflection.DeviceID]*deviceConn),
@@ -139,6 +144,10 @@ func nowMillis() int64 { return time.Now().UnixMilli() }
 // registers c. It returns the slot state for ServerInfo and a channel that
 // yields the result of persisting the slot.
 func (g *group) register(c *deviceConn, hello *d2mpb.ClientHello) (d2mpb.DeviceSlotState, <-chan error, error) {
+	if err := g.admit(c.closingCtx); err != nil {
+		return 0, nil, err
+	}
+	defer g.released()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	dev := c.deviceID
@@ -270,7 +279,19 @@ func (g *group) dropSlotLocked(dev reflection.DeviceID, reason reflection.Tombst
 
 // unregister is the counterpart of register: it runs on every exit path of
 // a registered connection.
+//
+// Its store writes (the disconnect, the end of a transaction) pass the
+// shard's lifecycle like any other: while a planned move has frozen the
+// shard they wait for its outcome; once the shard is no longer served
+// here they are skipped, and only memory is cleaned up. Whoever serves
+// the shard next settles those (the import on a move's recipient, the
+// claim on this node) by marking every slot disconnected and releasing
+// held reflections.
 func (g *group) unregister(c *deviceConn) {
+	admitted := g.admit(g.srv.baseCtx) == nil
+	if admitted {
+		defer g.released()
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.conns[c.deviceID] == c {
@@ -278,11 +299,17 @@ func (g *group) unregister(c *deviceConn) {
 		if s, ok := g.slots[c.deviceID]; ok {
 			s.ConnectedSince = 0
 			s.LastDisconnectAt = nowMillis()
-			g.srv.store.PutSlot(g.id, *s, g.tracked(g.srv.logStoreErr("persisting disconnect")))
+			if admitted {
+				g.srv.store.PutSlot(g.id, *s, g.tracked(g.srv.logStoreErr("persisting disconnect")))
+			}
 		}
 	}
 	if g.txn != nil && g.txn.holder == c && !g.txn.ending {
-		g.endTransactionLocked(false)
+		if admitted {
+			g.endTransactionLocked(false)
+		} else {
+			g.abandonTransactionLocked()
+		}
 	}
 	if g.leader == c {
 		g.leader = nil
@@ -357,6 +384,10 @@ func (g *group) devicesInfo() *d2mpb.DevicesInfo {
 
 // beginTransaction takes the lock for c or answers TransactionRejected.
 func (g *group) beginTransaction(c *deviceConn, scope []byte, ttlSeconds uint32) error {
+	if err := g.admit(c.closingCtx); err != nil {
+		return err
+	}
+	defer g.released()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if t := g.txn; t != nil {
@@ -382,6 +413,10 @@ func (g *group) beginTransaction(c *deviceConn, scope []byte, ttlSeconds uint32)
 
 // commitTransaction ends c's transaction with a commit.
 func (g *group) commitTransaction(c *deviceConn) error {
+	if err := g.admit(c.closingCtx); err != nil {
+		return err
+	}
+	defer g.released()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.txn == nil || g.txn.holder != c || g.txn.ending {
@@ -431,6 +466,17 @@ func (g *group) endTransactionLocked(committed bool) {
 	}))
 }
 
+// abandonTransactionLocked frees the lock in memory only: the shard is no
+// longer served here, its held reflections stay in the store for whoever
+// serves it next, and the group's other devices are being closed too.
+func (g *group) abandonTransactionLocked() {
+	t := g.txn
+	t.ending = true
+	t.timer.Stop()
+	g.txn = nil
+	close(t.ended)
+}
+
 // holdsLock reports whether c's reflections are held for a transaction.
 func (g *group) holdsLockLocked(c *deviceConn) bool {
 	return g.txn != nil && g.txn.holder == c && !g.txn.ending
@@ -466,7 +512,11 @@ func (g *group) queueLimitDropLocked(dev reflection.DeviceID) {
 // submitReflect hands a Reflect to the store. It is submitted under mu so
 // that "held for a transaction" is decided in the same order in which the
 // transaction's end is submitted.
-func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
+func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) error {
+	if err := g.admit(c.closingCtx); err != nil {
+		return err
+	}
+	defer g.released()
 	g.mu.Lock()
 	req := reflection.AppendRequest{
 		Group: g.id, Sender: c.deviceID, Envelope: r.Envelope,
@@ -506,15 +556,12 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 			if !g.srv.mayAck(g.id) {
 				// The node can no longer be sure it owns the shard: no ack
 				// (the device sends the reflection again after it
-				// reconnects to the owner, protocol.md §10). During a
-				// planned move the device stays until the move closes it:
-				// closed now, it would reconnect while the shard is
-				// between owners and be refused.
+				// reconnects to the owner, docs/protocol.md §10). A planned
+				// move does not get here: it freezes the shard, which
+				// keeps acks for what it admitted before the freeze.
 				c.releaseReflect()
 				g.srv.metrics.fenceRefusals.Inc()
-				if !g.srv.draining(g.id) {
-					c.closeWith(d2m.CloseGoingAway, errFenced)
-				}
+				c.closeWith(d2m.CloseGoingAway, errFenced)
 				return
 			}
 			c.enqueueReflectAck(d2m.EncodeReflectAck(id, res.Timestamp))
@@ -526,12 +573,16 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) {
 		}))
 	}
 	g.mu.Unlock()
+	return nil
 }
 
 // dropDevice handles DropDevice from c (§12): the target's connection gets
 // 4113, slot and queue are deleted, then DropDeviceAck (for an unknown id
 // too). For the requester itself the ack goes out before the 4113 close.
 func (g *group) dropDevice(c *deviceConn, target reflection.DeviceID) error {
+	if err := g.admit(c.closingCtx); err != nil {
+		return err
+	}
 	done := make(chan error, 1)
 	g.mu.Lock()
 	self := target == c.deviceID
@@ -553,6 +604,7 @@ func (g *group) dropDevice(c *deviceConn, target reflection.DeviceID) error {
 		g.dropSlotLocked(target, reflection.Dropped, func(err error) { done <- err })
 	}
 	g.mu.Unlock()
+	g.released()
 	if err := <-done; err != nil {
 		return d2m.Close(storeCloseCode(err), err)
 	}
@@ -564,11 +616,16 @@ func (g *group) dropDevice(c *deviceConn, target reflection.DeviceID) error {
 }
 
 // setSharedDeviceData stores the opaque bytes for every later ServerInfo.
-func (g *group) setSharedDeviceData(data []byte) {
+func (g *group) setSharedDeviceData(c *deviceConn, data []byte) error {
+	if err := g.admit(c.closingCtx); err != nil {
+		return err
+	}
+	defer g.released()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.sharedData = data
 	g.srv.store.SetSharedDeviceData(g.id, data, g.tracked(g.srv.logStoreErr("storing shared device data")))
+	return nil
 }
 
 func (g *group) sharedDeviceData() []byte {

@@ -89,7 +89,10 @@ func (c *deviceConn) handleReflect(payload []byte) error {
 		return c.ctx.Err()
 	}
 	c.srv.metrics.reflects.WithLabelValues(reflectKind(r)).Inc()
-	c.group.submitReflect(c, r)
+	if err := c.group.submitReflect(c, r); err != nil {
+		c.releaseReflect()
+		return err
+	}
 	return nil
 }
 
@@ -150,8 +153,7 @@ func (c *deviceConn) handleSetSharedDeviceData(payload []byte) error {
 	if !fitsServerInfo(m.EncryptedSharedDeviceData) {
 		return protocolError(errSharedDataTooLarge)
 	}
-	c.group.setSharedDeviceData(m.EncryptedSharedDeviceData)
-	return nil
+	return c.group.setSharedDeviceData(c, m.EncryptedSharedDeviceData)
 }
 
 func (c *deviceConn) handleBeginTransaction(payload []byte) error {

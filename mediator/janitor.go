@@ -1,6 +1,7 @@
 package mediator
 
 import (
+	"context"
 	"time"
 
 	"d2m-mediator/reflection"
@@ -67,13 +68,24 @@ func (s *Server) sweep(now time.Time) {
 			s.log.Error().Err(err).Str("group", shortID(v.g)).Msg("janitor: loading group failed")
 			continue
 		}
-		g.mu.Lock()
-		g.expireSlotLocked(v.d, now)
-		g.mu.Unlock()
+		// A frozen shard's slots expire at a later sweep: no waiting here.
+		if g.admit(noWait) == nil {
+			g.mu.Lock()
+			g.expireSlotLocked(v.d, now)
+			g.mu.Unlock()
+			g.released()
+		}
 		s.releaseGroup(g)
 	}
 	s.store.PruneTombstones(now.Add(-s.cfg.TombstoneTTL).UnixMilli(), s.logStoreErr("pruning tombstones"))
 }
+
+// noWait is a context that has ended: an Admit with it does not wait.
+var noWait = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
 
 // maxQueueAgeSamples bounds the queue reads one sweep makes for
 // mediator_queue_oldest_age_seconds.

@@ -19,6 +19,7 @@ type metrics struct {
 	forwards         *prometheus.CounterVec // upgrades for shards owned elsewhere, by outcome
 	forwardedBytes   *prometheus.CounterVec // bytes copied for forwarded connections, by direction
 	fenceRefusals    prometheus.Counter
+	writesRefused    prometheus.Counter
 	reflects         *prometheus.CounterVec // by kind: durable, ephemeral
 	reflectedSent    prometheus.Counter
 	reflectedAcked   prometheus.Counter
@@ -65,8 +66,9 @@ func newMetrics() *metrics {
 	m.queueAge = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mediator_queue_oldest_age_seconds", Help: "Age of the oldest queued reflection per non-empty slot, sampled periodically.", Buckets: prometheus.ExponentialBuckets(1, 4, 12)})
 	m.forwards = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_cluster_forwards_total", Help: "Device upgrades for a shard another node owns, by outcome: forwarded, unavailable (503), dial_failed, loop_refused; settle_wait counts upgrades that waited for a settling route first."}, []string{"outcome"})
 	m.forwardedBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_cluster_forwarded_bytes_total", Help: "Bytes copied for forwarded device connections, by direction."}, []string{"direction"})
+	m.writesRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_cluster_writes_refused_total", Help: "Group writes refused because the shard was no longer served here at the epoch the group's state was loaded under (moved away or lost); the device was closed with 1001 and redoes them on the new owner."})
 	m.fenceRefusals = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_cluster_fence_refusals_total", Help: "ReflectAcks withheld because the node could no longer be sure it owns the shard."})
-	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.forwards, m.forwardedBytes, m.fenceRefusals, m.reflects, m.reflectedSent, m.reflectedAcked,
+	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.forwards, m.forwardedBytes, m.fenceRefusals, m.writesRefused, m.reflects, m.reflectedSent, m.reflectedAcked,
 		m.framesIn, m.framesOut, m.commitBatch, m.commitLatency, m.commitErrors, m.lockHold, m.upstreams, m.upstreamBytes,
 		m.ephemeralDrops, m.slowConsumers, m.queueLimitDrops, m.leaderPromotions, m.queueDepth, m.queueAge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {

@@ -3,11 +3,13 @@ package mediator
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"d2m-mediator/d2m"
@@ -18,6 +20,14 @@ import (
 // cluster implements it through etcd). A shard is the first byte of the
 // device group id; everything of one group lives on the node that owns its
 // shard. Nil in Config means a single node that serves every shard.
+//
+// Every group write passes the shard's lifecycle (Admit): a group's
+// in-memory state is loaded while the shard is served at one epoch, and
+// its writes are admitted only under that epoch. While a planned move has
+// frozen the shard, writes wait; once the shard is handed over (or lost),
+// they are refused and the device's connection ends with 1001, so that it
+// redoes them on the new owner. So nothing is acknowledged that the new
+// owner will not have.
 type Placement interface {
 	// Route says where devices of the shard are served right now.
 	Route(shard byte) Route
@@ -25,10 +35,18 @@ type Placement interface {
 	// of the shard. It is asked once per ReflectAck and must answer from
 	// memory (the fence clock), never from the network.
 	MayAck(shard byte) bool
-	// Draining reports that acks are paused for a planned move of the
-	// shard: its devices stay connected, unacknowledged, until the move
-	// closes them (and they send again to the new owner).
-	Draining(shard byte) bool
+	// Epoch returns the epoch at which this node serves the shard now;
+	// ok is false while it does not.
+	Epoch(shard byte) (epoch int64, ok bool)
+	// Admit admits one group write of the shard by state loaded at
+	// epoch: at once while the shard is served there, after the thaw
+	// while a planned move has frozen it, never once it is no longer
+	// served here at epoch, or when ctx ends. The error says why; if it
+	// has a CloseReason() string method, that is the close reason the
+	// device gets. Release follows every admitted write once it has been
+	// submitted to the store.
+	Admit(ctx context.Context, shard byte, epoch int64) error
+	Release(shard byte)
 }
 
 // Route is where one shard is served.
@@ -36,6 +54,9 @@ type Route struct {
 	Local bool   // this node owns the shard
 	Node  string // the owner's node id ("" when nobody serves it)
 	Addr  string // the owner's device listener, host:port ("" when nobody serves it)
+	// TLS: the owner's device listener serves TLS; a forward dials it
+	// with TLS and verifies its certificate (Config.NodeTLS).
+	TLS bool
 	// Settling: the answer is about to change on this node (it owns the
 	// shard but may not ack for it at this instant, or it is taking the
 	// shard over in a move). An upgrade waits up to settleWait for a
@@ -43,10 +64,29 @@ type Route struct {
 	Settling bool
 }
 
-// ForwardedHeader marks an upgrade request one node forwarded to another.
-// A node that receives it for a shard it does not own refuses instead of
-// forwarding again, so a stale shard map on two nodes cannot make a loop.
-const ForwardedHeader = "D2m-Forwarded-By"
+// ForwardedHeader marks an upgrade request one node forwarded to another
+// (the value names the forwarding node); ForwardHopsHeader counts the
+// hops. A node that receives a forwarded upgrade for a shard it does not
+// serve forwards it once more (the shard has just moved on, and this node
+// knows where), but never past maxForwardHops: stale shard maps cannot
+// make a loop.
+const (
+	ForwardedHeader   = "D2m-Forwarded-By"
+	ForwardHopsHeader = "D2m-Forward-Hops"
+	maxForwardHops    = 2
+)
+
+// forwardHops is how many nodes forwarded r already.
+func forwardHops(r *http.Request) int {
+	if r.Header.Get(ForwardedHeader) == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(r.Header.Get(ForwardHopsHeader))
+	if err != nil || n < 1 {
+		return 1 // a node that counted no hops
+	}
+	return n
+}
 
 // unavailableRetryAfter is the Retry-After of a 503 for a shard nobody
 // serves: about the lease TTL, after which a returning node has claimed it.
@@ -76,8 +116,35 @@ func (s *Server) mayAck(g reflection.GroupID) bool {
 	return s.cfg.Placement == nil || s.cfg.Placement.MayAck(shardOf(g))
 }
 
-func (s *Server) draining(g reflection.GroupID) bool {
-	return s.cfg.Placement != nil && s.cfg.Placement.Draining(shardOf(g))
+// epochOf is the epoch under which a group's state loaded now is
+// served (0 in single-node mode).
+func (s *Server) epochOf(g reflection.GroupID) int64 {
+	if s.cfg.Placement == nil {
+		return 0
+	}
+	e, _ := s.cfg.Placement.Epoch(shardOf(g))
+	return e
+}
+
+// admit passes one write of g through its shard's lifecycle; a refusal is
+// a 1001 close with the reason (the device redoes the write wherever the
+// shard is served now). Every nil return is followed by released.
+func (g *group) admit(ctx context.Context) error {
+	p := g.srv.cfg.Placement
+	if p == nil {
+		return nil
+	}
+	if err := p.Admit(ctx, shardOf(g.id), g.epoch); err != nil {
+		g.srv.metrics.writesRefused.Inc()
+		return d2m.Close(d2m.CloseGoingAway, err)
+	}
+	return nil
+}
+
+func (g *group) released() {
+	if p := g.srv.cfg.Placement; p != nil {
+		p.Release(shardOf(g.id))
+	}
 }
 
 // routeDevice serves an upgrade for a shard this node does not own: it
@@ -96,10 +163,11 @@ func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte)
 	if rt.Local {
 		return false
 	}
-	if by := r.Header.Get(ForwardedHeader); by != "" {
+	hops := forwardHops(r)
+	if hops >= maxForwardHops {
 		s.metrics.forwards.WithLabelValues("loop_refused").Inc()
 		w.Header().Set("Retry-After", "1")
-		http.Error(w, "forwarded by "+by+" for a shard this node does not own", http.StatusServiceUnavailable)
+		http.Error(w, fmt.Sprintf("forwarded %d times (last by %s) for a shard this node does not serve", hops, r.Header.Get(ForwardedHeader)), http.StatusServiceUnavailable)
 		return true
 	}
 	if rt.Addr == "" {
@@ -108,7 +176,7 @@ func (s *Server) routeDevice(w http.ResponseWriter, r *http.Request, shard byte)
 		http.Error(w, "the device group's shard is not served right now", http.StatusServiceUnavailable)
 		return true
 	}
-	s.forward(w, r, rt)
+	s.forward(w, r, rt, hops+1)
 	return true
 }
 
@@ -143,11 +211,16 @@ func (s *Server) awaitSettled(ctx context.Context, shard byte, rt Route) Route {
 // with ForwardedHeader added (like DERP's mesh: one hop, no parsing of
 // d2m frames). The copy runs on a goroutine the server counts; Shutdown
 // closes both sockets.
-func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route) {
-	dialer := net.Dialer{Timeout: 5 * time.Second}
-	up, err := dialer.DialContext(r.Context(), "tcp", rt.Addr)
+func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops int) {
+	up, err := s.dialOwner(r.Context(), rt)
 	if err != nil {
 		s.metrics.forwards.WithLabelValues("dial_failed").Inc()
+		var cv *tls.CertificateVerificationError
+		if errors.As(err, &cv) {
+			// A configuration error, not an outage: say so.
+			s.log.Warn().Err(err).Str("owner", rt.Node).Str("addr", rt.Addr).
+				Msg("cluster: forwarding a device failed: the owner's TLS certificate does not verify against the cluster CA (--cluster-ca-file)")
+		}
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "the node serving this device group cannot be reached", http.StatusServiceUnavailable)
 		return
@@ -160,6 +233,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route) {
 	}
 	req := r.Clone(context.Background())
 	req.Header.Set(ForwardedHeader, s.cfg.NodeID)
+	req.Header.Set(ForwardHopsHeader, strconv.Itoa(hops))
 	req.RequestURI = ""
 	if err := req.Write(up); err != nil {
 		up.Close()
@@ -185,6 +259,32 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route) {
 			s.metrics.forwardedBytes.WithLabelValues("to_device").Add)
 	}()
 }
+
+// dialOwner connects to the owner's device listener: over TLS when it
+// serves TLS, verifying its certificate for the host of its advertise
+// address against Config.NodeTLS's roots. The dial and the handshake
+// together are bounded by forwardDialTimeout.
+func (s *Server) dialOwner(ctx context.Context, rt Route) (net.Conn, error) {
+	dialer := &net.Dialer{Timeout: forwardDialTimeout}
+	if !rt.TLS {
+		return dialer.DialContext(ctx, "tcp", rt.Addr)
+	}
+	host, _, err := net.SplitHostPort(rt.Addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if s.cfg.NodeTLS != nil {
+		tc = s.cfg.NodeTLS.Clone()
+	}
+	tc.ServerName = host
+	// HTTP/1.1 only: the upgrade request is replayed as written.
+	tc.NextProtos = []string{"http/1.1"}
+	return (&tls.Dialer{NetDialer: dialer, Config: tc}).DialContext(ctx, "tcp", rt.Addr)
+}
+
+// forwardDialTimeout bounds connecting to the owner (TCP and TLS).
+const forwardDialTimeout = 5 * time.Second
 
 // forwarded is one device connection copied to its owner node.
 type forwarded struct {
@@ -231,10 +331,16 @@ func (s *Server) untrackForward(f *forwarded) {
 	s.goroutines.Done()
 }
 
+// shardClosed is the cause of a CloseShard close; its reason is sent.
+type shardClosed string
+
+func (e shardClosed) Error() string       { return string(e) }
+func (e shardClosed) CloseReason() string { return string(e) }
+
 // CloseShard closes every connection of the shard's device groups with
-// 1001 (they reconnect, and land wherever the shard is served now). The
-// cluster calls it when the node loses the shard.
-func (s *Server) CloseShard(shard byte) int {
+// 1001 and reason (they reconnect, and land wherever the shard is served
+// now). The cluster calls it when the node loses the shard.
+func (s *Server) CloseShard(shard byte, reason string) int {
 	s.mu.Lock()
 	var conns []*deviceConn
 	for c := range s.conns {
@@ -243,8 +349,12 @@ func (s *Server) CloseShard(shard byte) int {
 		}
 	}
 	s.mu.Unlock()
+	cause := error(errShardMoved)
+	if reason != "" {
+		cause = shardClosed(reason)
+	}
 	for _, c := range conns {
-		c.closeWith(d2m.CloseGoingAway, errShardMoved)
+		c.closeWith(d2m.CloseGoingAway, cause)
 	}
 	return len(conns)
 }

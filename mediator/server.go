@@ -121,6 +121,17 @@ func (s *Server) isClosed() bool {
 
 func (s *Server) groupForLocked(id reflection.GroupID) *group {
 	g := s.groups[id]
+	if g != nil && s.cfg.Placement != nil && g.epoch != s.epochOf(id) {
+		// Made under an earlier epoch of the shard (it was moved away or
+		// lost, and is served here again): its memory may be stale and
+		// none of its writes is admitted any more. Its connections are
+		// being closed; newcomers get state loaded under this epoch.
+		g.mu.Lock()
+		g.evicted = true
+		g.mu.Unlock()
+		delete(s.groups, id)
+		g = nil
+	}
 	if g == nil {
 		g = newGroup(s, id)
 		s.groups[id] = g

@@ -24,6 +24,7 @@ type batchTx struct {
 
 	tombTouched map[GroupID]bool
 	tombMin     map[GroupID]int64 // computed in flush; 0 = no tombstones left
+	shardGens   map[byte]int64    // shard generations recorded by this batch
 
 	slotsB, tombsB, sharedB, heldB, cursorsB, logB *bbolt.Bucket
 }
@@ -95,6 +96,10 @@ func (bt *batchTx) apply(r *request) error {
 		return bt.importShard(r.shard)
 	case opDropShard:
 		return bt.dropShard(r.shard)
+	case opSettleShard:
+		return bt.settle(r.shard)
+	case opBarrier:
+		return nil
 	}
 	return fmt.Errorf("reflection: unknown request kind %d", r.op)
 }
@@ -261,6 +266,9 @@ func (bt *batchTx) publish() {
 		} else {
 			db.tombMin[g] = minAt
 		}
+	}
+	for shard, gen := range bt.shardGens {
+		db.shardGen[shard].Store(gen)
 	}
 }
 

@@ -11,12 +11,42 @@ import (
 // ordinary requests, so they are ordered with every other write and their
 // changes reach memory only through publish, after the commit.
 
-// shardOp is the payload of an import or drop request.
+// shardOp is the payload of an import, drop or reset request.
 type shardOp struct {
 	ctx     context.Context
 	shard   byte
+	gen     int64       // import, reset: the generation recorded; drop: the newest one dropped
+	mode    shardMode   // opDropShard only
 	img     *shardImage // import only
-	dropped ShardStats  // drop: what was removed (set by apply)
+	dropped ShardStats  // drop, reset: what was removed (set by apply)
+	kept    bool        // drop: the copy held was newer than gen (set by apply)
+}
+
+type shardMode uint8
+
+const (
+	shardDrop  shardMode = iota // delete if the copy is of generation ≤ gen
+	shardReset                  // delete whatever there is, record gen
+)
+
+// shardGeneration is the shard's generation as of this point of the batch.
+func (bt *batchTx) shardGeneration(shard byte) int64 {
+	if g, ok := bt.shardGens[shard]; ok {
+		return g
+	}
+	return bt.db.shardGen[shard].Load()
+}
+
+// setShardGeneration records gen in meta/ (published after the commit).
+func (bt *batchTx) setShardGeneration(shard byte, gen int64) error {
+	if bt.shardGens == nil {
+		bt.shardGens = make(map[byte]int64)
+	}
+	bt.shardGens[shard] = gen
+	if err := bt.tx.Bucket(bucketMeta).Put(shardGenKey(shard), u64key(uint64(gen))); err != nil {
+		return fmt.Errorf("reflection: record shard %02x generation: %w", shard, err)
+	}
+	return nil
 }
 
 // clearShard deletes every key of the shard's groups from slots/, tombs/,
@@ -95,9 +125,19 @@ func (bt *batchTx) dropShard(op *shardOp) error {
 	if err := op.ctx.Err(); err != nil {
 		return err
 	}
+	op.kept, op.dropped = false, ShardStats{}
+	if op.mode == shardDrop && bt.shardGeneration(op.shard) > op.gen {
+		// Imported again after this drop was decided: not the copy the
+		// caller meant.
+		op.kept = true
+		return nil
+	}
 	st, err := bt.clearShard(op.shard)
 	op.dropped = st
-	return err
+	if err != nil || op.mode != shardReset {
+		return err
+	}
+	return bt.setShardGeneration(op.shard, op.gen)
 }
 
 // importShard replaces the shard's state with op.img: every imported slot
@@ -115,7 +155,8 @@ func (bt *batchTx) importShard(op *shardOp) error {
 	}
 	born := bt.nextLSN
 	for _, is := range img.slots {
-		if err := bt.slotsB.Put(slotKey(is.g, is.slot.DeviceID), encodeSlot(is.slot, born)); err != nil {
+		sl := is.slot
+		if err := bt.slotsB.Put(slotKey(is.g, sl.DeviceID), encodeSlot(sl, born)); err != nil {
 			return fmt.Errorf("reflection: put slot %d: %w", is.slot.DeviceID, err)
 		}
 		s := bt.slot(is.g, is.slot.DeviceID)
@@ -157,5 +198,65 @@ func (bt *batchTx) importShard(op *shardOp) error {
 		bt.nextLSN++
 		bt.logs = append(bt.logs, stagedLog{lsn: lsn, rec: rec})
 	}
+	if err := bt.settleShard(op.shard); err != nil {
+		return err
+	}
+	return bt.setShardGeneration(op.shard, op.gen)
+}
+
+// settleShard prepares a shard for a node none of its devices is
+// connected to yet (after an import, or before a claim of a shard the
+// node held before it lost it): slots still marked connected are marked
+// disconnected now, so their expiry counts from now, and held reflections
+// are released into the other queues, because the transaction they were
+// held for ended with its holder's connection (an acked reflection is
+// never lost, docs/protocol.md §18 row 3). The release comes after everything
+// already queued, as it would have on the node that held them.
+func (bt *batchTx) settleShard(shard byte) error {
+	type connected struct {
+		g    GroupID
+		slot Slot
+		born uint64
+	}
+	var conns []connected
+	c := bt.slotsB.Cursor()
+	for k, v := c.Seek([]byte{shard}); k != nil && k[0] == shard; k, v = c.Next() {
+		g, sl, born, err := decodeSlot(k, v)
+		if err != nil {
+			return err
+		}
+		if sl.ConnectedSince != 0 {
+			conns = append(conns, connected{g, sl, born})
+		}
+	}
+	for _, cs := range conns {
+		cs.slot.ConnectedSince, cs.slot.LastDisconnectAt = 0, bt.now
+		if err := bt.slotsB.Put(slotKey(cs.g, cs.slot.DeviceID), encodeSlot(cs.slot, cs.born)); err != nil {
+			return fmt.Errorf("reflection: settle slot %d: %w", cs.slot.DeviceID, err)
+		}
+	}
+	var holders []slotRef
+	c = bt.heldB.Cursor()
+	for k, _ := c.Seek([]byte{shard}); k != nil && k[0] == shard; k, _ = c.Next() {
+		if len(k) != 48 {
+			return fmt.Errorf("reflection: held reflection %x: malformed key", k)
+		}
+		ref := slotRef{GroupID(k[:32]), DeviceID(beUint64(k[32:40]))}
+		if len(holders) == 0 || holders[len(holders)-1] != ref {
+			holders = append(holders, ref)
+		}
+	}
+	for _, h := range holders {
+		if err := bt.releaseHeld(&request{op: opReleaseHeld, g: h.g, d: h.d}); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+func (bt *batchTx) settle(op *shardOp) error {
+	if err := op.ctx.Err(); err != nil {
+		return err
+	}
+	return bt.settleShard(op.shard)
 }

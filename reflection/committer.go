@@ -128,6 +128,14 @@ func (db *DB) flushWait() (time.Duration, bool) {
 // commitMu is released: completions call back into the server, which takes
 // its own locks and may read this store.
 func (db *DB) commitBatch(batch []*request, withFlush bool) {
+	if !withFlush && onlyBarriers(batch) {
+		// Every earlier write is already complete: the committer is
+		// sequential. No transaction (and no fsync) for nothing.
+		for _, r := range batch {
+			r.complete(nil)
+		}
+		return
+	}
 	fw, failed, err := db.commitBatchLocked(batch, withFlush)
 	if fw != nil && err == nil {
 		fw.complete()
@@ -139,6 +147,15 @@ func (db *DB) commitBatch(batch []*request, withFlush bool) {
 			r.complete(err)
 		}
 	}
+}
+
+func onlyBarriers(batch []*request) bool {
+	for _, r := range batch {
+		if r.op != opBarrier {
+			return false
+		}
+	}
+	return true
 }
 
 func (db *DB) commitBatchLocked(batch []*request, withFlush bool) (*flushWork, map[int]error, error) {

@@ -28,6 +28,9 @@ type DB struct {
 	// Open before the committer starts).
 	tombMin map[GroupID]int64
 	nextLSN uint64
+	// shardGen is each shard's copy generation (ShardStore): written by
+	// publish after the commit that recorded it, read by anyone.
+	shardGen [256]atomic.Int64
 	// flushRetry: after a failed flush, no flush of its own before this
 	// (committer only), so a failing disk is not hammered.
 	flushRetry time.Time
@@ -120,7 +123,10 @@ func (db *DB) prepare() error {
 		if res, err = rebuild(tx, db.mem); err != nil {
 			return err
 		}
-		return loadTombMin(tx, db.tombMin)
+		if err := loadTombMin(tx, db.tombMin); err != nil {
+			return err
+		}
+		return db.loadShardGens(tx)
 	})
 	if err != nil {
 		return err

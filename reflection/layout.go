@@ -13,6 +13,8 @@ import "encoding/binary"
 //	                                       unreclaimed log entry (Check)
 //	    "migrating"                      → present while a schema-1 file is
 //	                                       being migrated (migrate.go)
+//	    "shardgen" ‖ shard u8            → i64 generation of the shard's copy
+//	                                       (cluster mode, ShardStore); absent = 0
 //	slots/<group ‖ device>               → slot record (codec.go), incl. the log
 //	                                       position at the slot's creation
 //	tombs/<group ‖ device>               → reason u8 ‖ at i64
@@ -48,7 +50,10 @@ var (
 	keySchema    = []byte("schema")
 	keyClean     = []byte("clean")
 	keyMigrating = []byte("migrating")
+	keyShardGen  = []byte("shardgen")
 )
+
+func shardGenKey(shard byte) []byte { return append(append([]byte(nil), keyShardGen...), shard) }
 
 // rootBuckets are the buckets of schema 2, created at Open.
 var rootBuckets = [][]byte{bucketMeta, bucketSlots, bucketTombs, bucketShared, bucketHeld, bucketCursors, bucketLog}

@@ -13,6 +13,8 @@ const (
 	opPruneTombstones
 	opImportShard
 	opDropShard
+	opSettleShard
+	opBarrier
 )
 
 // request is one queued write. Only the fields of its op are set.
@@ -147,6 +149,13 @@ func (db *DB) PurgeQueue(g GroupID, d DeviceID, done func(error)) {
 // visits groups that have tombstones (kept in memory), not every group.
 func (db *DB) PruneTombstones(olderThan int64, done func(error)) {
 	db.submit(&request{op: opPruneTombstones, olderThan: olderThan, done: done})
+}
+
+// Barrier calls done once every write submitted before it is durable
+// (writes complete in submission order). It writes nothing itself: a
+// batch of barriers alone completes without a transaction.
+func (db *DB) Barrier(done func(error)) {
+	db.submit(&request{op: opBarrier, done: done})
 }
 
 // submit queues r for the committer. It never blocks for long: the server

@@ -181,16 +181,19 @@ func writeShard(ctx context.Context, tx *bbolt.Tx, shard byte, snap *shardSnap, 
 	return st, nil
 }
 
-// ImportShard replaces this store's state of shard with the stream's. It
-// reads and checks the whole stream first (shard byte, framing, checksum,
-// references), so a truncated, corrupted or foreign stream changes
-// nothing. Then one request through the committer, in submission order
-// with every other write, deletes what the store held for the shard and
-// writes the imported state in one transaction; once it is on disk the
-// in-memory index serves the imported queues. Imported entries get new log
-// positions here but keep their Seq and timestamp; counters continue.
-// The stream is held in memory while it is imported.
-func (db *DB) ImportShard(ctx context.Context, shard byte, r io.Reader) (ShardStats, error) {
+// ImportShard replaces this store's state of shard with the stream's and
+// records gen as the copy's generation. It reads and checks the whole
+// stream first (shard byte, framing, checksum, references), so a
+// truncated, corrupted or foreign stream changes nothing. Then one request
+// through the committer, in submission order with every other write,
+// deletes what the store held for the shard, writes the imported state
+// and settles it for this node (slots marked disconnected, held
+// reflections released into the other queues: the devices and their
+// transactions stayed with the donor), all in one transaction; once it is
+// on disk the in-memory index serves the imported queues. Imported entries
+// get new log positions here but keep their Seq and timestamp; counters
+// continue. The stream is held in memory while it is imported.
+func (db *DB) ImportShard(ctx context.Context, shard byte, gen int64, r io.Reader) (ShardStats, error) {
 	var buf bytes.Buffer
 	if _, err := buf.ReadFrom(r); err != nil {
 		return ShardStats{}, fmt.Errorf("reflection: import shard %02x: read: %w", shard, err)
@@ -199,24 +202,98 @@ func (db *DB) ImportShard(ctx context.Context, shard byte, r io.Reader) (ShardSt
 	if err != nil {
 		return ShardStats{}, fmt.Errorf("reflection: import shard %02x: %w", shard, err)
 	}
-	if err := db.shardRequest(ctx, &request{op: opImportShard, shard: &shardOp{ctx: ctx, shard: shard, img: img}}); err != nil {
+	op := &shardOp{ctx: ctx, shard: shard, gen: gen, img: img}
+	if err := db.shardRequest(ctx, &request{op: opImportShard, shard: op}); err != nil {
 		return ShardStats{}, fmt.Errorf("reflection: import shard %02x: %w", shard, err)
 	}
 	return img.stats, nil
 }
 
 // DropShard deletes this store's state of shard (after the shard moved to
-// another node): slots, tombstones, shared data, held reflections and
-// cursors, in one write through the committer. The log entries of the
-// dropped queues become dead and are reclaimed DeleteChunk per commit,
+// another node, or a move that imported it here was aborted) if the copy
+// held is of generation gen or older: slots, tombstones, shared data, held
+// reflections and cursors, in one write through the committer, ordered
+// with every other write. A copy of a newer generation (imported after
+// the drop was decided) is kept and dropped is false. The log entries of
+// the dropped queues become dead and are reclaimed DeleteChunk per commit,
 // like those of any dropped slot. Bytes in the result is the dropped
 // queues' envelope bytes.
-func (db *DB) DropShard(ctx context.Context, shard byte) (ShardStats, error) {
-	op := &shardOp{ctx: ctx, shard: shard}
+func (db *DB) DropShard(ctx context.Context, shard byte, gen int64) (ShardStats, bool, error) {
+	op := &shardOp{ctx: ctx, shard: shard, gen: gen, mode: shardDrop}
 	if err := db.shardRequest(ctx, &request{op: opDropShard, shard: op}); err != nil {
-		return ShardStats{}, fmt.Errorf("reflection: drop shard %02x: %w", shard, err)
+		return ShardStats{}, false, fmt.Errorf("reflection: drop shard %02x: %w", shard, err)
+	}
+	return op.dropped, !op.kept, nil
+}
+
+// ResetShard deletes whatever the store holds of shard, whatever its
+// generation, and records gen: the node serves the shard from empty.
+func (db *DB) ResetShard(ctx context.Context, shard byte, gen int64) (ShardStats, error) {
+	op := &shardOp{ctx: ctx, shard: shard, gen: gen, mode: shardReset}
+	if err := db.shardRequest(ctx, &request{op: opDropShard, shard: op}); err != nil {
+		return ShardStats{}, fmt.Errorf("reflection: reset shard %02x: %w", shard, err)
 	}
 	return op.dropped, nil
+}
+
+// SettleShard prepares each shard for a node none of its devices is connected
+// to yet, in one write through the committer: slots still marked
+// connected are marked disconnected now and held reflections are released
+// into the other queues (ImportShard does the same to an imported copy).
+// A cluster node calls it before it serves a shard it held before, for
+// instance after its lease expired and its connections were closed
+// without their disconnects being written.
+// Several shards are submitted at once and share a commit.
+func (db *DB) SettleShard(ctx context.Context, shards ...byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	errs := make(chan error, len(shards))
+	for _, sh := range shards {
+		db.submit(&request{op: opSettleShard, shard: &shardOp{ctx: ctx, shard: sh}, done: func(err error) {
+			if err != nil {
+				err = fmt.Errorf("reflection: settle shard %02x: %w", sh, err)
+			}
+			errs <- err
+		}})
+	}
+	var first error
+	for range shards {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// ShardGeneration returns the generation recorded for shard (0 if none)
+// and whether the store holds any state of it (slots, tombstones, shared
+// data or held reflections).
+func (db *DB) ShardGeneration(shard byte) (int64, bool) {
+	gen := db.shardGen[shard].Load()
+	hasData := false
+	_ = db.bolt.View(func(tx *bbolt.Tx) error {
+		for _, name := range [][]byte{bucketSlots, bucketTombs, bucketShared, bucketHeld} {
+			if k, _ := tx.Bucket(name).Cursor().Seek([]byte{shard}); k != nil && k[0] == shard {
+				hasData = true
+				return nil
+			}
+		}
+		return nil
+	})
+	return gen, hasData
+}
+
+// loadShardGens reads the recorded generations at Open.
+func (db *DB) loadShardGens(tx *bbolt.Tx) error {
+	c := tx.Bucket(bucketMeta).Cursor()
+	for k, v := c.Seek(keyShardGen); k != nil && bytes.HasPrefix(k, keyShardGen); k, v = c.Next() {
+		if len(k) != len(keyShardGen)+1 || len(v) != 8 {
+			return fmt.Errorf("reflection: meta key %q: malformed shard generation", k)
+		}
+		db.shardGen[k[len(k)-1]].Store(int64(beUint64(v)))
+	}
+	return nil
 }
 
 // shardRequest submits r and waits for its completion. The committer

@@ -3,6 +3,7 @@ package reflection
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"fmt"
 	"reflect"
 	"sync"
@@ -197,14 +198,25 @@ func TestShardExportImport(t *testing.T) {
 	if est != wantStats {
 		t.Fatalf("export stats %+v, want %+v", est, wantStats)
 	}
-	ist, err := dst.ImportShard(context.Background(), testShard, bytes.NewReader(stream))
+	ist, err := dst.ImportShard(context.Background(), testShard, 7, bytes.NewReader(stream))
 	if err != nil {
 		t.Fatalf("ImportShard: %v", err)
 	}
 	if ist != est {
 		t.Fatalf("import stats %+v, export stats %+v", ist, est)
 	}
+	if gen, has := dst.ShardGeneration(testShard); gen != 7 || !has {
+		t.Fatalf("generation after import: %d (data %v), want 7", gen, has)
+	}
+	// The import settles the shard for a node none of its devices is
+	// connected to: the same as the donor would be after closing them.
+	settleAsImported(t, src, testShard, clk)
+	want = dumpShard(t, src, testShard)
+	if len(want.Held) != 0 {
+		t.Fatalf("held reflections after settling: %+v", want.Held)
+	}
 	sameDump(t, "imported shard", dumpShard(t, dst, testShard), want)
+	stream, _ = exportShard(t, src, testShard)
 	sameDump(t, "other shard", dumpShard(t, dst, testShard+1), otherBefore)
 	if _, ok := dst.QueueStats(sgid(testShard, 1), 99); ok {
 		t.Fatal("stale slot 99 survived the import")
@@ -252,10 +264,15 @@ func TestShardExportImport(t *testing.T) {
 	}
 	sameDump(t, "other shard after reopen", dumpShard(t, dst, testShard+1), otherBefore)
 
+	// A drop for an older generation than the copy keeps it.
+	if _, ok, err := dst.DropShard(context.Background(), testShard, 6); err != nil || ok {
+		t.Fatalf("DropShard of generation 6 over a copy of generation 7: dropped %v, %v", ok, err)
+	}
+	sameDump(t, "shard after a stale drop", dumpShard(t, dst, testShard), dumpShard(t, src, testShard))
 	// The donor drops the shard; its log entries are reclaimed in chunks.
-	dropped, err := src.DropShard(context.Background(), testShard)
-	if err != nil {
-		t.Fatalf("DropShard: %v", err)
+	dropped, ok, err := src.DropShard(context.Background(), testShard, 7)
+	if err != nil || !ok {
+		t.Fatalf("DropShard: dropped %v, %v", ok, err)
 	}
 	if dropped.Groups != 3 || dropped.Slots != 5 {
 		t.Fatalf("DropShard stats %+v", dropped)
@@ -282,6 +299,92 @@ func TestShardExportImport(t *testing.T) {
 	}
 }
 
+// settleAsImported does to db's copy of shard what ImportShard does to an
+// imported one: connected slots disconnected now, held reflections
+// released in key order.
+func settleAsImported(t *testing.T, db *DB, shard byte, clk *clock) {
+	t.Helper()
+	for _, gd := range dumpShard(t, db, shard).Groups {
+		g := mustGroupID(t, gd.ID)
+		st, err := db.Group(g)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, sl := range st.Slots {
+			if sl.ConnectedSince != 0 {
+				sl.ConnectedSince, sl.LastDisconnectAt = 0, clk.now().UnixMilli()
+				mustDo(t, func(done func(error)) { db.PutSlot(g, sl, done) })
+			}
+		}
+	}
+	seen := map[slotRef]bool{}
+	for _, h := range dumpShard(t, db, shard).Held {
+		if k := (slotRef{h.Group, h.Sender}); !seen[k] {
+			seen[k] = true
+			releaseSync(t, db, h.Group, h.Sender)
+		}
+	}
+}
+
+func mustGroupID(t *testing.T, s string) GroupID {
+	t.Helper()
+	var g GroupID
+	b, err := hex.DecodeString(s)
+	if err != nil || len(b) != len(g) {
+		t.Fatalf("group id %q: %v", s, err)
+	}
+	copy(g[:], b)
+	return g
+}
+
+// TestShardGenerations: ResetShard empties a shard whatever its
+// generation; DropShard only drops copies that are not newer than asked;
+// both survive a reopen.
+func TestShardGenerations(t *testing.T) {
+	clk := newClock(1_800_000_000_000)
+	path := dbPath(t)
+	db := openAt(t, path, Options{Now: clk.now})
+	if gen, has := db.ShardGeneration(testShard); gen != 0 || has {
+		t.Fatalf("empty store: generation %d, data %v", gen, has)
+	}
+	writeShardSource(t, db, clk)
+	if gen, has := db.ShardGeneration(testShard); gen != 0 || !has {
+		t.Fatalf("written store: generation %d, data %v", gen, has)
+	}
+	if _, err := db.ResetShard(context.Background(), testShard, 50); err != nil {
+		t.Fatal(err)
+	}
+	if gen, has := db.ShardGeneration(testShard); gen != 50 || has {
+		t.Fatalf("after ResetShard: generation %d, data %v", gen, has)
+	}
+	if d := dumpShard(t, db, testShard+1); len(d.Groups) != 1 {
+		t.Fatalf("ResetShard touched another shard: %+v", d)
+	}
+	putSlots(t, db, sgid(testShard, 1), 1, 2)
+	if _, ok, _ := db.DropShard(context.Background(), testShard, 49); ok {
+		t.Fatal("DropShard(49) dropped a copy of generation 50")
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db = openAt(t, path, Options{Now: clk.now})
+	if gen, has := db.ShardGeneration(testShard); gen != 50 || !has {
+		t.Fatalf("after reopen: generation %d, data %v", gen, has)
+	}
+	if _, ok, err := db.DropShard(context.Background(), testShard, 50); !ok || err != nil {
+		t.Fatalf("DropShard(50) of a copy of generation 50: %v, %v", ok, err)
+	}
+	if gen, has := db.ShardGeneration(testShard); gen != 50 || has {
+		t.Fatalf("after the drop: generation %d, data %v", gen, has)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(path); err != nil {
+		t.Fatalf("Check: %v", err)
+	}
+}
+
 func TestShardImportRefusesBadStreams(t *testing.T) {
 	clk := newClock(1_800_000_000_000)
 	opts := Options{Now: clk.now}
@@ -303,22 +406,22 @@ func TestShardImportRefusesBadStreams(t *testing.T) {
 		"trailing":     append(bytes.Clone(stream), 0),
 	}
 	for name, b := range bad {
-		if _, err := dst.ImportShard(context.Background(), testShard, bytes.NewReader(b)); err == nil {
+		if _, err := dst.ImportShard(context.Background(), testShard, 1, bytes.NewReader(b)); err == nil {
 			t.Fatalf("%s: import accepted", name)
 		}
 	}
 	// A valid stream for another shard.
-	if _, err := dst.ImportShard(context.Background(), testShard+1, bytes.NewReader(stream)); err == nil {
+	if _, err := dst.ImportShard(context.Background(), testShard+1, 1, bytes.NewReader(stream)); err == nil {
 		t.Fatal("stream of shard 42 imported as shard 43")
 	}
 	other, _ := exportShard(t, src, testShard+1)
-	if _, err := dst.ImportShard(context.Background(), testShard, bytes.NewReader(other)); err == nil {
+	if _, err := dst.ImportShard(context.Background(), testShard, 1, bytes.NewReader(other)); err == nil {
 		t.Fatal("stream of shard 43 imported as shard 42")
 	}
 	// A cancelled context changes nothing either.
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := dst.ImportShard(ctx, testShard, bytes.NewReader(stream)); err == nil {
+	if _, err := dst.ImportShard(ctx, testShard, 1, bytes.NewReader(stream)); err == nil {
 		t.Fatal("import with a cancelled context succeeded")
 	}
 	sameDump(t, "store after refused imports", dumpStore(t, dst), before)
@@ -373,7 +476,7 @@ func TestShardMove10k(t *testing.T) {
 	exportTook := time.Since(start)
 	start = time.Now()
 	before := commits.Load()
-	ist, err := dst.ImportShard(context.Background(), testShard, &buf)
+	ist, err := dst.ImportShard(context.Background(), testShard, 1, &buf)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -398,9 +501,33 @@ func TestShardMove10k(t *testing.T) {
 		t.Fatal("stale slot 4 survived")
 	}
 	start = time.Now()
-	if _, err := src.DropShard(context.Background(), testShard); err != nil {
+	if _, _, err := src.DropShard(context.Background(), testShard, 0); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("DropShard: %v, reclaim of the %d log entries in chunks follows", time.Since(start), n)
 	waitReclaimed(t, src)
+}
+
+// TestSettleShard: SettleShard does in one write what a node does for a
+// shard none of whose devices is connected: connected slots marked
+// disconnected now, held reflections released; other shards untouched.
+func TestSettleShard(t *testing.T) {
+	clk := newClock(1_800_000_000_000)
+	opts := Options{Now: clk.now, AckFlushInterval: time.Hour, AckFlushAcks: 1 << 20}
+	a, b := openAt(t, dbPath(t), opts), openAt(t, dbPath(t), opts)
+	writeShardSource(t, a, clk)
+	stream, _ := exportShard(t, a, testShard)
+	if _, err := b.ImportShard(context.Background(), testShard, 0, bytes.NewReader(stream)); err != nil {
+		t.Fatal(err)
+	}
+	other := dumpShard(t, a, testShard+1)
+	if err := a.SettleShard(context.Background(), testShard); err != nil {
+		t.Fatal(err)
+	}
+	got := dumpShard(t, a, testShard)
+	if len(got.Held) != 0 {
+		t.Fatalf("held reflections after SettleShard: %+v", got.Held)
+	}
+	sameDump(t, "settled shard", got, dumpShard(t, b, testShard))
+	sameDump(t, "other shard", dumpShard(t, a, testShard+1), other)
 }

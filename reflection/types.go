@@ -124,8 +124,10 @@ type Store interface {
 	// Group returns the stored state; an unknown group yields an empty
 	// state and a nil error.
 	Group(g GroupID) (GroupState, error)
-	// QueueStats answers from the in-memory index in O(1); ok is false if
-	// the slot does not exist (as of the last successful commit).
+	// QueueStats answers from memory where it can (bbolt always, in O(1);
+	// the PostgreSQL engine for groups it has loaded, else with a query);
+	// ok is false if the slot does not exist (as of the last successful
+	// commit).
 	QueueStats(g GroupID, d DeviceID) (QueueStats, bool)
 	// ReadQueue returns up to max entries with Seq > afterSeq, in order.
 	// An unknown slot yields no entries and a nil error.
@@ -145,6 +147,10 @@ type Store interface {
 	Ack(g GroupID, d DeviceID, seq uint64, done func(error))
 	PurgeQueue(g GroupID, d DeviceID, done func(error))
 	PruneTombstones(olderThan int64, done func(error))
+	// Barrier calls done once every write submitted before it is durable
+	// (or failed). It writes nothing: a cluster node uses it to wait for
+	// the writes of a shard it has frozen before exporting it.
+	Barrier(done func(error))
 	Close() error
 }
 
@@ -268,17 +274,39 @@ func (r TombstoneReason) String() string {
 	return fmt.Sprintf("unknown(%d)", uint8(r))
 }
 
-// ShardStore is implemented by stores that can hand a shard (the groups
-// whose id starts with one byte) to another node in a planned move; the
-// mediator type-asserts it. *DB implements it (shard.go).
+// ShardStore is implemented by stores that hold a shard (the groups whose
+// id starts with one byte) on this node only, and so must hand it to
+// another node in a planned move; the mediator type-asserts it. *DB
+// implements it (shard.go).
+//
+// Every copy of a shard carries a generation, chosen by the cluster: the
+// etcd revision at which the copy was exported for the move that brought
+// it here (0 for a copy that was never moved). Generations only grow, so
+// an operation for an older copy can tell it is too late: a drop that
+// arrives after the shard came back (A→B→A) keeps the newer copy.
 type ShardStore interface {
 	// ExportShard writes a consistent snapshot of the shard's state.
 	ExportShard(ctx context.Context, shard byte, w io.Writer) (ShardStats, error)
-	// ImportShard checks a whole stream, then replaces the shard's state
-	// with it in one fsynced transaction; on error nothing changed.
-	ImportShard(ctx context.Context, shard byte, r io.Reader) (ShardStats, error)
-	// DropShard deletes the shard's state (the donor, after a move).
-	DropShard(ctx context.Context, shard byte) (ShardStats, error)
+	// ImportShard checks a whole stream, then, in one fsynced
+	// transaction, replaces the shard's state with it, records gen as
+	// its generation and settles it for this node: no device of it is
+	// connected here yet (slots marked disconnected now) and no
+	// transaction is open (held reflections released into the other
+	// queues). On error nothing changed.
+	ImportShard(ctx context.Context, shard byte, gen int64, r io.Reader) (ShardStats, error)
+	// DropShard deletes the shard's state if the copy held is of
+	// generation gen or older; a newer copy is kept (dropped false).
+	DropShard(ctx context.Context, shard byte, gen int64) (st ShardStats, dropped bool, err error)
+	// ResetShard deletes whatever the store holds of the shard and
+	// records gen: the cluster gave this node the shard to serve from
+	// empty (an operator accepted the loss of its data).
+	ResetShard(ctx context.Context, shard byte, gen int64) (ShardStats, error)
+	// SettleShard marks the shards' slots disconnected and releases their
+	// held reflections: before a node serves shards it held before.
+	SettleShard(ctx context.Context, shards ...byte) error
+	// ShardGeneration returns the generation of the copy held (0 if none
+	// was ever recorded) and whether the store holds any data of the shard.
+	ShardGeneration(shard byte) (gen int64, hasData bool)
 }
 
 var _ ShardStore = (*DB)(nil)

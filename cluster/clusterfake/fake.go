@@ -1,8 +1,10 @@
 // Package clusterfake is an in-memory stand-in for the mediator's side of
 // a planned shard move: cluster.Hooks that keep each shard's data as bytes
-// and record every call, and a cluster.Transport that hands an export to
-// the recipient node in the same process. Tests of package cluster use it;
-// the server never imports it.
+// with a generation and record every call, and a cluster.Transport that
+// hands an export to the recipient node in the same process. The control
+// plane tests of integration/cluster use it to drive cluster.Node without
+// a mediator; the mediator's own moves (mediator/daemon) are tested with
+// real processes. The server never imports it.
 package clusterfake
 
 import (
@@ -21,6 +23,7 @@ import (
 type Hooks struct {
 	mu    sync.Mutex
 	data  map[cluster.Shard][]byte
+	gens  map[cluster.Shard]int64
 	calls []string
 	// Block, if set for a shard, is waited on in Drain: a test holds a
 	// move in the draining state with it.
@@ -32,7 +35,8 @@ type Hooks struct {
 
 // NewHooks returns empty fake hooks.
 func NewHooks() *Hooks {
-	return &Hooks{data: make(map[cluster.Shard][]byte), block: make(map[cluster.Shard]chan struct{}), fail: make(map[string]cluster.Shard)}
+	return &Hooks{data: make(map[cluster.Shard][]byte), gens: make(map[cluster.Shard]int64),
+		block: make(map[cluster.Shard]chan struct{}), fail: make(map[string]cluster.Shard)}
 }
 
 // Put sets the data a shard holds on this node.
@@ -112,7 +116,7 @@ func (h *Hooks) Export(ctx context.Context, s cluster.Shard) (io.ReadCloser, err
 }
 
 // Import implements cluster.Hooks: it replaces the shard's data.
-func (h *Hooks) Import(ctx context.Context, s cluster.Shard, r io.Reader) error {
+func (h *Hooks) Import(ctx context.Context, s cluster.Shard, gen int64, r io.Reader) error {
 	if err := h.record("import", s); err != nil {
 		return err
 	}
@@ -120,12 +124,54 @@ func (h *Hooks) Import(ctx context.Context, s cluster.Shard, r io.Reader) error 
 	if err != nil {
 		return err
 	}
-	h.Put(s, d)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.data[s], h.gens[s] = d, gen
 	return nil
 }
 
-// Resume implements cluster.Hooks.
-func (h *Hooks) Resume(s cluster.Shard) { _ = h.record("resume", s) }
+// Drop implements cluster.Hooks: it deletes a copy of generation ≤ gen.
+func (h *Hooks) Drop(ctx context.Context, s cluster.Shard, gen int64) error {
+	if err := h.record("drop", s); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.gens[s] <= gen {
+		delete(h.data, s)
+	}
+	return nil
+}
+
+// Reset implements cluster.Hooks.
+func (h *Hooks) Reset(ctx context.Context, s cluster.Shard, gen int64) error {
+	if err := h.record("reset", s); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.data, s)
+	h.gens[s] = gen
+	return nil
+}
+
+// Settle implements cluster.Hooks.
+func (h *Hooks) Settle(ctx context.Context, shards ...cluster.Shard) error {
+	for _, s := range shards {
+		if err := h.record("settle", s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Generation implements cluster.Hooks.
+func (h *Hooks) Generation(s cluster.Shard) (int64, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, has := h.data[s]
+	return h.gens[s], has
+}
 
 // Transport hands exports to nodes registered in the same process.
 type Transport struct {

@@ -220,23 +220,30 @@ func (c *adminClient) statusError(status int, body []byte) error {
 // call runs one JSON request: with raw set it copies the answer to stdout,
 // otherwise it decodes it into v.
 func (c *adminClient) call(ctx context.Context, method, path string, raw bool, v any) error {
+	_, err := c.callStatus(ctx, method, path, raw, v)
+	return err
+}
+
+// callStatus is call that also returns the answer's status (a 2xx: errors
+// are returned as errors).
+func (c *adminClient) callStatus(ctx context.Context, method, path string, raw bool, v any) (int, error) {
 	resp, err := c.do(ctx, method, path)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
 	if err != nil {
-		return fmt.Errorf("admin API %s: reading the answer: %w", c.addr, err)
+		return 0, fmt.Errorf("admin API %s: reading the answer: %w", c.addr, err)
 	}
 	if raw {
 		_, err := stdout.Write(body)
-		return err
+		return resp.StatusCode, err
 	}
 	if err := json.Unmarshal(body, v); err != nil {
-		return fmt.Errorf("admin API %s: unexpected answer: %w", c.addr, err)
+		return 0, fmt.Errorf("admin API %s: unexpected answer: %w", c.addr, err)
 	}
-	return nil
+	return resp.StatusCode, nil
 }
 
 // operation is one admin API command: its client, output mode and
@@ -245,34 +252,74 @@ type operation struct {
 	c              *adminClient
 	json           bool
 	args           []string
-	acceptDataLoss bool // cluster reassign
+	acceptDataLoss bool   // cluster reassign
+	noWait         bool   // cluster move
+	dryRun         bool   // cluster rebalance, drain
+	maxParallel    int    // cluster rebalance, drain
+	moveID         string // cluster abort
+	local          bool   // groups list, stats: the asked node alone (cluster mode)
 }
 
 func (op *operation) call(ctx context.Context, method, path string, v any) (printed bool, err error) {
 	return op.json, op.c.call(ctx, method, path, op.json, v)
 }
 
+func (op *operation) callStatus(ctx context.Context, method, path string, v any) (status int, printed bool, err error) {
+	status, err = op.c.callStatus(ctx, method, path, op.json, v)
+	return status, op.json, err
+}
+
+// fetch is call for commands that look at the answer in either mode: it
+// decodes the answer into v and, with --json, also prints it.
+func (op *operation) fetch(ctx context.Context, path string, v any) error {
+	var raw json.RawMessage
+	if err := op.c.call(ctx, "GET", path, false, &raw); err != nil {
+		return err
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return fmt.Errorf("admin API %s: unexpected answer: %w", op.c.addr, err)
+	}
+	if op.json {
+		_, err := stdout.Write(append(raw, '\n'))
+		return err
+	}
+	return nil
+}
+
+// localPath adds ?local=true to path for --local.
+func (op *operation) localPath(path string) string {
+	if op.local {
+		return path + "?local=true"
+	}
+	return path
+}
+
 type opCommand struct {
 	args string // positional arguments, for the usage text
 	help string
 	run  func(ctx context.Context, op *operation) error
+	// flags, if set, adds the command's own flags, bound to op.
+	flags func(fs *flag.FlagSet, op *operation)
 }
 
 var opCommands = map[string]opCommand{
-	"groups list":  {"", "Lists every device group: slots, connected devices, queued reflections, lock holder.", runGroupsList},
-	"slots list":   {"GROUP", "Lists a group's slots (state, queue, leader, lock) and tombstones.\nGROUP is the hex group id or a unique prefix of it.", runSlotsList},
-	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is the device id as printed (0x and 16 hex digits),\n0x-hex (0xa3) or decimal with dec: (dec:163, as in --json output).", runSlotsShow},
-	"slots drop":   {"GROUP DEVICE", "Drops a slot as a device's DropDevice would: a connected device is closed\nwith 4113, slot and queue are deleted, a lock it holds ends.", runSlotsDrop},
-	"queue purge":  {"GROUP DEVICE", "Empties a slot's reflection queue (the slot stays). Reflections already\nin a connected device's delivery window may still reach it.", runQueuePurge},
-	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow},
-	"lock release": {"GROUP", "Force-releases the group's transaction lock as if its holder had\ndisconnected: held reflections are delivered and the other devices get\nTransactionEnded. The holder stays connected.", runLockRelease},
-	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.", runStats},
+	"groups list":  {"", "Lists every device group: slots, connected devices, queued reflections, lock holder.\nIn cluster mode every live node answers for the shards it serves (NODE column);\n--local lists the asked node's store alone.", runGroupsList, localFlags},
+	"slots list":   {"GROUP", "Lists a group's slots (state, queue, leader, lock) and tombstones.\nGROUP is the hex group id or a unique prefix of it (in cluster mode at least\ntwo hex digits: any node answers, the one serving the group's shard).", runSlotsList, nil},
+	"slots show":   {"GROUP DEVICE", "Shows one slot. DEVICE is the device id as printed (0x and 16 hex digits),\n0x-hex (0xa3) or decimal with dec: (dec:163, as in --json output).", runSlotsShow, nil},
+	"slots drop":   {"GROUP DEVICE", "Drops a slot as a device's DropDevice would: a connected device is closed\nwith 4113, slot and queue are deleted, a lock it holds ends.", runSlotsDrop, nil},
+	"queue purge":  {"GROUP DEVICE", "Empties a slot's reflection queue (the slot stays). Reflections already\nin a connected device's delivery window may still reach it.", runQueuePurge, nil},
+	"lock show":    {"GROUP", "Shows the group's transaction lock.", runLockShow, nil},
+	"lock release": {"GROUP", "Force-releases the group's transaction lock as if its holder had\ndisconnected: held reflections are delivered and the other devices get\nTransactionEnded. The holder stays connected.", runLockRelease, nil},
+	"stats":        {"", "Shows server statistics: connections, groups, goroutines, memory, database.\nIn cluster mode one row per live node; --local shows the asked node alone.", runStats, localFlags},
 
-	"cluster nodes":    {"", "Lists the cluster's live nodes (cluster mode).", runClusterNodes},
-	"cluster shards":   {"", "Lists the 256 shards: assigned node, serving node, epoch, move state; groups,\ndevices and queued reflections for the shards the answering node serves.", runClusterShards},
-	"cluster move":     {"SHARD NODE", "Moves a shard (two hex digits, the /{prefix8}/ URL segment) to NODE with its\ndata: its devices are closed with 1001 and reconnect to NODE.", runClusterMove},
-	"cluster drain":    {"NODE", "Moves every shard of NODE to the other nodes.", runClusterDrain},
-	"cluster reassign": {"SHARD NODE", "Gives a shard whose node is down to NODE WITHOUT its data (the shard's\nqueued reflections and slots are lost); needs --accept-data-loss.", runClusterReassign},
+	"cluster nodes":     {"", "Lists the cluster's live nodes (cluster mode).", runClusterNodes, nil},
+	"cluster shards":    {"", "Lists the 256 shards: assigned node, serving node, epoch, state (serving,\nunserved: nobody serves it, its devices get 503; or the move in progress);\ngroups, devices and queued reflections for the shards the answering node serves.", runClusterShards, nil},
+	"cluster move":      {"SHARD NODE", "Moves a shard (two hex digits, the /{prefix8}/ URL segment) to NODE with its\ndata: its devices are closed with 1001 and reconnect to NODE. Waits for the\noutcome unless --no-wait; the move goes on if this command is stopped\n(cluster abort stops it).", runClusterMove, moveFlags},
+	"cluster abort":     {"SHARD", "Aborts the planned move of SHARD in flight: the donor serves the shard\nagain, the recipient discards what it imported.", runClusterAbort, abortFlags},
+	"cluster drain":     {"NODE", "Marks NODE draining (it takes no shards) and moves every shard it serves\nto the other nodes, then prints what moved. The drain goes on if this\ncommand is stopped; cluster undrain clears the mark.", runClusterDrain, rebalanceFlags},
+	"cluster undrain":   {"NODE", "Clears NODE's drain mark: it takes shards again (cluster rebalance, or the\ncontroller with --cluster-auto-rebalance).", runClusterUndrain, nil},
+	"cluster rebalance": {"", "Moves shards until every live node that is not draining serves within one\nshard of the others, and draining nodes serve none; --dry-run prints the\nplan (which shard moves where, and why) without moving anything.", runClusterRebalance, rebalanceFlags},
+	"cluster reassign":  {"SHARD NODE", "Gives a shard whose node is down to NODE WITHOUT its data (the shard's\nqueued reflections and slots are lost); needs --accept-data-loss.", runClusterReassign, reassignFlags},
 }
 
 // adminCommand runs `mediator groups|slots|queue|lock|stats …`; globals
@@ -298,9 +345,9 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	}
 	fs := newCommandFlags(name, cmd.args, cmd.help)
 	o := addAdminFlags(fs)
-	var acceptDataLoss bool
-	if name == "cluster reassign" {
-		fs.BoolVar(&acceptDataLoss, "accept-data-loss", false, "confirm that the shard's data on the lost node is given up (command line only, never from the environment)")
+	op := &operation{}
+	if cmd.flags != nil {
+		cmd.flags(fs, op)
 	}
 	nargs := len(strings.Fields(cmd.args))
 	pos, err := parseCommandFlags(fs, append(globals, rest...), nargs)
@@ -311,7 +358,8 @@ func adminCommand(ctx context.Context, args, globals []string) error {
 	if err != nil {
 		return err
 	}
-	return cmd.run(ctx, &operation{c: c, json: o.json, args: pos, acceptDataLoss: acceptDataLoss})
+	op.c, op.json, op.args = c, o.json, pos
+	return cmd.run(ctx, op)
 }
 
 // printGroupUsage answers `mediator slots --help` and the like on stdout:
@@ -364,11 +412,26 @@ func slotPath(group, device string) (string, error) {
 
 func runGroupsList(ctx context.Context, op *operation) error {
 	var list adminapi.GroupList
-	if printed, err := op.call(ctx, "GET", "/api/v1/groups", &list); printed || err != nil {
+	if err := op.fetch(ctx, op.localPath("/api/v1/groups"), &list); err != nil {
 		return err
 	}
-	printGroups(stdout, list)
-	return nil
+	if !op.json {
+		printGroups(stdout, list)
+	}
+	return nodeErrors(list.Errors)
+}
+
+// nodeErrors is the error of a cluster-wide answer that some live nodes
+// did not give their part of (what the others said is printed).
+func nodeErrors(errs []adminapi.NodeError) error {
+	if len(errs) == 0 {
+		return nil
+	}
+	var parts []string
+	for _, e := range errs {
+		parts = append(parts, e.Node+": "+e.Error)
+	}
+	return fmt.Errorf("incomplete: %d node(s) did not answer (%s)", len(errs), strings.Join(parts, "; "))
 }
 
 func runSlotsList(ctx context.Context, op *operation) error {
@@ -448,11 +511,32 @@ func runLockRelease(ctx context.Context, op *operation) error {
 	return nil
 }
 
+// statsAnswer is either form of GET /api/v1/stats: one process
+// (ServerStats), or every node of a cluster (Nodes set).
+type statsAnswer struct {
+	adminapi.ServerStats
+	Nodes []adminapi.NodeStats `json:"nodes"`
+}
+
 func runStats(ctx context.Context, op *operation) error {
-	var st adminapi.ServerStats
-	if printed, err := op.call(ctx, "GET", "/api/v1/stats", &st); printed || err != nil {
+	var st statsAnswer
+	if err := op.fetch(ctx, op.localPath("/api/v1/stats"), &st); err != nil {
 		return err
 	}
-	printStats(stdout, st)
-	return nil
+	if st.Nodes == nil {
+		if !op.json {
+			printStats(stdout, st.ServerStats)
+		}
+		return nil
+	}
+	var errs []adminapi.NodeError
+	for _, n := range st.Nodes {
+		if n.Error != "" {
+			errs = append(errs, adminapi.NodeError{Node: n.Node, Error: n.Error})
+		}
+	}
+	if !op.json {
+		printClusterStats(stdout, st.Nodes)
+	}
+	return nodeErrors(errs)
 }

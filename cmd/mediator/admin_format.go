@@ -18,18 +18,50 @@ import (
 func newTable(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 0, 0, 2, ' ', 0) }
 
 func printGroups(w io.Writer, list adminapi.GroupList) {
+	defer printMissing(w, list)
 	if len(list.Groups) == 0 {
 		fmt.Fprintln(w, "no device groups")
 		return
 	}
-	tw := newTable(w)
-	fmt.Fprintln(tw, "PREFIX\tSLOTS\tCONNECTED\tQUEUED\tBYTES\tLOCK\tGROUP")
+	// Cluster mode: each row names the node that answered for it.
+	withNode := false
 	for _, g := range list.Groups {
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%s\n",
-			g.Prefix, g.Slots, g.Connected, g.Queued, fmtBytes(g.QueuedBytes), fmtDevice(g.LockHolder), g.ID)
+		withNode = withNode || g.Node != ""
+	}
+	tw := newTable(w)
+	head := "PREFIX\tSLOTS\tCONNECTED\tQUEUED\tBYTES\tLOCK\tGROUP"
+	if withNode {
+		head = "PREFIX\tNODE\tSLOTS\tCONNECTED\tQUEUED\tBYTES\tLOCK\tGROUP"
+	}
+	fmt.Fprintln(tw, head)
+	for _, g := range list.Groups {
+		node := ""
+		if withNode {
+			node = g.Node + "\t"
+		}
+		fmt.Fprintf(tw, "%s\t%s%d\t%d\t%d\t%s\t%s\t%s\n",
+			g.Prefix, node, g.Slots, g.Connected, g.Queued, fmtBytes(g.QueuedBytes), fmtDevice(g.LockHolder), g.ID)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "%d group(s)\n", len(list.Groups))
+}
+
+// printMissing says which shards' groups a cluster-wide list could not
+// include.
+func printMissing(w io.Writer, list adminapi.GroupList) {
+	if n := len(list.UnservedShards); n > 0 {
+		fmt.Fprintf(w, "not listed: the groups of %d shard(s) nobody serves right now (%s); see mediator cluster shards\n",
+			n, abbreviate(list.UnservedShards, 16))
+	}
+	// The nodes that did not answer are the command's error.
+}
+
+// abbreviate joins the first max items and says how many more there are.
+func abbreviate(items []string, max int) string {
+	if len(items) <= max {
+		return strings.Join(items, " ")
+	}
+	return fmt.Sprintf("%s … and %d more", strings.Join(items[:max], " "), len(items)-max)
 }
 
 func printGroup(w io.Writer, g adminapi.GroupDetail, now time.Time) {
@@ -135,6 +167,33 @@ func printStats(w io.Writer, st adminapi.ServerStats) {
 		fmt.Fprintf(tw, "database\t%s (%s)\n", st.Store.Path, fmtBytes(st.Store.FileBytes))
 	}
 	fmt.Fprintf(tw, "runtime\t%s, GOMAXPROCS %d\n", st.GoVersion, st.GOMAXPROCS)
+	tw.Flush()
+}
+
+// printClusterStats is one row per node, then the sums.
+func printClusterStats(w io.Writer, nodes []adminapi.NodeStats) {
+	tw := newTable(w)
+	fmt.Fprintln(tw, "NODE\tREADY\tUPTIME\tCONNECTIONS\tAUTHENTICATED\tGROUPS LOADED\tGOROUTINES\tHEAP\tRSS\tDATABASE")
+	var conns, authed, groups, answered int
+	for _, n := range nodes {
+		st := n.Stats
+		if st == nil {
+			fmt.Fprintf(tw, "%s\t-\tdid not answer: %s\n", n.Node, n.Error)
+			continue
+		}
+		answered++
+		conns += st.Connections.Open
+		authed += st.Connections.Authenticated
+		groups += st.GroupsLoaded
+		db := "-"
+		if st.Store.Path != "" {
+			db = fmtBytes(st.Store.FileBytes)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", n.Node, yesNo(st.Ready),
+			fmtDuration(secs(st.UptimeSeconds)), st.Connections.Open, st.Connections.Authenticated,
+			st.GroupsLoaded, st.Goroutines, fmtBytes(int64(st.Memory.HeapAllocBytes)), fmtBytes(int64(st.Memory.RSSBytes)), db)
+	}
+	fmt.Fprintf(tw, "total (%d of %d nodes)\t\t\t%d\t%d\t%d\t\t\t\t\n", answered, len(nodes), conns, authed, groups)
 	tw.Flush()
 }
 

@@ -21,19 +21,21 @@ Server:
   serve                      run the mediator (see: mediator serve --help)
 
 Operations (talk to the running server's admin API):
-  groups list                list device groups
+  groups list [--local]      list device groups (cluster mode: of every node)
   slots list GROUP           a group's slots, queues, leader, lock, tombstones
   slots show GROUP DEVICE    one slot in detail
   slots drop GROUP DEVICE    drop a slot (a connected device is closed with 4113)
   queue purge GROUP DEVICE   empty a slot's reflection queue
   lock show GROUP            the group's transaction lock
   lock release GROUP         force-release it (as if the holder disconnected)
-  stats                      connections, groups, goroutines, memory, database
+  stats [--local]            connections, groups, goroutines, memory, database
+                             (cluster mode: one row per node; --local: the asked node)
   db backup FILE             hot, consistent copy of the database into FILE
 
 Cluster (cluster mode; any node answers):
   cluster nodes              live nodes
-  cluster shards             the shard map: assigned, serving node, epoch, moves
+  cluster shards             the shard map: assigned, serving node, epoch, state
+                             (serving, unserved, or the move in progress)
   cluster move SHARD NODE    move a shard with its data (SHARD: two hex digits)
   cluster drain NODE         move every shard of NODE to the other nodes
   cluster reassign SHARD NODE --accept-data-loss
@@ -45,7 +47,8 @@ Cluster (cluster mode; any node answers):
   (default 127.0.0.1:8766), --admin-token-file FILE (default
   <--data>/admin.token), --data DIR (default ./data), --json (raw API JSON).
   Example: mediator slots list 3fa2 --json
-  GROUP is the hex group id or a unique prefix. DEVICE is the id as printed
+  GROUP is the hex group id or a unique prefix (cluster mode: at least two
+  hex digits; any node answers, by asking the owner). DEVICE is the id as printed
   (0x and 16 hex digits, e.g. 0x1f00aa42c0ffee01), 0x-hex (0xa3), or decimal
   with dec: (dec:163, as --json prints ids).
 

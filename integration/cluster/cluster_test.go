@@ -149,10 +149,12 @@ func TestPlannedMove(t *testing.T) {
 	if res.From != "node-a" || res.To != "node-b" || res.FromEpoch != fromEpoch || res.ToEpoch <= fromEpoch {
 		t.Fatalf("result %+v (from epoch %d)", res, fromEpoch)
 	}
-	if got := strings.Join(a.hooks.Calls(), ","); got != "drain "+s.String()+",export "+s.String() {
-		t.Fatalf("donor calls %q", got)
+	// The donor's copy goes once the recipient has it (by generation).
+	waitUntil(t, 5*time.Second, "donor dropped its copy", func() bool { return a.callsFor(s) == "settle,drain,export,drop" })
+	if _, has := a.hooks.Data(s); has {
+		t.Fatal("donor still holds the shard's data after the hand-over")
 	}
-	if got := strings.Join(b.hooks.Calls(), ","); got != "import "+s.String() {
+	if got := b.callsFor(s); got != "import" {
 		t.Fatalf("recipient calls %q", got)
 	}
 	if got, _ := b.hooks.Data(s); !bytes.Equal(got, data) {
@@ -168,7 +170,7 @@ func TestPlannedMove(t *testing.T) {
 		ev, ok := a.lastEvent(s)
 		return ok && ev.Kind == cluster.ShardLost
 	})
-	if ev, _ := a.lastEvent(s); ev.Epoch != fromEpoch || !strings.Contains(ev.Reason, "node-b") || a.MayAck(s) {
+	if ev, _ := a.lastEvent(s); ev.Epoch != fromEpoch || ev.Cause != cluster.CauseMovedAway || ev.To != "node-b" || ev.Move != res.ID || a.MayAck(s) {
 		t.Fatalf("donor event %+v, MayAck %v", ev, a.MayAck(s))
 	}
 	waitUntil(t, 5*time.Second, "recipient's gained event", func() bool { return len(b.eventsFor(s)) > 0 })
@@ -207,11 +209,19 @@ func TestMoveRefusals(t *testing.T) {
 		_, err := b.Move(ctx, s, "node-b")
 		first <- err
 	}()
-	// The donor's Drain hook runs after its MayAck turned false.
+	// The donor's Drain hook runs once the shard is frozen: new writes
+	// wait (what was admitted before is part of the export, so its acks
+	// stay allowed).
 	waitUntil(t, 5*time.Second, "donor draining", func() bool { return slices.Contains(a.hooks.Calls(), "drain "+s.String()) })
-	if a.MayAck(s) {
-		t.Fatal("donor still acks a draining shard")
+	epoch, _ := a.Owns(s)
+	if st := a.Status(s); st.Phase != cluster.PhaseFrozen || st.To != "node-b" {
+		t.Fatalf("donor's shard is %+v while draining", st)
 	}
+	wctx, wcancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	if err := a.Admit(wctx, s, epoch); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a write into a frozen shard: %v (want it held until the move ends)", err)
+	}
+	wcancel()
 	waitUntil(t, 5*time.Second, "node-c sees the move", func() bool { return c.Shards()[s].Move == cluster.StateDraining })
 	_, err := c.Move(ctx, s, "node-c")
 	if !errors.Is(err, cluster.ErrMoveInProgress) || !strings.Contains(err.Error(), "node-b") {
@@ -237,35 +247,50 @@ func TestMoveRefusals(t *testing.T) {
 		t.Fatalf("reassign without acceptDataLoss: %v", err)
 	}
 
-	// An import that fails aborts the move; the donor resumes.
+	// An import that fails aborts the move: the donor thaws the shard
+	// and keeps its copy, the recipient discards what it may have
+	// written.
 	b.hooks.Fail("import", s2)
 	if _, err := a.Move(ctx, s2, "node-b"); !errors.Is(err, cluster.ErrMoveAborted) || !strings.Contains(err.Error(), "import") {
 		t.Fatalf("move with failing import: %v", err)
 	}
-	waitUntil(t, 5*time.Second, "donor resumes", func() bool { return c.MayAck(s2) })
-	waitUntil(t, 5*time.Second, "donor's Resume hook", func() bool {
-		return strings.HasSuffix(strings.Join(c.hooks.Calls(), ","), "drain "+s2.String()+",export "+s2.String()+",resume "+s2.String())
+	waitUntil(t, 5*time.Second, "donor thaws", func() bool {
+		ev, _ := c.lastEvent(s2)
+		return c.Status(s2).Phase == cluster.PhaseServing && c.MayAck(s2) && ev.Kind == cluster.ShardThawed
 	})
+	if got := c.callsFor(s2); got != "settle,drain,export" {
+		t.Fatalf("donor calls %q", got)
+	}
+	waitUntil(t, 5*time.Second, "recipient discards", func() bool { return b.callsFor(s2) == "import,drop" })
 	if owner, _, _, _ := a.Owner(s2); owner != "node-c" {
 		t.Fatalf("owner after aborted move: %s", owner)
 	}
 
-	// A caller that gives up aborts the move; the donor stops draining
-	// and serves the shard again.
+	// A caller that stops waiting does not stop the move; an explicit
+	// abort does, and the donor serves the shard again.
 	s3 := shardOf(t, b)
 	release3 := b.hooks.Block(s3)
 	defer release3()
 	short, cancelShort := context.WithTimeout(ctx, 500*time.Millisecond)
-	_, err = a.Move(short, s3, "node-a")
+	res3, err := a.Move(short, s3, "node-a")
 	cancelShort()
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("move whose caller gave up: %v", err)
+	if !errors.Is(err, cluster.ErrMoveRunning) || res3.State != cluster.StateDraining {
+		t.Fatalf("move whose caller stopped waiting: %+v, %v", res3, err)
 	}
-	waitUntil(t, 5*time.Second, "donor resumes after the caller gave up", func() bool {
-		return b.MayAck(s3) && strings.HasSuffix(strings.Join(b.hooks.Calls(), ","), "drain "+s3.String()+",resume "+s3.String())
+	if st := b.Status(s3); st.Phase != cluster.PhaseFrozen || st.Move != res3.ID {
+		t.Fatalf("the move stopped with its caller: donor's shard %+v", st)
+	}
+	if err := a.AbortMove(ctx, s3, res3.ID, "test"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "donor thaws after the abort", func() bool {
+		return b.MayAck(s3) && b.Status(s3).Phase == cluster.PhaseServing
 	})
 	if owner, _, _, _ := a.Owner(s3); owner != "node-b" {
-		t.Fatalf("owner after the given-up move: %s", owner)
+		t.Fatalf("owner after the aborted move: %s", owner)
+	}
+	if err := a.AbortMove(ctx, s3, res3.ID, "again"); !errors.Is(err, cluster.ErrMoveFinished) && !errors.Is(err, cluster.ErrNoSuchMove) {
+		t.Fatalf("abort of an ended move: %v", err)
 	}
 
 	// A node that closed is not live: moves to it are refused.

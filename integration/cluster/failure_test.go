@@ -120,6 +120,9 @@ func testLeaseExpiry(t *testing.T, autoFailover bool) {
 		if err := a.Reassign(ctx, given, "node-x", true); !errors.Is(err, cluster.ErrNodeNotLive) {
 			t.Fatalf("reassign to an unknown node: %v", err)
 		}
+		// node-a holds an old copy of the shard (left by a move that
+		// never flipped): it must not serve it as if it were current.
+		a.hooks.Put(given, []byte("an old copy"))
 		if err := a.Reassign(ctx, given, "node-a", true); err != nil {
 			t.Fatal(err)
 		}
@@ -127,6 +130,12 @@ func testLeaseExpiry(t *testing.T, autoFailover bool) {
 			ep, ok := a.Owns(given)
 			return ok && ep > oldEpoch[given] && a.MayAck(given)
 		})
+		if got := a.callsFor(given); got != "reset,settle" {
+			t.Fatalf("node-a's calls for the reassigned shard: %q, want reset,settle (served from empty)", got)
+		}
+		if d, has := a.hooks.Data(given); has {
+			t.Fatalf("node-a serves the reassigned shard with an old copy %q", d)
+		}
 		cShards = cShards[:len(cShards)-1]
 	}
 

@@ -321,9 +321,9 @@ func (e *env) start(id string) *testNode {
 		Hooks:         tn.hooks,
 		Transport:     e.transport,
 		OnKeepAlive:   func(_ time.Time, rtt time.Duration) { keepalives.add(rtt) },
-		OnEvent: func(ev cluster.Event) {
+		OnEvents: func(evs []cluster.Event) {
 			tn.mu.Lock()
-			tn.events = append(tn.events, ev)
+			tn.events = append(tn.events, evs...)
 			tn.mu.Unlock()
 		},
 	})
@@ -362,6 +362,18 @@ func (tn *testNode) eventsFor(s cluster.Shard) []cluster.Event {
 		}
 	}
 	return out
+}
+
+// callsFor returns the node's hook calls that name shard s, in order
+// ("settle" at a claim, "drain", "export", "import", "drop", "reset").
+func (tn *testNode) callsFor(s cluster.Shard) string {
+	var out []string
+	for _, c := range tn.hooks.Calls() {
+		if strings.HasSuffix(c, " "+s.String()) {
+			out = append(out, strings.TrimSuffix(c, " "+s.String()))
+		}
+	}
+	return strings.Join(out, ",")
 }
 
 // lastEvent returns the node's last event for s.

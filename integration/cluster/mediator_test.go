@@ -79,10 +79,20 @@ func startBenchMediator(b *testing.B, id, prefix, dir string) *mediatorNode {
 
 // startMediatorVia starts a node that reaches etcd at endpoints (proxies,
 // to cut it off).
-func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) *mediatorNode {
+func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string, opts ...func(*daemon.Config)) *mediatorNode {
+	t.Helper()
+	return startMediatorWith(t, id, prefix, dir, endpoints, func(c *daemon.Config) {
+		for _, o := range opts {
+			o(c)
+		}
+	})
+}
+
+// startMediatorWith starts a node whose configuration edit changes first.
+func startMediatorWith(t testing.TB, id, prefix, dir string, endpoints []string, edit func(*daemon.Config)) *mediatorNode {
 	t.Helper()
 	logs := mediatortest.NewLogBuffer(4 << 20)
-	d, err := daemon.Start(daemon.Config{
+	cfg := daemon.Config{
 		Server:       mediator.Config{ShutdownSpread: time.Millisecond},
 		DataDir:      dir,
 		DeviceListen: "127.0.0.1:0",
@@ -94,7 +104,11 @@ func startMediatorVia(t testing.TB, id, prefix, dir string, endpoints []string) 
 			Etcd:   clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()},
 			NodeID: id, Prefix: prefix, LeaseTTL: ttl,
 		},
-	})
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	d, err := daemon.Start(cfg)
 	if err != nil {
 		t.Fatalf("start %s: %v", id, err)
 	}
@@ -612,19 +626,29 @@ func TestMediatorForwardedSession(t *testing.T) {
 		t.Fatalf("devices info through the forward: %v %v", info, err)
 	}
 
-	// A forwarded upgrade arriving at a node that does not own the shard.
+	// A forwarded upgrade arriving at a node that does not own the shard
+	// (its shard moved on meanwhile) is forwarded once more, to the
+	// owner; one that has made its two hops already is refused.
 	path := "/" + d2mclient.URLFor(via, k, "7f")[len(via)+1:]
-	req, _ := http.NewRequest("GET", "http://"+nodes[1].d.DeviceAddr.String()+path, nil)
-	req.Header.Set("Connection", "Upgrade")
-	req.Header.Set("Upgrade", "websocket")
-	req.Header.Set("Sec-WebSocket-Version", "13")
-	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-	req.Header.Set(mediator.ForwardedHeader, "elsewhere")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
+	upgrade := func(hops string) *http.Response {
+		req, _ := http.NewRequest("GET", "http://"+nodes[1].d.DeviceAddr.String()+path, nil)
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", "websocket")
+		req.Header.Set("Sec-WebSocket-Version", "13")
+		req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+		req.Header.Set(mediator.ForwardedHeader, "elsewhere")
+		req.Header.Set(mediator.ForwardHopsHeader, hops)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
 	}
-	resp.Body.Close()
+	if resp := upgrade("1"); resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade forwarded once for a foreign shard: %d, want 101 from the owner", resp.StatusCode)
+	}
+	resp := upgrade("2")
 	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("forwarded upgrade for a foreign shard: %d (Retry-After %q), want 503", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}

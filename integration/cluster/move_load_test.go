@@ -307,7 +307,7 @@ func TestMediatorDrainUnderLoad(t *testing.T) {
 	}
 	load := startLoad(t, groups, nodes[1].d.DeviceURL)
 	time.Sleep(time.Second) // load before the drain
-	var dr adminapi.DrainResult
+	var dr adminapi.RebalanceResult
 	start := time.Now()
 	if code := nodes[1].admin(t, "POST", "/api/v1/cluster/nodes/m1/drain", &dr); code != 200 {
 		t.Fatalf("drain: %d %+v", code, dr)

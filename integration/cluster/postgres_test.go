@@ -542,7 +542,7 @@ func TestPostgresDrainUnderLoad(t *testing.T) {
 	}
 	ld := startLoadAnyNode(t, groups, pc, 50*time.Millisecond, &firstAcks{})
 	time.Sleep(time.Second) // load before the drain (its length, not an order)
-	var dr adminapi.DrainResult
+	var dr adminapi.RebalanceResult
 	start := time.Now()
 	if code := p2.post(t, "/api/v1/cluster/nodes/p1/drain", &dr); code != 200 {
 		t.Fatalf("drain: %d %+v", code, dr)

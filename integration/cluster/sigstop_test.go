@@ -56,8 +56,10 @@ func runHelperNode() int {
 		LeaseTTL:     ttl,
 		FenceMargin:  margin,
 		NoController: true,
-		OnEvent: func(ev cluster.Event) {
-			say("event %s %s %d", ev.Kind, ev.Shard, ev.Epoch)
+		OnEvents: func(evs []cluster.Event) {
+			for _, ev := range evs {
+				say("event %s %s %d", ev.Kind, ev.Shard, ev.Epoch)
+			}
 		},
 	})
 	if err != nil {

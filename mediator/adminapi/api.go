@@ -4,8 +4,8 @@
 // It talks to the server only through the narrow Backend interface and
 // holds no server state of its own.
 //
-//	GET    /api/v1/stats                                  ServerStats
-//	GET    /api/v1/groups                                 GroupList
+//	GET    /api/v1/stats[?local=true]                     ServerStats (cluster mode: ClusterStats)
+//	GET    /api/v1/groups[?local=true][&owned=true]       GroupList
 //	GET    /api/v1/groups/{group}                         GroupDetail
 //	GET    /api/v1/groups/{group}/slots/{device}          SlotDetail
 //	DELETE /api/v1/groups/{group}/slots/{device}          drop the slot (4113) → DropResult
@@ -18,6 +18,13 @@
 // is decimal (the API's own form) or any form d2m.ParseDeviceID reads. Errors are {"error": "..."} with a 4xx/5xx
 // status. Device ids are JSON strings (decimal) because they are random
 // u64 values that JavaScript and jq would round as numbers.
+//
+// In cluster mode any node answers (nodes.go): a request naming a group
+// is forwarded once to the node serving the group's shard ({group} then
+// needs at least two hex digits, the shard), and /api/v1/groups and
+// /api/v1/stats ask every live node and merge, naming the node per row;
+// ?local=true answers for the asked node alone. Every answer names the
+// node that gave it in the D2m-Admin-Node header.
 //
 // Reads combine the store (slots, tombstones, queues: also of groups no
 // device has touched since the start) with the in-memory group (who is
@@ -78,13 +85,27 @@ type GroupSummary struct {
 	Connected   int           `json:"connected"`
 	Queued      int           `json:"queued"` // entries over all slots' queues
 	QueuedBytes int64         `json:"queued_bytes"`
-	LockHolder  *JSONDeviceID `json:"lock_holder"` // null: no transaction lock
-	Loaded      bool          `json:"loaded"`      // has in-memory state
+	LockHolder  *JSONDeviceID `json:"lock_holder"`    // null: no transaction lock
+	Loaded      bool          `json:"loaded"`         // has in-memory state
+	Node        string        `json:"node,omitempty"` // cluster mode: the node that answered for it
 }
 
 // GroupList is GET /api/v1/groups, in group id order.
 type GroupList struct {
 	Groups []GroupSummary `json:"groups"`
+	// A cluster-wide list misses the groups of the live nodes that did
+	// not answer (Errors) and of the shards nobody serves right now
+	// (UnservedShards, two hex digits each); the answer is 200 all the
+	// same, with what the other nodes said.
+	Errors         []NodeError `json:"errors,omitempty"`
+	UnservedShards []string    `json:"unserved_shards,omitempty"`
+}
+
+// NodeError is a node that did not answer its part of a cluster-wide
+// answer, and why.
+type NodeError struct {
+	Node  string `json:"node"`
+	Error string `json:"error"`
 }
 
 // SlotInfo is one device slot.
@@ -180,8 +201,10 @@ type LockReleaseResult struct {
 	Released bool `json:"released"`
 }
 
-// ServerStats is GET /api/v1/stats.
+// ServerStats is GET /api/v1/stats on a single node (or with
+// ?local=true): this process.
 type ServerStats struct {
+	Node          string  `json:"node,omitempty"` // cluster mode: the node it describes
 	StartedAt     string  `json:"started_at"`
 	UptimeSeconds float64 `json:"uptime_seconds"`
 	Ready         bool    `json:"ready"`
@@ -214,23 +237,38 @@ type ServerStats struct {
 	} `json:"config"`
 }
 
+// ClusterStats is GET /api/v1/stats in cluster mode: one row per live
+// node, by node id, with its ServerStats or why it did not answer.
+type ClusterStats struct {
+	Nodes []NodeStats `json:"nodes"`
+}
+
+// NodeStats is one node's row of ClusterStats.
+type NodeStats struct {
+	Node  string       `json:"node"`
+	Stats *ServerStats `json:"stats,omitempty"`
+	Error string       `json:"error,omitempty"`
+}
+
 // APIError is the body of every error answer.
 type APIError struct {
 	Error string `json:"error"`
 }
 
-// register adds the JSON admin endpoints to the token-protected mux.
-func (a *API) register(mux *http.ServeMux) {
-	mux.HandleFunc("GET /api/v1/stats", a.apiStats)
-	mux.HandleFunc("GET /api/v1/groups", a.apiGroups)
-	mux.HandleFunc("GET /api/v1/groups/{group}", a.withGroup(a.apiGroup))
-	mux.HandleFunc("GET /api/v1/groups/{group}/slots/{device}", a.withSlot(a.apiSlot))
-	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}", a.withSlot(a.apiDropSlot))
-	mux.HandleFunc("DELETE /api/v1/groups/{group}/slots/{device}/queue", a.withSlot(a.apiPurgeQueue))
-	mux.HandleFunc("GET /api/v1/groups/{group}/lock", a.withGroup(a.apiLock))
-	mux.HandleFunc("DELETE /api/v1/groups/{group}/lock", a.withGroup(a.apiReleaseLock))
-	mux.HandleFunc("GET /api/v1/backup", a.apiBackup)
-	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
+// register adds the JSON admin endpoints to the token-protected mux. In
+// cluster mode a request naming a group is answered by the node that
+// serves the group's shard (onOwner).
+func (a *API) register(mux *routes) {
+	mux.handleFunc("GET /api/v1/stats", a.apiStats)
+	mux.handleFunc("GET /api/v1/groups", a.apiGroups)
+	mux.handleFunc("GET /api/v1/groups/{group}", a.onOwner(a.withGroup(a.apiGroup)))
+	mux.handleFunc("GET /api/v1/groups/{group}/slots/{device}", a.onOwner(a.withSlot(a.apiSlot)))
+	mux.handleFunc("DELETE /api/v1/groups/{group}/slots/{device}", a.onOwner(a.withSlot(a.apiDropSlot)))
+	mux.handleFunc("DELETE /api/v1/groups/{group}/slots/{device}/queue", a.onOwner(a.withSlot(a.apiPurgeQueue)))
+	mux.handleFunc("GET /api/v1/groups/{group}/lock", a.onOwner(a.withGroup(a.apiLock)))
+	mux.handleFunc("DELETE /api/v1/groups/{group}/lock", a.onOwner(a.withGroup(a.apiReleaseLock)))
+	mux.handleFunc("GET /api/v1/backup", a.apiBackup)
+	mux.handleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no admin endpoint %s %s", r.Method, r.URL.Path)
 	})
 }
@@ -266,6 +304,14 @@ func (a *API) writeErr(w http.ResponseWriter, err error) {
 	var he *httpError
 	if errors.As(err, &he) {
 		writeError(w, he.status, "%s", he.msg)
+		return
+	}
+	var ce *d2m.CloseError
+	if errors.As(err, &ce) && ce.Code == d2m.CloseGoingAway {
+		// The group's shard is not served here (moved away, lost) or a
+		// planned move held the write past the request's deadline.
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "%v", ce.Err)
 		return
 	}
 	a.log.Error().Err(err).Msg("admin API")
@@ -448,7 +494,36 @@ func (a *API) slotInfo(id reflection.GroupID, slot reflection.Slot, l liveGroup,
 	return si, nil
 }
 
+// apiGroups lists the device groups. In cluster mode it asks every live
+// node for the groups of the shards it serves and merges the answers
+// (clusterGroups); ?local=true lists this node's store alone, as on a
+// single node, and ?owned=true only the groups of shards this node serves.
 func (a *API) apiGroups(w http.ResponseWriter, r *http.Request) {
+	local, err := boolQuery(r, "local")
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	owned, err := boolQuery(r, "owned")
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	if a.cluster != nil && !local && r.Header.Get(ForwardedHeader) == "" {
+		a.clusterGroups(w, r)
+		return
+	}
+	list, err := a.groupList(owned && a.cluster != nil)
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, list)
+}
+
+// groupList lists the groups of this node's store (ownedOnly: of the
+// shards this node serves), each row naming this node in cluster mode.
+func (a *API) groupList(ownedOnly bool) (GroupList, error) {
 	now := time.Now()
 	// Collect first, then look at memory: group.mu must not be taken inside
 	// the walk's read transaction (a holder of group.mu may be waiting for
@@ -470,8 +545,7 @@ func (a *API) apiGroups(w http.ResponseWriter, r *http.Request) {
 		return nil
 	})
 	if err != nil {
-		a.writeErr(w, err)
-		return
+		return GroupList{}, err
 	}
 	// A group whose first slot is still being stored.
 	for _, g := range a.b.LiveGroupIDs() {
@@ -480,14 +554,21 @@ func (a *API) apiGroups(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	list := GroupList{Groups: []GroupSummary{}}
+	node := ""
+	if a.cluster != nil {
+		node = a.cluster.ID()
+	}
 	for _, sg := range groups {
+		if ownedOnly && !a.serves(sg.id) {
+			continue
+		}
 		l := a.live(sg.id, now)
 		if sg.empty && len(l.conns) == 0 {
 			continue
 		}
 		sum := GroupSummary{
 			ID: sg.id.String(), Prefix: shortID(sg.id), Slots: len(sg.slots),
-			Connected: len(l.conns), LockHolder: l.lock.Holder, Loaded: l.loaded,
+			Connected: len(l.conns), LockHolder: l.lock.Holder, Loaded: l.loaded, Node: node,
 		}
 		for _, dev := range sg.slots {
 			if qs, ok := a.store().QueueStats(sg.id, dev); ok {
@@ -498,7 +579,7 @@ func (a *API) apiGroups(w http.ResponseWriter, r *http.Request) {
 		list.Groups = append(list.Groups, sum)
 	}
 	slices.SortFunc(list.Groups, func(a, b GroupSummary) int { return strings.Compare(a.ID, b.ID) })
-	writeJSON(w, http.StatusOK, list)
+	return list, nil
 }
 
 func (a *API) groupDetail(id reflection.GroupID) (GroupDetail, error) {
@@ -575,7 +656,7 @@ func (a *API) apiSlot(w http.ResponseWriter, r *http.Request, id reflection.Grou
 // (TransactionEnded to the others), slot and queue are deleted and a
 // tombstone written. It answers once the deletion is durable.
 func (a *API) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.GroupID, dev reflection.DeviceID) {
-	res, err := a.adminDropSlot(id, dev)
+	res, err := a.adminDropSlot(r.Context(), id, dev)
 	if err != nil {
 		a.writeErr(w, err)
 		return
@@ -584,10 +665,10 @@ func (a *API) apiDropSlot(w http.ResponseWriter, r *http.Request, id reflection.
 }
 
 // adminDropSlot is the admin's DropDevice (see apiDropSlot).
-func (a *API) adminDropSlot(id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
+func (a *API) adminDropSlot(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) (DropResult, error) {
 	res := DropResult{Group: id.String(), DeviceID: JSONDeviceID(dev)}
 	var err error
-	res.WasConnected, res.QueueLength, err = a.b.DropSlot(id, dev)
+	res.WasConnected, res.QueueLength, err = a.b.DropSlot(ctx, id, dev)
 	if errors.Is(err, mediator.ErrNoSlot) {
 		return res, errorf(http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 	}
@@ -605,7 +686,7 @@ func (a *API) apiPurgeQueue(w http.ResponseWriter, r *http.Request, id reflectio
 		writeError(w, http.StatusNotFound, "group %s has no slot for device %s", shortID(id), deviceStr(dev))
 		return
 	}
-	if err := a.b.PurgeQueue(id, dev); err != nil {
+	if err := a.b.PurgeQueue(r.Context(), id, dev); err != nil {
 		a.writeErr(w, fmt.Errorf("purging the queue: %w", err))
 		return
 	}
@@ -647,8 +728,26 @@ func (a *API) apiReleaseLock(w http.ResponseWriter, r *http.Request, id reflecti
 	})
 }
 
+// apiStats answers this node's ServerStats; in cluster mode, unless
+// ?local=true, every live node's (ClusterStats).
 func (a *API) apiStats(w http.ResponseWriter, r *http.Request) {
+	local, err := boolQuery(r, "local")
+	if err != nil {
+		a.writeErr(w, err)
+		return
+	}
+	if a.cluster != nil && !local && r.Header.Get(ForwardedHeader) == "" {
+		a.clusterStats(w, r)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.serverStats())
+}
+
+func (a *API) serverStats() ServerStats {
 	var st ServerStats
+	if a.cluster != nil {
+		st.Node = a.cluster.ID()
+	}
 	now := time.Now()
 	st.StartedAt = processStart.UTC().Format(time.RFC3339)
 	st.UptimeSeconds = now.Sub(processStart).Seconds()
@@ -678,7 +777,7 @@ func (a *API) apiStats(w http.ResponseWriter, r *http.Request) {
 	st.Config.MaxTransactionTTL = cfg.MaxTransactionTTL.Seconds()
 	st.Config.DeliveryWindow = cfg.DeliveryWindow
 	st.Config.MaxConnections = cfg.MaxConnections
-	writeJSON(w, http.StatusOK, st)
+	return st
 }
 
 // readRSS returns the resident set size from /proc/self/status (Linux),

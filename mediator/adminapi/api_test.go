@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -258,5 +259,61 @@ func TestAdminAPIBackupUnsupported(t *testing.T) {
 	f.want("GET", "/api/v1/backup", http.StatusNotImplemented, &e)
 	if e.Error == "" {
 		t.Fatal("no error message")
+	}
+}
+
+// routeRequest turns a registered pattern into a request line: its
+// method (GET for a pattern without one) and a path with a sample value
+// for every wildcard.
+func routeRequest(pattern string) (method, path string) {
+	method, path, ok := strings.Cut(pattern, " ")
+	if !ok {
+		method, path = "GET", pattern
+	}
+	samples := map[string]string{"group": "ab", "device": "1", "shard": "00", "node": "m1"}
+	for {
+		i := strings.Index(path, "{")
+		if i < 0 {
+			return method, path
+		}
+		j := strings.Index(path[i:], "}") + i
+		v, ok := samples[strings.TrimSuffix(path[i+1:j], "...")]
+		if !ok {
+			v = "x"
+		}
+		path = path[:i] + v + path[j+1:]
+	}
+}
+
+// TestAdminAPIRoutesNeedToken walks every route the handler registers
+// (Routes): each answers 401 without the token and with a wrong one,
+// except health and readiness. The cluster endpoints exist on a single
+// node too and say it is not in cluster mode.
+func TestAdminAPIRoutesNeedToken(t *testing.T) {
+	f := newAdminFixture(t, nil)
+	public, private := Routes(f.http.Config.Handler)
+	if len(public) != 2 || len(private) < 15 || !slices.Contains(private, "GET /api/v1/cluster/nodes") {
+		t.Fatalf("routes: public %q, private %q", public, private)
+	}
+	for _, p := range public {
+		method, path := routeRequest(p)
+		if code, _ := f.do(method, path, ""); code == http.StatusUnauthorized {
+			t.Errorf("%s %s without a token: 401, but health and readiness need none", method, path)
+		}
+	}
+	for _, p := range private {
+		method, path := routeRequest(p)
+		for _, tok := range []string{"", "wrong"} {
+			if code, body := f.do(method, path, tok); code != http.StatusUnauthorized {
+				t.Errorf("%s %s with token %q: %d %s, want 401", method, path, tok, code, body)
+			}
+		}
+	}
+	var e APIError
+	for _, path := range []string{"/api/v1/cluster/nodes", "/api/v1/cluster/shards"} {
+		f.want("GET", path, http.StatusNotFound, &e)
+		if !strings.Contains(e.Error, "not in cluster mode") {
+			t.Errorf("%s on a single node: %q", path, e.Error)
+		}
 	}
 }

@@ -13,16 +13,22 @@ import (
 	"d2m-mediator/reflection"
 )
 
-// Cluster endpoints (cluster mode only; 404 otherwise):
+// Cluster endpoints (cluster mode; on a single node they answer 404 "not
+// in cluster mode"):
 //
 //	GET  /cluster/haproxy.map                        the shard map as an HAProxy map file
 //	GET  /api/v1/cluster/nodes                       ClusterNodes
 //	GET  /api/v1/cluster/shards                      ClusterShards
-//	POST /api/v1/cluster/shards/{shard}/move?to=N    planned move → MoveResult
-//	POST /api/v1/cluster/nodes/{node}/drain          move every shard away → DrainResult
+//	POST /api/v1/cluster/shards/{shard}/move?to=N[&wait=false]   planned move → MoveResult (202 without waiting)
+//	POST /api/v1/cluster/shards/{shard}/abort[?move=ID]          abort the shard's move in flight
+//	POST /api/v1/cluster/nodes/{node}/drain[?dry-run=true&max-parallel=N]   → RebalanceResult
+//	POST /api/v1/cluster/nodes/{node}/undrain        clear the drain mark
+//	POST /api/v1/cluster/rebalance[?dry-run=true&max-parallel=N]            → RebalanceResult
 //	POST /api/v1/cluster/shards/{shard}/reassign?to=N&accept-data-loss=true
 //
-// {shard} is two hex digits (the /{prefix8}/ URL segment).
+// {shard} is two hex digits (the /{prefix8}/ URL segment). Moves, drains
+// and rebalances belong to the cluster, not to the request: a client that
+// goes away does not stop them (cluster_moves.go).
 
 // ClusterBackend is what the cluster endpoints need; *cluster.Node
 // implements it.
@@ -30,8 +36,14 @@ type ClusterBackend interface {
 	ID() string
 	Members() []cluster.Member
 	Shards() []cluster.ShardInfo
-	Move(ctx context.Context, s cluster.Shard, to string) (cluster.MoveResult, error)
-	DrainNode(ctx context.Context, node string) ([]cluster.MoveResult, error)
+	Owner(s cluster.Shard) (node, addr string, epoch int64, ok bool)
+	Owns(s cluster.Shard) (epoch int64, ok bool)
+	StartMove(ctx context.Context, s cluster.Shard, to string) (cluster.MoveInfo, int64, error)
+	WaitMove(ctx context.Context, mi cluster.MoveInfo, rev int64) (cluster.MoveResult, error)
+	AbortMove(ctx context.Context, s cluster.Shard, id, reason string) error
+	DrainNode(ctx context.Context, node string, opt cluster.RebalanceOptions) (cluster.RebalanceResult, error)
+	Undrain(ctx context.Context, node string) error
+	Rebalance(ctx context.Context, opt cluster.RebalanceOptions) (cluster.RebalanceResult, error)
 	Reassign(ctx context.Context, s cluster.Shard, to string, acceptDataLoss bool) error
 	HAProxyMap() string
 }
@@ -42,9 +54,12 @@ var _ ClusterBackend = (*cluster.Node)(nil)
 type ClusterNode struct {
 	ID        string `json:"id"`
 	Advertise string `json:"advertise"`
+	Admin     string `json:"admin,omitempty"` // its admin API (host:port), where other nodes forward admin requests
+	TLS       bool   `json:"tls,omitempty"`   // its device listener serves TLS
 	Started   string `json:"started"`
-	Shards    int    `json:"shards"` // shards it serves now
-	This      bool   `json:"this"`   // the node that answered
+	Shards    int    `json:"shards"`   // shards it serves now
+	Draining  bool   `json:"draining"` // marked draining: takes no shards
+	This      bool   `json:"this"`     // the node that answered
 }
 
 // ClusterNodes is GET /api/v1/cluster/nodes.
@@ -60,11 +75,13 @@ type ClusterShard struct {
 	Owner    string `json:"owner"` // "" while nobody serves it (503)
 	Addr     string `json:"addr"`
 	Epoch    int64  `json:"epoch"`
-	Move     string `json:"move"` // serving, or the state of a move in progress
-	MoveTo   string `json:"move_to,omitempty"`
-	Groups   *int   `json:"groups"`
-	Devices  *int   `json:"devices"`
-	Queued   *int   `json:"queued"`
+	// Move is the state of a move in progress (draining, exported, …),
+	// else "serving", or "unserved" while nobody serves the shard.
+	Move    string `json:"move"`
+	MoveTo  string `json:"move_to,omitempty"`
+	Groups  *int   `json:"groups"`
+	Devices *int   `json:"devices"`
+	Queued  *int   `json:"queued"`
 }
 
 // ClusterShards is GET /api/v1/cluster/shards.
@@ -73,36 +90,26 @@ type ClusterShards struct {
 	Shards []ClusterShard `json:"shards"`
 }
 
-// MoveResult answers a move.
-type MoveResult struct {
-	Shard     string   `json:"shard"`
-	From      string   `json:"from"`
-	To        string   `json:"to"`
-	FromEpoch int64    `json:"from_epoch"`
-	ToEpoch   int64    `json:"to_epoch"`
-	States    []string `json:"states"`
-	Seconds   float64  `json:"seconds"`
-}
-
-// DrainResult answers a drain.
-type DrainResult struct {
-	Node  string       `json:"node"`
-	Moves []MoveResult `json:"moves"`
-}
-
-func (a *API) registerCluster(mux *http.ServeMux) {
-	if a.cluster == nil {
-		return
+// registerCluster adds the cluster endpoints; on a single node each
+// answers 404 saying so (the routes exist either way: they need the
+// token on every node).
+func (a *API) registerCluster(mux *routes) {
+	clustered := func(h http.HandlerFunc) http.HandlerFunc {
+		if a.cluster != nil {
+			return h
+		}
+		return func(w http.ResponseWriter, r *http.Request) {
+			writeError(w, http.StatusNotFound, "not in cluster mode: this mediator runs as a single node (cluster mode needs --cluster-etcd)")
+		}
 	}
-	mux.HandleFunc("GET /cluster/haproxy.map", func(w http.ResponseWriter, r *http.Request) {
+	mux.handleFunc("GET /cluster/haproxy.map", clustered(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte(a.cluster.HAProxyMap()))
-	})
-	mux.HandleFunc("GET /api/v1/cluster/nodes", a.apiClusterNodes)
-	mux.HandleFunc("GET /api/v1/cluster/shards", a.apiClusterShards)
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/move", a.apiClusterMove)
-	mux.HandleFunc("POST /api/v1/cluster/nodes/{node}/drain", a.apiClusterDrain)
-	mux.HandleFunc("POST /api/v1/cluster/shards/{shard}/reassign", a.apiClusterReassign)
+	}))
+	mux.handleFunc("GET /api/v1/cluster/nodes", clustered(a.apiClusterNodes))
+	mux.handleFunc("GET /api/v1/cluster/shards", clustered(a.apiClusterShards))
+	a.registerClusterMoves(mux, clustered)
+	mux.handleFunc("POST /api/v1/cluster/shards/{shard}/reassign", clustered(a.apiClusterReassign))
 }
 
 func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
@@ -115,8 +122,8 @@ func (a *API) apiClusterNodes(w http.ResponseWriter, r *http.Request) {
 	out := ClusterNodes{Nodes: []ClusterNode{}}
 	for _, m := range a.cluster.Members() {
 		out.Nodes = append(out.Nodes, ClusterNode{
-			ID: m.ID, Advertise: m.Advertise, Started: m.Started.UTC().Format(time.RFC3339),
-			Shards: serving[m.ID], This: m.ID == a.cluster.ID(),
+			ID: m.ID, Advertise: m.Advertise, Admin: m.Admin, TLS: m.TLS, Started: m.Started.UTC().Format(time.RFC3339),
+			Shards: serving[m.ID], Draining: m.Draining, This: m.ID == a.cluster.ID(),
 		})
 	}
 	writeJSON(w, http.StatusOK, out)
@@ -155,6 +162,9 @@ func (a *API) apiClusterShards(w http.ResponseWriter, r *http.Request) {
 			Shard: fmt.Sprintf("%02x", byte(s.Shard)), Assigned: s.Assigned, Owner: s.Owner, Addr: s.Addr,
 			Epoch: s.Epoch, Move: string(s.Move), MoveTo: s.MoveTo,
 		}
+		if s.Move == cluster.StateServing && s.Owner == "" {
+			cs.Move = "unserved"
+		}
 		if c := local[byte(s.Shard)]; c != nil {
 			cs.Groups, cs.Devices, cs.Queued = &c.groups, &c.devices, &c.queued
 		}
@@ -171,17 +181,6 @@ func parseShard(s string) (cluster.Shard, error) {
 	return cluster.Shard(v), nil
 }
 
-func moveResult(m cluster.MoveResult) MoveResult {
-	out := MoveResult{
-		Shard: fmt.Sprintf("%02x", byte(m.Shard)), From: m.From, To: m.To,
-		FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch, Seconds: m.Took.Seconds(), States: []string{},
-	}
-	for _, s := range m.States {
-		out.States = append(out.States, string(s.State))
-	}
-	return out
-}
-
 // clusterErr answers the cluster's refusals with 409 (a state that does
 // not allow it) or 404 (unknown node) and a clear message.
 func (a *API) clusterErr(w http.ResponseWriter, err error) {
@@ -191,8 +190,11 @@ func (a *API) clusterErr(w http.ResponseWriter, err error) {
 	case errors.Is(err, cluster.ErrMoveInProgress), errors.Is(err, cluster.ErrShardUnavailable),
 		errors.Is(err, cluster.ErrAlreadyOwner), errors.Is(err, cluster.ErrMoveAborted),
 		errors.Is(err, cluster.ErrDataLoss), errors.Is(err, cluster.ErrOwnerLive),
-		errors.Is(err, cluster.ErrNoOtherNode), errors.Is(err, cluster.ErrNoHooks):
+		errors.Is(err, cluster.ErrNoOtherNode), errors.Is(err, cluster.ErrNoHooks),
+		errors.Is(err, cluster.ErrMoveFinished):
 		writeError(w, http.StatusConflict, "%v", err)
+	case errors.Is(err, cluster.ErrNoSuchMove):
+		writeError(w, http.StatusNotFound, "%v", err)
 	default:
 		a.writeErr(w, err)
 	}
@@ -209,34 +211,6 @@ func shardTarget(r *http.Request, verb string) (cluster.Shard, string, error) {
 		return 0, "", errorf(http.StatusBadRequest, "%s needs ?to=NODE", verb)
 	}
 	return s, to, nil
-}
-
-func (a *API) apiClusterMove(w http.ResponseWriter, r *http.Request) {
-	s, to, err := shardTarget(r, "move")
-	if err != nil {
-		a.writeErr(w, err)
-		return
-	}
-	res, err := a.cluster.Move(r.Context(), s, to)
-	if err != nil {
-		a.clusterErr(w, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, moveResult(res))
-}
-
-func (a *API) apiClusterDrain(w http.ResponseWriter, r *http.Request) {
-	node := r.PathValue("node")
-	res, err := a.cluster.DrainNode(r.Context(), node)
-	if err != nil {
-		a.clusterErr(w, err)
-		return
-	}
-	out := DrainResult{Node: node, Moves: []MoveResult{}}
-	for _, m := range res {
-		out.Moves = append(out.Moves, moveResult(m))
-	}
-	writeJSON(w, http.StatusOK, out)
 }
 
 func (a *API) apiClusterReassign(w http.ResponseWriter, r *http.Request) {

@@ -13,6 +13,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -121,8 +122,8 @@ type Backend interface {
 	LiveGroupIDs() []reflection.GroupID
 	ConnectionCounts() (handshake, authenticated int)
 	GroupsLoaded() int
-	DropSlot(id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error)
-	PurgeQueue(id reflection.GroupID, dev reflection.DeviceID) error
+	DropSlot(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) (wasConnected bool, queueLength int, err error)
+	PurgeQueue(ctx context.Context, id reflection.GroupID, dev reflection.DeviceID) error
 	ReleaseLock(ctx context.Context, id reflection.GroupID) (holder reflection.DeviceID, heldFor time.Duration, released bool, err error)
 }
 
@@ -133,15 +134,53 @@ type API struct {
 	b       Backend
 	cluster ClusterBackend // nil on a single node
 	log     zerolog.Logger
+	// nodes carries requests to other nodes' admin APIs (cluster mode):
+	// a group's request to its shard's owner, and the parts of a
+	// cluster-wide answer.
+	nodes *http.Client
 }
 
 // Option adds to what Handler serves.
 type Option func(*API)
 
-// WithCluster serves the cluster endpoints (cluster mode).
+// WithCluster serves the cluster endpoints (cluster mode), and answers
+// every request naming a group on the node that serves its shard.
 func WithCluster(c ClusterBackend) Option { return func(a *API) { a.cluster = c } }
 
 func (a *API) store() reflection.Store { return a.b.Store() }
+
+// routes is a ServeMux that remembers the patterns registered on it:
+// Routes lists them, so that a test walks every route the handler serves
+// and a route added later cannot be left out of it.
+type routes struct {
+	mux      *http.ServeMux
+	patterns []string
+}
+
+func newRoutes() *routes { return &routes{mux: http.NewServeMux()} }
+
+func (m *routes) handle(pattern string, h http.Handler) {
+	m.patterns = append(m.patterns, pattern)
+	m.mux.Handle(pattern, h)
+}
+
+func (m *routes) handleFunc(pattern string, h http.HandlerFunc) { m.handle(pattern, h) }
+
+// handler is what Handler returns.
+type handler struct {
+	http.Handler
+	public, private []string
+}
+
+// Routes returns the patterns of a handler that Handler returned: those
+// served without authentication (health, readiness) and those behind the
+// token. Nil for any other handler.
+func Routes(h http.Handler) (public, private []string) {
+	if hh, ok := h.(*handler); ok {
+		return slices.Clone(hh.public), slices.Clone(hh.private)
+	}
+	return nil, nil
+}
 
 // Handler serves health and readiness without authentication and
 // everything else (admin API, /metrics, /debug/pprof/) behind the bearer
@@ -151,28 +190,35 @@ func Handler(b Backend, token string, log zerolog.Logger, opts ...Option) http.H
 	for _, o := range opts {
 		o(a)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+	if a.cluster != nil {
+		a.nodes = newNodeClient()
+	}
+	public := newRoutes()
+	public.handleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+	public.handleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !b.Ready() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ready\n"))
 	})
-	private := http.NewServeMux()
-	private.Handle("GET /metrics", promhttp.HandlerFor(b.Registry(), promhttp.HandlerOpts{}))
-	private.HandleFunc("/debug/pprof/", pprof.Index)
-	private.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	private.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	private.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	private.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	private := newRoutes()
+	private.handle("GET /metrics", promhttp.HandlerFor(b.Registry(), promhttp.HandlerOpts{}))
+	private.handleFunc("/debug/pprof/", pprof.Index)
+	private.handleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	private.handleFunc("/debug/pprof/profile", pprof.Profile)
+	private.handleFunc("/debug/pprof/symbol", pprof.Symbol)
+	private.handleFunc("/debug/pprof/trace", pprof.Trace)
 	a.register(private)
 	a.registerCluster(private)
-	mux.Handle("/", requireToken(token, private))
-	return mux
+	var inner http.Handler = private.mux
+	if a.cluster != nil {
+		inner = withNodeHeader(a.cluster.ID(), inner)
+	}
+	public.mux.Handle("/", requireToken(token, inner))
+	return &handler{Handler: public.mux, public: public.patterns, private: private.patterns}
 }
 
 func shortID(g reflection.GroupID) string { return d2m.DeviceGroupID(g).Short() }

@@ -88,6 +88,9 @@ type Daemon struct {
 	DeviceURL  string
 	DeviceAddr net.Addr
 	AdminAddr  net.Addr // nil without an admin listener
+	// AdminHandler is what the admin listener serves (nil without one);
+	// adminapi.Routes lists its routes.
+	AdminHandler http.Handler
 	// Cluster is this node's cluster membership (cluster mode only).
 	Cluster *cluster.Node
 	etcd    *clientv3.Client
@@ -99,7 +102,7 @@ type Daemon struct {
 	admin     *http.Server
 	errc      chan error
 	serving   sync.WaitGroup // the listeners' Serve goroutines
-	bg        sync.WaitGroup // background work: deleting moved shards
+	bg        sync.WaitGroup // background work: shard exports
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -194,6 +197,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 	if place != nil {
 		cfg.Server.Placement = place
 		cfg.Server.NodeID = cfg.Cluster.NodeID
+		cfg.Server.NodeTLS = nodeTLS(cfg.Cluster.RootCAs)
 	}
 	s, err := mediator.New(cfg.Server, d.Store, log)
 	if err != nil {
@@ -232,7 +236,7 @@ func Start(cfg Config) (d *Daemon, err error) {
 	if place != nil {
 		// After the listener exists (other nodes forward to it as soon as
 		// this node claims shards), before it serves.
-		if err := d.joinCluster(*cfg.Cluster, s, place, map[bool]string{false: "http", true: "https"}[scheme == "wss"]); err != nil {
+		if err := d.joinCluster(*cfg.Cluster, s, place, scheme == "wss"); err != nil {
 			return nil, err
 		}
 		undo = append(undo, func() { d.leaveCluster(context.Background()) })
@@ -247,7 +251,8 @@ func Start(cfg Config) (d *Daemon, err error) {
 		if d.Cluster != nil {
 			opts = append(opts, adminapi.WithCluster(d.Cluster))
 		}
-		d.admin = &http.Server{Handler: adminapi.Handler(s, cfg.AdminToken, log, opts...), ReadHeaderTimeout: cfg.ReadHeaderTimeout}
+		d.AdminHandler = adminapi.Handler(s, cfg.AdminToken, log, opts...)
+		d.admin = &http.Server{Handler: d.AdminHandler, ReadHeaderTimeout: cfg.ReadHeaderTimeout}
 		d.serve(d.admin, adminLn)
 	}
 	s.SetReady(true)
@@ -267,7 +272,7 @@ func (d *Daemon) serve(hs *http.Server, ln net.Listener) {
 // Err yields an error if a listener stops serving on its own.
 func (d *Daemon) Err() <-chan error { return d.errc }
 
-// Shutdown stops the process as SIGTERM does (protocol.md §18 row 15):
+// Shutdown stops the process as SIGTERM does (docs/protocol.md §18 row 15):
 // stop accepting, close every device with 1001 (spread), wait for the
 // server's goroutines, stop the admin listener and the stand-in, and close
 // the store it opened. It returns the server's Shutdown error (ctx.Err()
@@ -323,13 +328,13 @@ func (d *Daemon) openPG(cfg Config, srv *atomic.Pointer[mediator.Server]) (*pgst
 	if cfg.Cluster != nil {
 		place := d.place
 		po.NodeID = cfg.Cluster.NodeID
-		po.Epoch = place.epoch
+		po.Epoch = place.Epoch
 		po.OnFenced = func(shard byte, epoch int64) {
-			place.fenced[shard].Store(epoch)
-			if s := srv.Load(); s != nil {
-				n := s.CloseShard(shard)
-				d.log.Warn().Int("shard", int(shard)).Int64("epoch", epoch).Int("devices_closed", n).
-					Msg("the database refused this node's epoch for the shard: another node owns it; stopped serving it")
+			// Another node claimed the shard in the database: its
+			// lifecycle ends here at that epoch (the node's event
+			// closes the devices).
+			if n := place.node.Load(); n != nil {
+				n.StoreFenced(cluster.Shard(shard), epoch)
 			}
 		}
 	}

@@ -1,16 +1,20 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
-	"math"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,13 +24,16 @@ import (
 	"d2m-mediator/reflection"
 )
 
-// Planned shard moves (protocol of issue "cluster mode"): the donor's
-// acks for the shard are already fenced when Drain runs; it waits for the
-// writes in flight, exports the shard from its store and streams it to the
-// recipient's device listener (receivePath), which imports it in one
-// fsynced transaction before the cluster flips ownership. The donor then
-// closes the shard's devices with 1001 (they reconnect to the new owner)
-// and deletes its copy.
+// Planned shard moves, the mediator's side. The node's shard lifecycle
+// (package cluster) decides what happens to a shard and when; this file
+// does it to the store and the connections: the donor waits for the
+// writes admitted before the freeze (Drain: the store's Barrier), exports
+// the shard from its store and streams it to the recipient's device
+// listener (receivePath), which imports it in one fsynced transaction
+// before the cluster flips ownership. The donor then closes the shard's
+// devices with 1001 ("shard moved to NODE": they reconnect to the new
+// owner) and drops its copy, by generation, so a drop that comes late
+// never deletes a copy imported since.
 
 // receivePath is where a donor posts a shard to its recipient, on the
 // recipient's device listener (the address the cluster advertises). It is
@@ -35,43 +42,12 @@ import (
 // (cluster.Node.Receive checks), which only nodes of the cluster know.
 const receivePath = "/_cluster/v1/moves/"
 
-// moveHooks implements cluster.Hooks over the server and its store.
+// moveHooks implements cluster.Hooks over the server's store.
 type moveHooks struct {
 	d *Daemon
-
-	mu      sync.Mutex
-	started map[cluster.Shard]time.Time // donor side: when Drain ran
-
-	moves       *prometheus.CounterVec // donor side, by outcome: handed_over, aborted
-	moveSeconds prometheus.Histogram   // donor side: Drain to the shard lost to its new owner
 }
 
-func newMoveHooks(d *Daemon) *moveHooks {
-	return &moveHooks{
-		d: d, started: make(map[cluster.Shard]time.Time),
-		moves: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "mediator_cluster_moves_total",
-			Help: "Planned shard moves this node gave away, by outcome: handed_over, aborted.",
-		}, []string{"outcome"}),
-		moveSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "mediator_cluster_move_seconds",
-			Help:    "Donor side of a planned move, from the drain (acks paused) to the shard served by its new owner.",
-			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
-		}),
-	}
-}
-
-// handedOver records a finished move of a shard this node drained.
-func (h *moveHooks) handedOver(shard cluster.Shard) {
-	h.mu.Lock()
-	start, ok := h.started[shard]
-	delete(h.started, shard)
-	h.mu.Unlock()
-	if ok {
-		h.moves.WithLabelValues("handed_over").Inc()
-		h.moveSeconds.Observe(time.Since(start).Seconds())
-	}
-}
+func newMoveHooks(d *Daemon) *moveHooks { return &moveHooks{d: d} }
 
 func (h *moveHooks) shards() (reflection.ShardStore, error) {
 	st, ok := h.d.Store.(reflection.ShardStore)
@@ -81,15 +57,12 @@ func (h *moveHooks) shards() (reflection.ShardStore, error) {
 	return st, nil
 }
 
-// Drain waits until every write submitted before it is committed: the
-// store completes writes in submission order, so a no-op write's
-// completion is the barrier.
+// Drain waits until every write submitted before it is durable: the node
+// has frozen the shard and every write admitted before the freeze has
+// been submitted; the store completes writes in submission order.
 func (h *moveHooks) Drain(ctx context.Context, shard cluster.Shard) error {
-	h.mu.Lock()
-	h.started[shard] = time.Now()
-	h.mu.Unlock()
 	done := make(chan error, 1)
-	h.d.Store.PruneTombstones(math.MinInt64, func(err error) { done <- err })
+	h.d.Store.Barrier(func(err error) { done <- err })
 	select {
 	case err := <-done:
 		return err
@@ -98,10 +71,13 @@ func (h *moveHooks) Drain(ctx context.Context, shard cluster.Shard) error {
 	}
 }
 
-// With a shared store (PostgreSQL) no data moves: the donor has drained
-// and written everything, and the recipient takes the shard over by
-// claiming it with its own epoch at first use (which also marks its slots
-// disconnected and releases held reflections). The stream is empty.
+// Export streams the shard from the store. With a shared store
+// (PostgreSQL) no data moves: the donor has written everything, and the
+// recipient takes the shard over by claiming it with its own epoch at
+// first use (which also marks its slots disconnected and releases held
+// reflections). The stream is empty. The export runs on a goroutine the
+// daemon counts (it holds a read transaction: Shutdown closes the store
+// only after it); it ends when the reader is closed.
 func (h *moveHooks) Export(ctx context.Context, shard cluster.Shard) (io.ReadCloser, error) {
 	if h.d.shared {
 		return io.NopCloser(strings.NewReader("")), nil
@@ -111,18 +87,20 @@ func (h *moveHooks) Export(ctx context.Context, shard cluster.Shard) (io.ReadClo
 		return nil, err
 	}
 	pr, pw := io.Pipe()
+	h.d.bg.Add(1)
 	go func() {
+		defer h.d.bg.Done()
 		stats, err := st.ExportShard(ctx, byte(shard), pw)
 		if err == nil {
-			h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("groups", stats.Groups).
-				Int("entries", stats.Entries).Msg("cluster: shard exported")
+			h.d.log.Info().Str("shard", shard.String()).Int("groups", stats.Groups).
+				Int("entries", stats.Entries).Int64("bytes", stats.Bytes).Msg("cluster: shard exported")
 		}
 		pw.CloseWithError(err)
 	}()
 	return pr, nil
 }
 
-func (h *moveHooks) Import(ctx context.Context, shard cluster.Shard, data io.Reader) error {
+func (h *moveHooks) Import(ctx context.Context, shard cluster.Shard, gen int64, data io.Reader) error {
 	if h.d.shared {
 		_, err := io.Copy(io.Discard, data)
 		return err
@@ -131,114 +109,192 @@ func (h *moveHooks) Import(ctx context.Context, shard cluster.Shard, data io.Rea
 	if err != nil {
 		return err
 	}
-	stats, err := st.ImportShard(ctx, byte(shard), data)
+	stats, err := st.ImportShard(ctx, byte(shard), gen, data)
 	if err != nil {
 		return err
 	}
-	if err := h.settleImported(ctx, shard); err != nil {
-		return err
-	}
-	h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("groups", stats.Groups).
+	h.d.log.Info().Str("shard", shard.String()).Int64("generation", gen).Int("groups", stats.Groups).
 		Int("entries", stats.Entries).Msg("cluster: shard imported")
 	return nil
 }
 
-// settleImported ends on this node what the move ended on the donor: no
-// device of the shard is connected here yet, so slots the donor had marked
-// connected are marked disconnected now (their expiry counts again), and
-// reflections held for a transaction are released into the other queues
-// (the holder's connection, and so its transaction, ends with the move;
-// an acked reflection is never lost, protocol.md §18 row 3). Releasing a
-// device that holds nothing changes nothing.
-func (h *moveHooks) settleImported(ctx context.Context, shard cluster.Shard) error {
-	st := h.d.Store
-	now := time.Now().UnixMilli()
-	var waits []chan error
-	err := st.ForEachGroup(func(g reflection.GroupID, gs reflection.GroupState) error {
-		if g[0] != byte(shard) {
-			return nil
-		}
-		for _, sl := range gs.Slots {
-			if sl.ConnectedSince != 0 {
-				sl.ConnectedSince, sl.LastDisconnectAt = 0, now
-				ch := make(chan error, 1)
-				st.PutSlot(g, sl, func(err error) { ch <- err })
-				waits = append(waits, ch)
-			}
-			ch := make(chan error, 1)
-			st.ReleaseHeld(g, sl.DeviceID, func(_ reflection.AppendResult, err error) { ch <- err })
-			waits = append(waits, ch)
-		}
-		return nil
-	})
+func (h *moveHooks) Drop(ctx context.Context, shard cluster.Shard, gen int64) error {
+	st, err := h.shards()
 	if err != nil {
 		return err
 	}
-	for _, ch := range waits {
-		select {
-		case err := <-ch:
-			if err != nil {
-				return fmt.Errorf("settling the imported shard: %w", err)
-			}
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	stats, dropped, err := st.DropShard(ctx, byte(shard), gen)
+	if err != nil {
+		return err
 	}
+	if !dropped {
+		h.d.log.Info().Str("shard", shard.String()).Int64("generation", gen).
+			Msg("cluster: kept this node's copy of the shard: it was imported again since")
+		return nil
+	}
+	h.d.log.Info().Str("shard", shard.String()).Int64("generation", gen).Int("groups", stats.Groups).
+		Int("entries", stats.Entries).Msg("cluster: shard's data deleted")
 	return nil
 }
 
-// Resume: the move was aborted. Reflections that arrived while it drained
-// were not acknowledged; the devices are closed with 1001 so that they
-// send them again, to this node, which serves the shard again.
-func (h *moveHooks) Resume(shard cluster.Shard) {
-	h.mu.Lock()
-	delete(h.started, shard)
-	h.mu.Unlock()
-	h.moves.WithLabelValues("aborted").Inc()
-	n := h.d.Server.CloseShard(byte(shard))
-	h.d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("devices_closed", n).Msg("cluster: move aborted, serving the shard again")
-}
-
-// dropMovedShard deletes this node's copy of a shard that now belongs to
-// another node, once its connections are gone (a disconnect written after
-// the drop would bring a slot back).
-func (d *Daemon) dropMovedShard(s *mediator.Server, shard cluster.Shard) {
-	st, ok := d.Store.(reflection.ShardStore)
-	if !ok {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := s.WaitShardClosed(ctx, byte(shard)); err != nil {
-		d.log.Error().Err(err).Str("shard", fmt.Sprintf("%02x", byte(shard))).Msg("cluster: moved shard still has connections; its data is kept")
-		return
-	}
-	stats, err := st.DropShard(ctx, byte(shard))
+func (h *moveHooks) Reset(ctx context.Context, shard cluster.Shard, gen int64) error {
+	st, err := h.shards()
 	if err != nil {
-		d.log.Error().Err(err).Str("shard", fmt.Sprintf("%02x", byte(shard))).Msg("cluster: deleting a moved shard's data failed")
-		return
+		return err
 	}
-	d.log.Info().Str("shard", fmt.Sprintf("%02x", byte(shard))).Int("groups", stats.Groups).Msg("cluster: moved shard's data deleted")
+	_, err = st.ResetShard(ctx, byte(shard), gen)
+	return err
 }
 
-// httpTransport posts a shard to the recipient's device listener.
+func (h *moveHooks) Settle(ctx context.Context, shards ...cluster.Shard) error {
+	st, err := h.shards()
+	if err != nil {
+		return err
+	}
+	bs := make([]byte, len(shards))
+	for i, s := range shards {
+		bs[i] = byte(s)
+	}
+	return st.SettleShard(ctx, bs...)
+}
+
+func (h *moveHooks) Generation(shard cluster.Shard) (int64, bool) {
+	st, err := h.shards()
+	if err != nil {
+		return 0, false
+	}
+	return st.ShardGeneration(byte(shard))
+}
+
+// eventLog carries out the shard lifecycle's events on the server (closes
+// a lost shard's devices, with the reason) and records them in the log
+// and the move metrics.
+type eventLog struct {
+	d   *Daemon
+	srv *mediator.Server
+
+	frozen      [cluster.NumShards]time.Time // donor side: when the move froze the shard (event goroutine only)
+	moves       *prometheus.CounterVec       // donor side, by outcome: handed_over, aborted
+	moveSeconds prometheus.Histogram         // donor side: freeze to the shard handed over or thawed
+}
+
+func newEventLog(d *Daemon, srv *mediator.Server, _ *moveHooks) *eventLog {
+	return &eventLog{
+		d: d, srv: srv,
+		moves: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mediator_cluster_moves_total",
+			Help: "Planned shard moves this node gave away, by outcome: handed_over, aborted.",
+		}, []string{"outcome"}),
+		moveSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "mediator_cluster_move_seconds",
+			Help:    "Donor side of a planned move, from the freeze (the shard's writes wait) to the shard handed over or thawed.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
+		}),
+	}
+}
+
+// handle runs on the node's event goroutine, in order.
+func (l *eventLog) handle(evs []cluster.Event) {
+	var gained []string
+	var firstEpoch int64
+	for _, ev := range evs {
+		shard := ev.Shard.String()
+		switch ev.Kind {
+		case cluster.ShardGained:
+			gained = append(gained, shard)
+			if firstEpoch == 0 {
+				firstEpoch = ev.Epoch
+			}
+		case cluster.ShardFrozen:
+			l.frozen[ev.Shard] = time.Now()
+			l.d.log.Info().Str("shard", shard).Int64("epoch", ev.Epoch).Str("move", ev.Move).Str("to", ev.To).
+				Msg("cluster: shard frozen for a planned move; its writes wait")
+		case cluster.ShardThawed:
+			l.finished(ev.Shard, "aborted")
+			l.d.log.Warn().Str("shard", shard).Int64("epoch", ev.Epoch).Str("move", ev.Move).Str("to", ev.To).
+				Msg("cluster: planned move aborted; serving the shard again")
+		case cluster.ShardLost:
+			reason := "shard " + ev.Describe()
+			if ev.Cause == cluster.CauseMovedAway {
+				l.finished(ev.Shard, "handed_over")
+				reason = "shard moved to " + ev.To
+			}
+			n := l.srv.CloseShard(byte(ev.Shard), reason)
+			e := l.d.log.Info()
+			if ev.Cause != cluster.CauseMovedAway {
+				e = l.d.log.Warn()
+			}
+			e.Str("shard", shard).Int64("epoch", ev.Epoch).Str("cause", ev.Cause.String()).Str("to", ev.To).
+				Int("devices_closed", n).Msg("cluster: shard lost")
+		}
+	}
+	if len(gained) > 0 {
+		l.d.log.Info().Int("count", len(gained)).Strs("shards", gained).Int64("epoch", firstEpoch).Msg("cluster: shards gained")
+	}
+}
+
+func (l *eventLog) finished(s cluster.Shard, outcome string) {
+	if start := l.frozen[s]; !start.IsZero() {
+		l.moves.WithLabelValues(outcome).Inc()
+		l.moveSeconds.Observe(time.Since(start).Seconds())
+		l.frozen[s] = time.Time{}
+	}
+}
+
+// httpTransport posts a shard to the recipient's device listener: over
+// https when the recipient's listener serves TLS (cluster.Member.TLS),
+// verifying its certificate against the cluster's roots.
+// Every transfer is signed with the cluster's secret (moveauth.go), and a
+// connection that makes no progress for idle ends the transfer.
 type httpTransport struct {
-	scheme string // http, or https when devices connect with TLS
 	client *http.Client
+	secret func() []byte
+}
+
+// DefaultTransferIdleTimeout bounds how long a shard transfer may make no
+// progress (no byte sent or received) before it fails and the move aborts.
+const DefaultTransferIdleTimeout = 30 * time.Second
+
+func newHTTPTransport(tc *tls.Config, idle time.Duration, secret func() []byte) *httpTransport {
+	if idle <= 0 {
+		idle = DefaultTransferIdleTimeout
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil // node to node, never through an HTTP proxy
+	tr.TLSClientConfig = tc
+	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return idleConn{Conn: c, timeout: idle}, nil
+	}
+	return &httpTransport{client: &http.Client{Transport: tr, Timeout: cluster.DefaultMoveTimeout}, secret: secret}
 }
 
 func (t *httpTransport) Send(ctx context.Context, to cluster.Member, mi cluster.MoveInfo, data io.Reader) error {
+	scheme := "http"
+	if to.TLS {
+		scheme = "https"
+	}
 	q := url.Values{}
 	q.Set("shard", strconv.Itoa(int(mi.Shard)))
 	q.Set("from", mi.From)
 	q.Set("to", mi.To)
 	q.Set("from_epoch", strconv.FormatInt(mi.FromEpoch, 10))
-	u := t.scheme + "://" + to.Advertise + receivePath + url.PathEscape(mi.ID) + "?" + q.Encode()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, data)
+	u := scheme + "://" + to.Advertise + receivePath + url.PathEscape(mi.ID) + "?" + q.Encode()
+	secret := t.secret()
+	trailer := http.Header{moveMACTrailer: nil}
+	body := &signingReader{r: data, h: sha256.New(), secret: secret, mi: mi, trailer: trailer}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, body)
 	if err != nil {
 		return err
 	}
+	req.ContentLength = -1 // chunked: the trailer follows the body
+	req.Trailer = trailer
 	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set(moveAuthHeader, signMove(secret, mi))
 	resp, err := t.client.Do(req)
 	if err != nil {
 		return err
@@ -272,8 +328,33 @@ func (d *Daemon) receiveHandler(next http.Handler) http.Handler {
 			return
 		}
 		mi := cluster.MoveInfo{ID: id, Shard: cluster.Shard(shard), From: q.Get("from"), To: q.Get("to"), FromEpoch: epoch}
-		if err := d.Cluster.Receive(r.Context(), mi, r.Body); err != nil {
-			d.log.Error().Err(err).Msg("cluster: receiving a shard failed")
+		secret := d.Cluster.Secret()
+		if err := checkMoveHeader(secret, mi, r.Header.Get(moveAuthHeader)); err != nil {
+			d.log.Warn().Str("remote", r.RemoteAddr).Str("move", id).Str("shard", mi.Shard.String()).
+				Msg("cluster: refused a shard transfer without this cluster's signature")
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		// The whole stream is read before anything is imported (the
+		// import holds it in memory anyway), so its signature, in the
+		// trailer, is checked first.
+		h := sha256.New()
+		var buf bytes.Buffer
+		if _, err := buf.ReadFrom(io.TeeReader(r.Body, h)); err != nil {
+			http.Error(w, "reading the shard: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		mac, err := hex.DecodeString(r.Trailer.Get(moveMACTrailer))
+		if err != nil || !hmac.Equal(mac, bodyMAC(secret, mi, h.Sum(nil))) {
+			d.log.Warn().Str("remote", r.RemoteAddr).Str("move", id).Str("shard", mi.Shard.String()).
+				Msg("cluster: refused a shard transfer whose stream does not match its signature")
+			http.Error(w, errMoveAuth.Error()+" (stream)", http.StatusForbidden)
+			return
+		}
+		if err := d.Cluster.Receive(r.Context(), mi, &buf); err != nil {
+			// A refusal (the move was aborted, the donor gave up), not a
+			// fault of this node: the donor records the outcome.
+			d.log.Warn().Err(err).Msg("cluster: receiving a shard failed")
 			http.Error(w, err.Error(), http.StatusConflict)
 			return
 		}

@@ -84,8 +84,8 @@ func (bt *batchTx) apply(r *request) error {
 			s.reset, s.appended, s.length, s.bytes, s.dirty = true, nil, 0, 0, true
 		}
 		return nil
-	case opClaim, opPruneTombstones:
-		return nil // claims run before the batch (prepareShards), prunes are SQL only (buildSQL)
+	case opClaim, opPruneTombstones, opBarrier:
+		return nil // claims run before the batch (prepareShards), prunes are SQL only (buildSQL), barriers write nothing
 	}
 	return fmt.Errorf("pgstore: unknown request kind %d", r.op)
 }

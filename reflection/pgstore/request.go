@@ -12,7 +12,8 @@ const (
 	opReleaseHeld
 	opPurgeQueue
 	opPruneTombstones
-	opClaim // bring the shard's epoch in the database to this node's
+	opClaim   // bring the shard's epoch in the database to this node's
+	opBarrier // writes nothing; completes after every earlier request
 )
 
 // request is one queued write; only the fields of its op are set.
@@ -35,7 +36,7 @@ type request struct {
 
 func (r *request) shardOf() (byte, bool) {
 	switch r.op {
-	case opPruneTombstones:
+	case opPruneTombstones, opBarrier:
 		return 0, false
 	case opClaim:
 		return r.shard, true

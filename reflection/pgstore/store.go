@@ -363,6 +363,12 @@ func (s *Store) PurgeQueue(g reflection.GroupID, d reflection.DeviceID, done fun
 
 // PruneTombstones removes tombstones with At < olderThan in the shards
 // this node owns.
+// Barrier calls done once every write submitted before it is committed
+// (or failed); it writes nothing and bumps no shard's epoch row.
+func (s *Store) Barrier(done func(error)) {
+	s.submit(&request{op: opBarrier, done: done})
+}
+
 func (s *Store) PruneTombstones(olderThan int64, done func(error)) {
 	s.submit(&request{op: opPruneTombstones, olderThan: olderThan, done: done})
 }

@@ -15,9 +15,49 @@ import (
 // Helpers of the suite: each submits through the Store interface and
 // fails the test on an error.
 
+// waitLimit bounds every wait of the suite for a done callback: a lost
+// callback fails the test at the request's call site (the failure names
+// its line) instead of hanging the package until the binary's timeout.
+const waitLimit = 20 * time.Second
+
+// await waits for one value of ch, or fails the test.
+func await[T any](t testing.TB, what string, ch <-chan T) T {
+	t.Helper()
+	timer := time.NewTimer(waitLimit)
+	defer timer.Stop()
+	select {
+	case v := <-ch:
+		return v
+	case <-timer.C:
+		t.Fatalf("%s: no done callback within %v (lost callback?)", what, waitLimit)
+		panic("unreachable")
+	}
+}
+
+// syncWrite submits one write and waits (bounded) for its done.
+func syncWrite(t testing.TB, what string, fn func(done func(error))) error {
+	t.Helper()
+	ch := make(chan error, 1)
+	fn(func(err error) { ch <- err })
+	return await(t, what, ch)
+}
+
+// syncAppend is syncWrite for Append and ReleaseHeld.
+func syncAppend(t testing.TB, what string, fn func(done func(AppendResult, error))) (AppendResult, error) {
+	t.Helper()
+	type out struct {
+		res AppendResult
+		err error
+	}
+	ch := make(chan out, 1)
+	fn(func(res AppendResult, err error) { ch <- out{res, err} })
+	o := await(t, what, ch)
+	return o.res, o.err
+}
+
 func mustDo(t testing.TB, fn func(done func(error))) {
 	t.Helper()
-	if err := Sync(fn); err != nil {
+	if err := syncWrite(t, "write", fn); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -32,7 +72,7 @@ func putSlots(t testing.TB, s Store, g GroupID, ids ...DeviceID) {
 
 func appendSync(t testing.TB, s Store, r AppendRequest) AppendResult {
 	t.Helper()
-	res, err := SyncAppend(func(done func(AppendResult, error)) { s.Append(r, done) })
+	res, err := syncAppend(t, "Append", func(done func(AppendResult, error)) { s.Append(r, done) })
 	if err != nil {
 		t.Fatalf("Append: %v", err)
 	}
@@ -41,7 +81,7 @@ func appendSync(t testing.TB, s Store, r AppendRequest) AppendResult {
 
 func releaseSync(t testing.TB, s Store, g GroupID, sender DeviceID) AppendResult {
 	t.Helper()
-	res, err := SyncAppend(func(done func(AppendResult, error)) { s.ReleaseHeld(g, sender, done) })
+	res, err := syncAppend(t, "ReleaseHeld", func(done func(AppendResult, error)) { s.ReleaseHeld(g, sender, done) })
 	if err != nil {
 		t.Fatalf("ReleaseHeld: %v", err)
 	}

@@ -191,14 +191,14 @@ func newModelRun(t testing.TB, e Engine) *modelRun {
 
 func (r *modelRun) do(fn func(done func(error))) {
 	r.t.Helper()
-	if err := Sync(fn); err != nil {
+	if err := syncWrite(r.t, "write", fn); err != nil {
 		r.t.Fatal(err)
 	}
 }
 
 func (r *modelRun) doAppend(fn func(done func(AppendResult, error))) AppendResult {
 	r.t.Helper()
-	res, err := SyncAppend(fn)
+	res, err := syncAppend(r.t, "append", fn)
 	if err != nil {
 		r.t.Fatal(err)
 	}

@@ -61,6 +61,7 @@ func Run(t *testing.T, newEngine func(t *testing.T) Engine) {
 		{"LazyAckFlushByTime", testLazyAckFlushByTime},
 		{"DoneCallbacksFireInSubmissionOrder", testDoneCallbacksFireInSubmissionOrder},
 		{"CloseCompletesQueuedWritesThenRejects", testCloseCompletesQueuedWritesThenRejects},
+		{"BarrierWaitsForEarlierWrites", testBarrierWaitsForEarlierWrites},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, newEngine(t)) })
 	}
@@ -575,7 +576,7 @@ func testLazyAckVisibleAtOnceDurableAfterDone(t *testing.T, e Engine) {
 	s.Ack(g, 2, 1, func(err error) { done <- err })
 	notYet(t, done)
 	e.Stop(t, s, false)
-	if err := <-done; err != nil {
+	if err := await(t, "Ack flushed by Close", done); err != nil {
 		t.Fatal(err)
 	}
 	s = e.Open(t, Options{})
@@ -663,7 +664,7 @@ func testDoneCallbacksFireInSubmissionOrder(t *testing.T, e Engine) {
 				submitMu.Lock()
 				ticket := next
 				next++
-				switch ticket % 4 {
+				switch ticket % 5 {
 				case 0, 1:
 					s.Append(AppendRequest{Group: g, Sender: DeviceID(1 + w%3), Envelope: []byte("m")}, func(_ AppendResult, err error) {
 						if err != nil {
@@ -685,13 +686,27 @@ func testDoneCallbacksFireInSubmissionOrder(t *testing.T, e Engine) {
 						}
 						record(ticket)
 					})
+				case 4:
+					// A barrier completes in order too: after every
+					// write submitted before it.
+					s.Barrier(func(err error) {
+						if err != nil {
+							t.Error(err)
+						}
+						record(ticket)
+					})
 				}
 				submitMu.Unlock()
 			}
 		}()
 	}
 	start.Done()
-	wg.Wait()
+	all := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(all)
+	}()
+	await(t, "every write's done callback", all)
 	if len(got) != writers*perWriter {
 		t.Fatalf("%d callbacks, want %d", len(got), writers*perWriter)
 	}
@@ -735,5 +750,33 @@ func testCloseCompletesQueuedWritesThenRejects(t *testing.T, e Engine) {
 		t.Fatalf("second Close: %v", err)
 	}
 	s = e.Open(t, Options{})
+	wantStats(t, s, g, 2, QueueStats{Length: n, Bytes: n, NextSeq: n + 1})
+}
+
+// A barrier completes only after every write submitted before it, and a
+// barrier alone (nothing pending) completes at once.
+func testBarrierWaitsForEarlierWrites(t *testing.T, e Engine) {
+	s := e.Open(t, Options{})
+	if err := syncWrite(t, "Barrier on an idle store", s.Barrier); err != nil {
+		t.Fatal(err)
+	}
+	g := GID(34)
+	putSlots(t, s, g, 1, 2)
+	const n = 500
+	var completed atomic.Int64
+	for range n {
+		s.Append(AppendRequest{Group: g, Sender: 1, Envelope: []byte("b")}, func(_ AppendResult, err error) {
+			if err != nil {
+				t.Error(err)
+			}
+			completed.Add(1)
+		})
+	}
+	if err := syncWrite(t, "Barrier after appends", s.Barrier); err != nil {
+		t.Fatal(err)
+	}
+	if got := completed.Load(); got != n {
+		t.Fatalf("barrier completed with %d of %d earlier appends done", got, n)
+	}
 	wantStats(t, s, g, 2, QueueStats{Length: n, Bytes: n, NextSeq: n + 1})
 }
