@@ -88,6 +88,9 @@ type deviceConn struct {
 	earlyLen int
 	upstream *chatproxy.Upstream
 	lastRead atomic.Int64 // unix nanos of the last inbound frame
+	// readPaused: the reader waits for a Reflect window slot (the store
+	// has not answered yet), so it reads nothing: the idle timer waits.
+	readPaused atomic.Bool
 
 	// Cross-goroutine flags.
 	dry           atomic.Bool   // ReflectionQueueDry written

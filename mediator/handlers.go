@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"runtime/debug"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -83,10 +84,22 @@ func (c *deviceConn) handleReflect(payload []byte) error {
 	// device blocks here, stops reading, and TCP pushes back on it alone.
 	select {
 	case c.reflectSem <- struct{}{}:
-	case <-c.closing:
-		return nil
-	case <-c.ctx.Done():
-		return c.ctx.Err()
+	default:
+		// The window is full and the server stops reading the device
+		// until the store answers: that silence is the server's, so the
+		// idle clock stands still meanwhile (else a store that stalls
+		// for longer than the idle timeout would close a busy device
+		// with 4013, "client idle", before its writes fail with 1011).
+		c.readPaused.Store(true)
+		defer c.readPaused.Store(false)
+		select {
+		case c.reflectSem <- struct{}{}:
+			c.lastRead.Store(time.Now().UnixNano())
+		case <-c.closing:
+			return nil
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
 	}
 	c.srv.metrics.reflects.WithLabelValues(reflectKind(r)).Inc()
 	if err := c.group.submitReflect(c, r); err != nil {

@@ -518,6 +518,9 @@ func (c *deviceConn) startIdleTimer() *time.Timer {
 	var t *time.Timer
 	t = time.AfterFunc(idle, func() {
 		since := time.Since(time.Unix(0, c.lastRead.Load()))
+		if c.readPaused.Load() {
+			since = 0 // the server is not reading, not the device silent
+		}
 		if since >= idle {
 			c.closeWith(d2m.CloseIdleTimeout, errIdleTimeout)
 			return

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -38,6 +39,25 @@ type faultyStore struct {
 	failAppend atomic.Bool
 	failAll    atomic.Bool
 	failed     atomic.Int64
+
+	// stall holds every Append until release (a database that stopped
+	// answering).
+	stallMu sync.Mutex
+	stall   bool
+	held    []func()
+}
+
+// setStall holds Appends (true) or submits the held ones, in order, and
+// lets the next ones through (false).
+func (s *faultyStore) setStall(on bool) {
+	s.stallMu.Lock()
+	s.stall = on
+	held := s.held
+	s.held = nil
+	s.stallMu.Unlock()
+	for _, f := range held {
+		f()
+	}
 }
 
 func (s *faultyStore) failLater(done func(error)) {
@@ -62,6 +82,13 @@ func (s *faultyStore) Append(r reflection.AppendRequest, done func(reflection.Ap
 		s.failAppendLater(done)
 		return
 	}
+	s.stallMu.Lock()
+	if s.stall {
+		s.held = append(s.held, func() { s.Store.Append(r, done) })
+		s.stallMu.Unlock()
+		return
+	}
+	s.stallMu.Unlock()
 	s.Store.Append(r, done)
 }
 
@@ -473,5 +500,39 @@ func TestStoreFullDisk(t *testing.T) {
 	srv.Close()
 	if err := reflection.Check(srv.DBPath); err != nil {
 		t.Fatalf("check after a full disk: %v", err)
+	}
+}
+
+// TestStoreStallIsNotIdle: a device whose Reflect window is full because
+// the store has not answered is not read meanwhile; that silence is the
+// server's, so the idle timeout does not close it with 4013 ("client
+// idle"). Once the store answers, every reflection is acked, and a device
+// that then really goes quiet is closed with 4013 as before. (Found by
+// TestFaultPostgresPrimaryBlackhole: behind a silent database, busy
+// writers were closed with 4013 before their commits failed with 1011.)
+func TestStoreStallIsNotIdle(t *testing.T) {
+	idle := 300 * time.Millisecond
+	srv, fs := newFaultyServer(t, mediator.Config{IdleTimeout: idle, ReflectWindow: 4})
+	keys := newKeys()
+	a, _ := readyDevice(t, srv.URL, keys, 1)
+	fs.setStall(true)
+	var ids []uint32
+	for i := range 10 {
+		id, err := a.Reflect(tctx(t, time.Second), []byte(fmt.Sprintf("stalled-%d", i)), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	a.expectSilence(4 * idle) // no 4013 while the server does not read
+	fs.setStall(false)
+	for _, id := range ids {
+		m := a.next()
+		if ack, _ := d2m.DecodeReflectAck(m.Payload); m.Type != d2m.TypeReflectAck || ack.ID != id {
+			t.Fatalf("got %v, want ReflectAck %d", m.Type, id)
+		}
+	}
+	if code := a.CloseCode(tctx(t, 5*time.Second)); code != int(d2m.CloseIdleTimeout) {
+		t.Fatalf("quiet device after the stall: close %d, want 4013", code)
 	}
 }
