@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,9 +39,9 @@ type Options struct {
 	// standby: acks then mean "on the primary's disk" only.
 	AllowAsync bool
 	// StatementTimeout bounds every statement on the server (5s;
-	// statement_timeout in the DSN takes precedence); a commit batch
-	// gives up after twice that (the wait for the synchronous standby is
-	// not a statement PostgreSQL times out).
+	// statement_timeout in the DSN takes precedence, here too); a commit
+	// batch gives up after twice that (the wait for the synchronous
+	// standby is not a statement PostgreSQL times out), a read after it.
 	StatementTimeout time.Duration
 	// MaxConns bounds the connection pool (16; pool_max_conns in the
 	// DSN takes precedence).
@@ -135,8 +136,14 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 		cfg.MaxConns = opts.MaxConns
 	}
 	rp := cfg.ConnConfig.RuntimeParams
-	if _, ok := rp["statement_timeout"]; !ok {
+	if v, ok := rp["statement_timeout"]; !ok {
 		rp["statement_timeout"] = fmt.Sprint(opts.StatementTimeout.Milliseconds())
+	} else if d, ok := pgDuration(v); ok && d > 0 {
+		// The DSN's value bounds the node's own waits too (a commit
+		// batch, a read): otherwise a database that stops answering
+		// would hold writers for the default's 10 s, not the 2 × the
+		// DSN's timeout an operator who set it expects.
+		opts.StatementTimeout = d
 	}
 	// A node stopped (SIGSTOP, a VM pause) in the middle of a claim's
 	// transaction would keep the shard's row locked, and so every other
@@ -432,3 +439,28 @@ func (s *Store) ensureClaimed(shard byte) (bool, error) {
 }
 
 func i64(d reflection.DeviceID) int64 { return int64(d) }
+
+// pgDuration parses a PostgreSQL time setting as statement_timeout takes
+// it: an integer of milliseconds, or a number with one of PostgreSQL's
+// units (us, ms, s, min, h, d).
+func pgDuration(v string) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	i := 0
+	for i < len(v) && (v[i] >= '0' && v[i] <= '9') {
+		i++
+	}
+	if i == 0 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v[:i], 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	unit := map[string]time.Duration{"": time.Millisecond, "us": time.Microsecond, "ms": time.Millisecond,
+		"s": time.Second, "min": time.Minute, "h": time.Hour, "d": 24 * time.Hour}
+	u, ok := unit[strings.TrimSpace(v[i:])]
+	if !ok {
+		return 0, false
+	}
+	return time.Duration(n) * u, true
+}
