@@ -35,6 +35,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"d2m-mediator/internal/faultproxy"
 )
 
 // standbyName is the standby's application_name, the name the primary's
@@ -58,12 +60,20 @@ type Options struct {
 	// 'FIRST 1 (standby1)' and synchronous_commit = on. While the standby
 	// is down, commits on the primary block until it is back.
 	Standby bool
+	// ReplicationProxy puts a fault proxy (package faultproxy) between
+	// the standby and the primary: the standby's primary_conninfo names
+	// the proxy, so Cluster.Replication can cut or slow replication
+	// while both servers run.
+	ReplicationProxy bool
 }
 
 // Cluster is a primary and, with Options.Standby, its synchronous standby.
 type Cluster struct {
 	Primary *Server
 	Standby *Server // nil without Options.Standby
+	// Replication is the proxy the standby reaches the primary through
+	// (Options.ReplicationProxy), nil otherwise.
+	Replication *faultproxy.Proxy
 
 	env *env
 	dir string // parent of both servers' directories; removed by close
@@ -333,11 +343,21 @@ func startCluster(e *env, o Options) (c *Cluster, err error) {
 		return c, err
 	}
 	c.Standby = s
+	upstream := fmt.Sprintf("host=127.0.0.1 port=%d", p.port)
+	if o.ReplicationProxy {
+		rp, err := faultproxy.Start(fmt.Sprintf("127.0.0.1:%d", p.port))
+		if err != nil {
+			return c, err
+		}
+		c.Replication = rp
+		host, port, _ := net.SplitHostPort(rp.Addr())
+		upstream = fmt.Sprintf("host=%s port=%s", host, port)
+	}
 	// -C -S: a replication slot keeps the WAL the standby has not got yet,
 	// however long it is down. -R: standby.signal and primary_conninfo,
 	// which carries application_name, the name the primary waits for.
 	if err := e.run(s.dir, "pg_basebackup", "-D", s.dataDir,
-		"-d", fmt.Sprintf("host=127.0.0.1 port=%d user=postgres application_name=%s", p.port, standbyName),
+		"-d", fmt.Sprintf("%s user=postgres application_name=%s", upstream, standbyName),
 		"-C", "-S", standbyName, "-R", "-X", "stream", "-c", "fast", "--no-sync"); err != nil {
 		return c, err
 	}
@@ -385,6 +405,9 @@ func (c *Cluster) close() {
 		if s != nil {
 			_ = s.stop()
 		}
+	}
+	if c.Replication != nil {
+		c.Replication.Close()
 	}
 	_ = os.RemoveAll(c.dir)
 }
