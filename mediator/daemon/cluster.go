@@ -170,6 +170,10 @@ func (d *Daemon) joinCluster(cc ClusterConfig, s *mediator.Server, p *placement,
 	if adminAdvertise == "" && d.AdminAddr != nil {
 		adminAdvertise = defaultAdminAdvertise(advertise, d.AdminAddr)
 	}
+	d.transferIdle = cc.TransferIdleTimeout
+	if d.transferIdle <= 0 {
+		d.transferIdle = DefaultTransferIdleTimeout
+	}
 	hooks := newMoveHooks(d)
 	events := newEventLog(d, s, hooks)
 	plannedMoves := prometheus.NewCounterVec(prometheus.CounterOpts{

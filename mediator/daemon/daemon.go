@@ -105,6 +105,10 @@ type Daemon struct {
 	bg        sync.WaitGroup // background work: shard exports
 	closeOnce sync.Once
 	closeErr  error
+
+	// transferIdle bounds how long a shard transfer this node receives
+	// may make no progress (ClusterConfig.TransferIdleTimeout).
+	transferIdle time.Duration
 }
 
 // ErrLocked is returned by Start when another process holds the database.

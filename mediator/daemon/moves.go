@@ -340,7 +340,8 @@ func (d *Daemon) receiveHandler(next http.Handler) http.Handler {
 		// trailer, is checked first.
 		h := sha256.New()
 		var buf bytes.Buffer
-		if _, err := buf.ReadFrom(io.TeeReader(r.Body, h)); err != nil {
+		body := idleBody{r: r.Body, rc: http.NewResponseController(w), timeout: d.transferIdle}
+		if _, err := buf.ReadFrom(io.TeeReader(body, h)); err != nil {
 			http.Error(w, "reading the shard: "+err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -360,6 +361,22 @@ func (d *Daemon) receiveHandler(next http.Handler) http.Handler {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
+}
+
+// idleBody fails a read of a transfer's body that makes no progress for
+// timeout, as idleConn does on the donor's side: a donor gone silent (a
+// network blackhole, where no FIN or RST ever arrives) frees the handler
+// in a bounded time instead of when the link comes back, if ever. (Found
+// by TestFaultTransferBlackhole in integration/cluster.)
+type idleBody struct {
+	r       io.Reader
+	rc      *http.ResponseController
+	timeout time.Duration
+}
+
+func (b idleBody) Read(p []byte) (int, error) {
+	b.rc.SetReadDeadline(time.Now().Add(b.timeout))
+	return b.r.Read(p)
 }
 
 func cutPrefix(s, prefix string) (string, bool) {

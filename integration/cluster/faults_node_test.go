@@ -1,0 +1,119 @@
+package cluster
+
+import (
+	"fmt"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"d2m-mediator/cluster"
+	"d2m-mediator/d2d"
+	"d2m-mediator/internal/faultproxy"
+	"d2m-mediator/mediator/adminapi"
+)
+
+// goroutinesIn counts the goroutines whose stack contains fn.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, fn) {
+			n++
+		}
+	}
+	return n
+}
+
+// groupsInShard returns n groups of shard s.
+func groupsInShard(s byte, n int) []d2d.Keys {
+	var out []d2d.Keys
+	for len(out) < n {
+		if k := d2d.DeriveKeys(d2d.NewDeviceGroupKey()); k.DeviceGroupID()[0] == s {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// TestFaultTransferBlackhole: the link to a move's recipient (its
+// advertise address) blackholed while the donor streams a shard holding
+// 10,000 queued entries, under load. The donor's transfer makes no
+// progress, fails after the transfer idle timeout (1 s here, 30 s by
+// default) and the move aborts: within TransferIdleTimeout + 1 s of the
+// cut. The donor serves the shard again at once (its writes were frozen
+// meanwhile), the recipient frees its half of the transfer within the
+// same idle timeout although the link stays silent, nothing is lost, and
+// after the heal a retry of the move succeeds.
+func TestFaultTransferBlackhole(t *testing.T) {
+	nodes := startFaultCluster(t, faultOpts{}, "f1", "f2")
+	donor, recipient := nodes[0], nodes[1]
+	k := groupsOwnedBy(t, donor, 1)[0]
+	shard := k.DeviceGroupID()[0]
+	queued := fillQueue(t, donor.d.DeviceURL, k, 2, 3, 10000)
+	before := mediatorGoroutines()
+	l := startFaultLoad(t, groupsInShard(shard, 3), donor.d.DeviceURL, 50*time.Millisecond, func(d *fdev, attempt int) string {
+		return nodes[attempt%2].d.DeviceURL
+	})
+	waitUntil(t, 10*time.Second, "every device acked", func() bool { return l.ackedSince(time.Time{}) })
+
+	// Slow enough that the cut lands in the middle of the stream.
+	recipient.peer.Bandwidth(faultproxy.Up, 64<<10)
+	type result struct {
+		code int
+		raw  string
+		at   time.Time
+	}
+	done := make(chan result, 1)
+	go func() {
+		var raw string
+		code := donor.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, recipient.id), &raw)
+		done <- result{code, raw, time.Now()}
+	}()
+	waitUntil(t, 10*time.Second, "the transfer under way", func() bool { return recipient.peer.Bytes(faultproxy.Up) > 16<<10 })
+	cut := time.Now()
+	recipient.peer.Blackhole(true)
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the move did not end within 30 s of the cut")
+	}
+	took := res.at.Sub(cut)
+	t.Logf("(d) the move ended %v after the cut (transfer idle timeout %v): %d %s", took.Round(time.Millisecond), faultTransferIdle, res.code, strings.TrimSpace(res.raw))
+	if res.code == 200 {
+		t.Fatalf("the move succeeded through a blackholed link: %s", res.raw)
+	}
+	if !strings.Contains(res.raw, "aborted") {
+		t.Errorf("move answer %d %s, want an aborted move", res.code, res.raw)
+	}
+	if took > faultTransferIdle+time.Second {
+		t.Errorf("(d) the move aborted %v after the cut, want within the transfer idle timeout + 1 s (%v)", took, faultTransferIdle+time.Second)
+	}
+	// The donor serves the shard again.
+	waitUntil(t, 5*time.Second, "the donor acking for the shard again", func() bool {
+		return donor.d.Cluster.MayAck(cluster.Shard(shard)) && donor.d.Cluster.Status(cluster.Shard(shard)).Phase == cluster.PhaseServing
+	})
+	aborted := time.Now()
+	waitUntil(t, 10*time.Second, "every device acked after the abort", func() bool { return l.ackedSince(aborted) })
+	// The recipient's half of the transfer ends too, though the link is
+	// still silent.
+	waitUntil(t, faultTransferIdle+2*time.Second, "the recipient to give up the silent transfer", func() bool {
+		return goroutinesIn("receiveHandler.func") == 0
+	})
+	t.Logf("(e) the recipient freed its half of the transfer %v after the cut, the link still blackholed", time.Since(cut).Round(time.Millisecond))
+
+	healed := time.Now()
+	recipient.peer.Heal()
+	var mr adminapi.MoveResult
+	if code := donor.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, recipient.id), &mr); code != 200 {
+		t.Fatalf("retry of the move after the heal: %d %+v", code, mr)
+	}
+	t.Logf("(d) the retry after the heal moved the shard in %.0f ms", mr.Seconds*1000)
+	_ = healed
+	time.Sleep(500 * time.Millisecond) // load on the new owner
+	l.stopAndCheck(t, recipient.d.DeviceURL, 1001)
+	sameStrings(t, "the offline device's queue after the aborted move and the retry", drainQueue(t, recipient.d.DeviceURL, k, 3), queued)
+	checkNothingLeft(t, before, nodes, donor.peer, recipient.peer)
+}
