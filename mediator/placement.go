@@ -1,12 +1,10 @@
 package mediator
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -210,7 +208,7 @@ func (s *Server) awaitSettled(ctx context.Context, shard byte, rt Route) Route {
 // byte for byte in both directions, after replaying the upgrade request
 // with ForwardedHeader added (like DERP's mesh: one hop, no parsing of
 // d2m frames). The copy runs on a goroutine the server counts; Shutdown
-// closes both sockets.
+// closes both sockets, and a silent owner or device ends it (forward.go).
 func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops int) {
 	up, err := s.dialOwner(r.Context(), rt)
 	if err != nil {
@@ -247,7 +245,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops 
 		up.Close()
 		return
 	}
-	f := &forwarded{down: down, up: up}
+	f := s.newForwarded(down, up) // forward.go
 	if !s.trackForward(f) {
 		f.close()
 		return
@@ -285,33 +283,6 @@ func (s *Server) dialOwner(ctx context.Context, rt Route) (net.Conn, error) {
 
 // forwardDialTimeout bounds connecting to the owner (TCP and TLS).
 const forwardDialTimeout = 5 * time.Second
-
-// forwarded is one device connection copied to its owner node.
-type forwarded struct {
-	down, up net.Conn
-}
-
-// copy runs both directions until either side ends, then closes both.
-// The device side is read through the HTTP server's reader, which may hold
-// bytes the device sent right behind its upgrade request.
-func (f *forwarded) copy(fromDevice *bufio.Reader, toOwner, toDevice func(float64)) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		n, _ := io.Copy(f.up, fromDevice)
-		toOwner(float64(n))
-		f.close()
-	}()
-	n, _ := io.Copy(f.down, f.up)
-	toDevice(float64(n))
-	f.close()
-	<-done
-}
-
-func (f *forwarded) close() {
-	f.down.Close()
-	f.up.Close()
-}
 
 func (s *Server) trackForward(f *forwarded) bool {
 	s.mu.Lock()
