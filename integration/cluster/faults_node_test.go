@@ -117,3 +117,70 @@ func TestFaultTransferBlackhole(t *testing.T) {
 	sameStrings(t, "the offline device's queue after the aborted move and the retry", drainQueue(t, recipient.d.DeviceURL, k, 3), queued)
 	checkNothingLeft(t, before, nodes, donor.peer, recipient.peer)
 }
+
+// TestFaultForwardHop: devices forwarded by one node to the owner of
+// their shards, and the hop between the two nodes reset, then
+// blackholed. Reset: the forwarding node closes every device with 1001
+// at once (within 500 ms) and they land on the owner at their first
+// reconnect. Blackholed: the forwarding node closes them with 1001 within
+// the idle timeout + 1 s (forwardGrace), the owner frees its side within
+// its idle timeout and the close handshake's 5 s, and after the heal the
+// devices land on the owner again; nothing acked is lost throughout.
+func TestFaultForwardHop(t *testing.T) {
+	nodes := startFaultCluster(t, faultOpts{}, "f1", "f2")
+	fwd, owner := nodes[0], nodes[1]
+	groups := groupsOwnedBy(t, owner, 3)
+	before := mediatorGoroutines()
+	l := startFaultLoad(t, groups, fwd.d.DeviceURL, 50*time.Millisecond, func(d *fdev, attempt int) string {
+		return fwd.d.DeviceURL
+	})
+	waitUntil(t, 10*time.Second, "every device acked", func() bool { return l.ackedSince(time.Time{}) })
+
+	reset := time.Now()
+	if n := owner.peer.Reset(); n < len(l.devices) {
+		t.Fatalf("reset %d connections on the hop, want at least %d", n, len(l.devices))
+	}
+	waitUntil(t, 5*time.Second, "every forwarded device closed after the reset", func() bool {
+		return len(l.closedAfter(reset)) == len(l.devices)
+	})
+	var worst time.Duration
+	for d, s := range l.closedAfter(reset) {
+		if s.code != 1001 {
+			t.Errorf("(d) reset hop: device %d closed with %d, want 1001", d.id, s.code)
+		}
+		worst = max(worst, s.end.Sub(reset))
+	}
+	if worst > 500*time.Millisecond {
+		t.Errorf("(d) reset hop: devices closed up to %v after the reset, want within 500 ms", worst)
+	}
+	waitUntil(t, 10*time.Second, "every device acked again after the reset", func() bool { return l.ackedSince(reset) })
+	t.Logf("(d) reset hop: every device closed with 1001 within %v, acked by the owner again within %v", worst.Round(time.Millisecond), time.Since(reset).Round(time.Millisecond))
+
+	cut := time.Now()
+	owner.peer.Blackhole(true)
+	bound := faultIdle + time.Second + 500*time.Millisecond
+	waitUntil(t, 3*bound, "every forwarded device closed while the hop is silent", func() bool {
+		return len(l.closedAfter(cut)) == len(l.devices)
+	})
+	worst = 0
+	for d, s := range l.closedAfter(cut) {
+		if s.code != 1001 {
+			t.Errorf("(d) blackholed hop: device %d closed with %d, want 1001", d.id, s.code)
+		}
+		worst = max(worst, s.end.Sub(cut))
+	}
+	t.Logf("(d) blackholed hop: every device closed with 1001 within %v (idle timeout %v + 1 s)", worst.Round(time.Millisecond), faultIdle)
+	if worst > bound {
+		t.Errorf("(d) blackholed hop: devices closed up to %v after the cut, want within %v", worst, bound)
+	}
+	waitUntil(t, faultIdle+7*time.Second, "the owner to free the connections it can no longer reach", func() bool { return openConns(owner.mediatorNode) == 0 })
+	t.Logf("(e) the owner freed its side %v after the cut", time.Since(cut).Round(time.Millisecond))
+	time.Sleep(time.Until(cut.Add(2 * faultIdle))) // the blackhole's length, not an order
+	healed := time.Now()
+	owner.peer.Heal()
+	waitUntil(t, 15*time.Second, "every device acked again after the heal", func() bool { return l.ackedSince(healed) })
+	t.Logf("(d) after the heal every device was acked by the owner again within %v", time.Since(healed).Round(time.Millisecond))
+	time.Sleep(300 * time.Millisecond) // load after the heal
+	l.stopAndCheck(t, owner.d.DeviceURL, 1001)
+	checkNothingLeft(t, before, nodes, fwd.peer, owner.peer)
+}
