@@ -229,3 +229,84 @@ func testFaultEtcdBlackhole(t *testing.T, postgres bool) {
 	l.stopAndCheck(t, others[0].d.DeviceURL, 1001)
 	checkNothingLeft(t, before, nodes, others[0].peer, others[1].peer, v.peer)
 }
+
+// TestFaultEtcdLatency: latency added on every link between the owner of
+// four loaded shards and etcd. +250 ms each way (500 ms on the round
+// trip, below TTL/3 = 667 ms) for 3 × TTL: the fence never lapses (the
+// keepalive goes every TTL/3 and its reply comes well before last send +
+// TTL − TTL/5), no ack is withheld, no device is closed. +750 ms each way
+// (1.5 s round trip, above TTL/3) for 2 × TTL: keepalive replies come too
+// late for the fence, which closes cleanly: acks are withheld, devices
+// are closed with 1001, and no ack arrives past the deadline in force;
+// once the latency is gone, acks resume.
+func TestFaultEtcdLatency(t *testing.T) {
+	nodes := startFaultCluster(t, faultOpts{}, "f1", "f2")
+	v, other := nodes[0], nodes[1]
+	groups := groupsOwnedBy(t, v, 4)
+	shards := shardsOf(groups)
+	before := mediatorGoroutines()
+	fl := sampleFence(v)
+	defer fl.close()
+	l := startFaultLoad(t, groups, v.d.DeviceURL, 50*time.Millisecond, func(d *fdev, attempt int) string {
+		return v.d.DeviceURL
+	})
+	waitUntil(t, 10*time.Second, "every device acked", func() bool { return l.ackedSince(time.Time{}) })
+
+	// Watch MayAck closely while the latency is on.
+	var lapses sync.Map
+	watch := func(until time.Time) {
+		for time.Now().Before(until) {
+			for _, s := range shards {
+				if !v.d.Cluster.MayAck(cluster.Shard(s)) {
+					lapses.Store(time.Now(), s)
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	refusals := counter(v.mediatorNode, "mediator_cluster_fence_refusals_total")
+	start := time.Now()
+	v.etcdLatency(250 * time.Millisecond)
+	watch(start.Add(3 * ttl))
+	n := 0
+	lapses.Range(func(k, _ any) bool { n++; return true })
+	if n > 0 {
+		t.Errorf("(d) +500 ms round trip: the fence lapsed %d times", n)
+	}
+	if got := counter(v.mediatorNode, "mediator_cluster_fence_refusals_total") - refusals; got != 0 {
+		t.Errorf("(d) +500 ms round trip: %v acks withheld", got)
+	}
+	if c := l.closedAfter(start); len(c) > 0 {
+		t.Errorf("(d) +500 ms round trip: %d devices closed", len(c))
+	}
+	t.Logf("(d) +500 ms on the etcd round trip for %v: no fence lapse, no ack withheld, no device closed", 3*ttl)
+
+	slow := time.Now()
+	v.etcdLatency(750 * time.Millisecond)
+	watch(slow.Add(2 * ttl))
+	lapsed := 0
+	lapses.Range(func(k, _ any) bool { lapsed++; return true })
+	withheld := counter(v.mediatorNode, "mediator_cluster_fence_refusals_total") - refusals
+	closed := l.closedAfter(slow)
+	for d, s := range closed {
+		if s.code != 1001 {
+			t.Errorf("(d) +1.5 s round trip: device %d closed with %d, want 1001", d.id, s.code)
+		}
+	}
+	t.Logf("(d) +1.5 s on the etcd round trip for %v: the fence lapsed (%d samples), %v acks withheld, %d devices closed with 1001", 2*ttl, lapsed, withheld, len(closed))
+	if lapsed == 0 || withheld == 0 || len(closed) == 0 {
+		t.Errorf("(d) +1.5 s round trip: the fence did not close (lapses %d, withheld %v, closed %d)", lapsed, withheld, len(closed))
+	}
+	healed := time.Now()
+	v.etcdLatency(0)
+	waitUntil(t, 10*time.Second, "every device acked again after the latency is gone", func() bool { return l.ackedSince(healed.Add(1500 * time.Millisecond)) })
+	t.Logf("(d) latency gone: every device acked again within %v", time.Since(healed).Round(time.Millisecond))
+	checkAcksWithinFence(t, l, v, fl, start, time.Now())
+	for _, s := range shards {
+		if owner, _, _, _ := other.d.Cluster.Owner(cluster.Shard(s)); owner != v.id {
+			t.Errorf("shard %02x moved to %q: the lease should have survived the latency", s, owner)
+		}
+	}
+	l.stopAndCheck(t, v.d.DeviceURL, 1001)
+	checkNothingLeft(t, before, nodes, v.peer, other.peer)
+}

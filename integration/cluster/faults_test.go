@@ -636,7 +636,7 @@ func checkAcksWithinFence(t *testing.T, l *fload, node *faultNode, fl *fenceLog,
 				node.id, a.env, a.sent.Format("15:04:05.000"), a.recv.Format("15:04:05.000"), late, until.Format("15:04:05.000"))
 		}
 	}
-	t.Logf("(c): %d acks of %s checked against its fence; the latest came %v before its deadline", n, node.id, -worst)
+	t.Logf("(c): %d acks of %s checked against its fence; the latest arrived %v after the deadline in force (tolerance %v)", n, node.id, worst, fenceTolerance)
 	return worst
 }
 
