@@ -12,7 +12,7 @@ LDFLAGS       := -ldflags '-X main.revision=$(REVISION)'
 
 STATICCHECK   := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build run cluster test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-prod bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
+.PHONY: all build run cluster soak test test-cluster test-short vet fmt-check staticcheck proto proto-check fuzz bench bench-full bench-prod bench-store bench-smoke bench-postgres crashtest crashtest-cluster deploy-check clean
 
 all: build
 
@@ -106,6 +106,18 @@ crashtest: ## long SIGKILL crash loop, then 50 power cuts (needs FUSE: root and 
 
 crashtest-cluster: ## 50 rounds of SIGKILL to a node of 3 on one PostgreSQL database under load (needs the Debian package postgresql)
 	cd $(CLUSTER_TESTS) && CRASH_CLUSTER_ROUNDS=50 $(GO) test -count=1 -timeout=60m -run 'TestPostgresSIGKILLUnderLoad' -v .
+
+# soak runs three `mediator serve` processes and three etcd members under a
+# mixed workload with moves every minute, a drain and undrain every 15
+# minutes and a SIGKILL every 10, first with bbolt, then with PostgreSQL
+# (SOAK each; SOAK_STORE=bbolt or postgres for one); it samples the nodes'
+# resources every 30 s and ends with the delivery and slope checks
+# (integration/cluster/soak_test.go). Samples, plots and summaries go to
+# SOAK_OUT. Not in CI.
+SOAK      ?= 60m
+SOAK_OUT  ?= $(CURDIR)/docs/soak
+soak: ## SOAK (60m) with bbolt, then SOAK with PostgreSQL: resource slopes, delivery check, plots in docs/soak/
+	cd $(CLUSTER_TESTS) && SOAK=$(SOAK) SOAK_OUT=$(SOAK_OUT) $(GO) test -count=1 -timeout=0 -run 'TestSoak' -v .
 
 # deploy-check checks deploy/ with the tools that read those files
 # (systemd-analyze, nginx, haproxy, caddy, promtool; Debian packages

@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"path/filepath"
@@ -206,6 +207,9 @@ type fdev struct {
 	keys d2d.Keys
 	id   uint64
 	dial func(attempt int) string // the URL for a connection attempt
+	// churn: sessions end after a random 0.5–1.5 × sessionFor, followed
+	// by a random pause of up to pauseFor (0: sessions last).
+	sessionFor, pauseFor time.Duration
 
 	mu       sync.Mutex
 	sessions []*fsession
@@ -274,6 +278,12 @@ func (d *fdev) run(ctx context.Context, every time.Duration) {
 		s.code, s.end = code, time.Now()
 		d.mu.Unlock()
 		c.CloseNow()
+		if d.pauseFor > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(rand.N(d.pauseFor)):
+			}
+		}
 	}
 }
 
@@ -287,6 +297,12 @@ func (d *fdev) session(ctx context.Context, c *d2mclient.Client, s *fsession, ev
 	sent := map[uint32]pending{}
 	tick := time.NewTicker(every)
 	defer tick.Stop()
+	var end <-chan time.Time
+	if d.sessionFor > 0 {
+		t := time.NewTimer(d.sessionFor/2 + rand.N(d.sessionFor))
+		defer t.Stop()
+		end = t.C
+	}
 	msgs := make(chan d2mclient.Message, 64)
 	go func() {
 		defer close(msgs)
@@ -301,6 +317,11 @@ func (d *fdev) session(ctx context.Context, c *d2mclient.Client, s *fsession, ev
 	for {
 		select {
 		case <-ctx.Done():
+			c.Close()
+			for range msgs {
+			}
+			return 0
+		case <-end:
 			c.Close()
 			for range msgs {
 			}
@@ -475,14 +496,29 @@ func (l *fload) stopAndCheck(t *testing.T, url string, allowed ...int) {
 					break
 				}
 			}
+			idOf := make(map[string]uint32, len(d.ids))
+			for id, env := range d.ids {
+				if old, ok := idOf[env]; !ok || id < old {
+					idOf[env] = id
+				}
+			}
 			for _, o := range ds {
 				if o == d {
 					continue
 				}
-				for _, env := range o.acked {
+				var last uint32
+				for i, env := range o.acked {
 					total++
 					if !d.received[env] {
 						t.Errorf("group %d: %q acked to device %d never reached device %d", gi, env, o.id, d.id)
+						continue
+					}
+					// In order: device o's acked reflections carry
+					// increasing Reflected ids at d.
+					if id := idOf[env]; i > 0 && id <= last {
+						t.Errorf("group %d: %q acked to device %d reached device %d as id %d, after id %d", gi, env, o.id, d.id, id, last)
+					} else {
+						last = id
 					}
 				}
 			}
