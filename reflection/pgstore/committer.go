@@ -43,7 +43,10 @@ func (s *Store) run() {
 					r.complete(nil)
 				}
 			} else {
-				_ = s.commitBatch(batch, s.flushDue())
+				unanswered := len(s.unsettled)
+				if err := s.commitBatch(batch, s.flushDue()); err != nil && len(s.unsettled) > unanswered {
+					s.failPending(err)
+				}
 			}
 			clear(batch)
 			continue
@@ -70,6 +73,28 @@ func (s *Store) run() {
 		} else {
 			<-s.wake
 		}
+	}
+}
+
+// failPending fails every request queued while a commit went
+// unanswered: the database has not answered for twice the statement
+// timeout, and the next batch would first have to settle that commit,
+// through the same silent link, for as long again. Their writers hear of
+// it now (1011, and they redo the writes after reconnecting) instead of
+// after two timeouts. (Found by TestFaultPostgresPrimaryBlackhole in
+// integration/cluster: writers behind a silent primary waited 4 × the
+// statement timeout.)
+func (s *Store) failPending(cause error) {
+	s.mu.Lock()
+	queued := s.pending
+	s.pending = nil
+	s.mu.Unlock()
+	if len(queued) == 0 {
+		return
+	}
+	err := fmt.Errorf("pgstore: not attempted: the database did not answer the commit before it: %w", cause)
+	for _, r := range queued {
+		r.complete(err)
 	}
 }
 
