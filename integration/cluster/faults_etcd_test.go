@@ -73,6 +73,18 @@ func (ol *ownerLog) firstPut(shard byte, after time.Time, node string) (time.Tim
 	return time.Time{}, "", false
 }
 
+// firstDelete returns when shard's owner key was first deleted after t.
+func (ol *ownerLog) firstDelete(shard byte, after time.Time) (time.Time, bool) {
+	ol.mu.Lock()
+	defer ol.mu.Unlock()
+	for _, e := range ol.evs {
+		if e.shard == shard && e.node == "" && e.at.After(after) {
+			return e.at, true
+		}
+	}
+	return time.Time{}, false
+}
+
 // TestFaultEtcdBlackholeBbolt: etcd blackholed from the owner of four
 // loaded shards for 2 × TTL, then healed, with the bbolt store. The owner
 // stops acking at its fence (last keepalive sent + TTL − TTL/5, under
@@ -151,6 +163,7 @@ func testFaultEtcdBlackhole(t *testing.T, postgres bool) {
 	if postgres {
 		// Another node serves the shards once etcd ended the lease, never
 		// before the owner's fence deadline.
+		var gone, claimed time.Duration
 		for _, s := range shards {
 			var at time.Time
 			var who string
@@ -162,7 +175,13 @@ func testFaultEtcdBlackhole(t *testing.T, postgres bool) {
 			if !at.After(deadline) {
 				t.Errorf("(c) shard %02x: %s's owner key appeared at %s, before %s's fence deadline %s", s, who, at.Format("15:04:05.000"), v.id, deadline.Format("15:04:05.000"))
 			}
+			claimed = max(claimed, at.Sub(cut))
+			if del, ok := owners.firstDelete(s, cut); ok {
+				gone = max(gone, del.Sub(cut))
+			}
 		}
+		t.Logf("(c) the owner's keys expired %v after the cut, %v after its fence deadline; the new owners' keys appeared %v after the cut",
+			gone.Round(time.Millisecond), (cut.Add(gone)).Sub(deadline).Round(time.Millisecond), claimed.Round(time.Millisecond))
 		waitUntil(t, 10*time.Second, "every device acked by the new owners", func() bool { return l.ackedSince(cut.Add(ttl)) })
 		for _, d := range l.devices {
 			first := time.Time{}
@@ -178,9 +197,16 @@ func testFaultEtcdBlackhole(t *testing.T, postgres bool) {
 			}
 			takeover = max(takeover, first.Sub(cut))
 		}
-		t.Logf("(d) takeover: every device acked by a new owner within %v of the cut (lease TTL %v)", takeover.Round(time.Millisecond), ttl)
-		if takeover > ttl+2*time.Second {
-			t.Errorf("(d) takeover took %v, want within TTL + 2 s", takeover)
+		// The bound: etcd ends the lease within TTL of the last keepalive
+		// (before the cut), the new owner claims at once; but a device
+		// that reconnected meanwhile was forwarded to the cut-off node
+		// (the others' map still named it), which holds an upgrade for a
+		// shard whose fence ran out for up to 3 s (mediator's
+		// settleWait, hoping for a late keepalive) before its 503.
+		bound := ttl + 3*time.Second + time.Second
+		t.Logf("(d) takeover: every device acked by a new owner within %v of the cut (bound TTL + settle wait 3 s + 1 s = %v)", takeover.Round(time.Millisecond), bound)
+		if takeover > bound {
+			t.Errorf("(d) takeover took %v, want within %v", takeover, bound)
 		}
 	}
 	time.Sleep(time.Until(cut.Add(2 * ttl))) // the blackhole's length, not an order

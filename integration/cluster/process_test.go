@@ -54,8 +54,9 @@ func mediatorBinary(t *testing.T) string {
 
 var (
 	sharedOnce        sync.Once
-	sharedChat        string // one stand-in chat server for every node
-	sharedTokenFile   string // one admin token file for every node
+	sharedChat        string   // one stand-in chat server for every node
+	sharedChatKey     [32]byte // its public key (CSP logins through the nodes)
+	sharedTokenFile   string   // one admin token file for every node
 	sharedPiecesError error
 )
 
@@ -80,6 +81,7 @@ func sharedPieces(t *testing.T) (chat, tokenFile string) {
 		}
 		go stub.Serve(ln)
 		sharedChat = ln.Addr().String()
+		sharedChatKey = stub.PublicKey()
 		dir, err := os.MkdirTemp("", "d2m-cluster-token-")
 		if err != nil {
 			sharedPiecesError = err

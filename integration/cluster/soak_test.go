@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +28,8 @@ import (
 	"gonum.org/v1/plot/vg/draw"
 	"gonum.org/v1/plot/vg/vgimg"
 
+	"d2m-mediator/chatproxy/csp"
+	"d2m-mediator/chatproxy/cspclient"
 	"d2m-mediator/d2d"
 	"d2m-mediator/d2m"
 	"d2m-mediator/d2m/d2mclient"
@@ -200,8 +203,9 @@ func runSoak(t *testing.T, store string, dur time.Duration, out string) {
 
 	// The workload: 20 groups × 3 devices reflecting every 250 ms, 10
 	// groups × 2 churning devices (sessions of ~20 s, pauses up to 10 s,
-	// reflecting every 500 ms), 60 idle single-device groups asking for
-	// their devices info every 30 s. All dial any live node.
+	// reflecting every 500 ms), 40 idle single-device groups asking for
+	// their devices info every 30 s, 20 single-device groups logged in to
+	// the chat server (CSP) through the node, with an echo every 10 s. All dial any live node.
 	pick := func(d *fdev, attempt int) string {
 		us := sc.urls()
 		if len(us) == 0 {
@@ -227,10 +231,21 @@ func runSoak(t *testing.T, store string, dur time.Duration, out string) {
 		}
 	}
 	var idleWG sync.WaitGroup
-	for range 60 {
+	for range 40 {
 		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
 		idleWG.Add(1)
 		go func() { defer idleWG.Done(); runIdleDevice(ctx, k, sc.urls) }()
+	}
+	var csps cspStats
+	runID := fmt.Sprintf("%c%c", 'A'+rand.N(26), 'A'+rand.N(26))
+	for i := range 20 {
+		k := d2d.DeriveKeys(d2d.NewDeviceGroupKey())
+		ident, err := cspclient.NewIdentity(fmt.Sprintf("%s%06d", runID, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		idleWG.Add(1)
+		go func() { defer idleWG.Done(); runCSPDevice(ctx, k, ident, sc.urls, &csps) }()
 	}
 
 	start := time.Now()
@@ -386,6 +401,8 @@ func runSoak(t *testing.T, store string, dur time.Duration, out string) {
 		}
 		fmt.Fprintf(&report, "  %-12s mean %10.1f  growth %+10.1f  bound %10.1f  %s\n", name, mean, growth, limit, verdict)
 	}
+	fmt.Fprintf(&report, "CSP devices (20, echo every 10 s through the mediator to the chat server): %d logins, %d echoes answered within 10 s, %d not (reconnected)\n",
+		csps.logins.Load(), csps.answered.Load(), csps.lost.Load())
 	fmt.Fprintf(&report, "delivery check: every acked reflection delivered, in order, ids consecutive (%d steady and %d churning devices)\n", len(l.devices), len(churn.devices))
 	t.Log("\n" + report.String())
 	base := filepath.Join(out, "soak-"+store)
@@ -468,6 +485,79 @@ func runIdleDevice(ctx context.Context, k d2d.Keys, urls func() []string) {
 		}
 		tick.Stop()
 		c.CloseNow()
+	}
+}
+
+// cspStats counts what the soak's CSP devices saw.
+type cspStats struct {
+	logins, answered, lost atomic.Int64
+}
+
+// runCSPDevice keeps one device logged in to the chat server through any
+// live node (docs/protocol.md §9), sending an echo-request every 10 s and
+// reconnecting when no echo-response comes within 10 s or the connection
+// ends, as the apps do (§9.5).
+func runCSPDevice(ctx context.Context, k d2d.Keys, ident cspclient.Identity, urls func() []string, st *cspStats) {
+	for i := 0; ctx.Err() == nil; i++ {
+		us := urls()
+		if len(us) == 0 {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		cspSession(ctx, k, ident, us[i%len(us)], st)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func cspSession(ctx context.Context, k d2d.Keys, ident cspclient.Identity, url string, st *cspStats) {
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := d2mclient.Dial(dctx, d2mclient.Config{URL: url, Keys: k, DeviceID: 1,
+		ExpirationPolicy: d2mpb.DeviceSlotExpirationPolicy_PERSISTENT})
+	if err != nil {
+		return
+	}
+	defer c.CloseNow()
+	cl, err := cspclient.Login(dctx, d2mclient.Transport{C: c.Conn}, ident, sharedChatKey, cspclient.LoginOptions{ClientInfo: "soak"})
+	if err != nil {
+		return
+	}
+	if cl.Unblock() != nil {
+		return
+	}
+	if _, err := cl.RecvType(dctx, csp.QueueSendComplete); err != nil {
+		return
+	}
+	st.logins.Add(1)
+	go func() { // the device's own d2m messages (leader role, queue dry): read and dropped
+		for {
+			if _, err := c.Recv(ctx); err != nil {
+				return
+			}
+		}
+	}()
+	for n := 0; ctx.Err() == nil; n++ {
+		if cl.Echo([]byte(fmt.Sprint(n))) != nil {
+			return
+		}
+		ectx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := cl.RecvType(ectx, csp.EchoResponse)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				st.lost.Add(1)
+			}
+			return
+		}
+		st.answered.Add(1)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
 	}
 }
 
