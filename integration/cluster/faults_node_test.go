@@ -45,7 +45,8 @@ func groupsInShard(s byte, n int) []d2d.Keys {
 // cut. The donor serves the shard again at once (its writes were frozen
 // meanwhile), the recipient frees its half of the transfer within the
 // same idle timeout although the link stays silent, nothing is lost, and
-// after the heal a retry of the move succeeds.
+// after the heal a retry of the move succeeds over the same link with
+// 50 ms of latency each way.
 func TestFaultTransferBlackhole(t *testing.T) {
 	nodes := startFaultCluster(t, faultOpts{}, "f1", "f2")
 	donor, recipient := nodes[0], nodes[1]
@@ -104,14 +105,14 @@ func TestFaultTransferBlackhole(t *testing.T) {
 	})
 	t.Logf("(e) the recipient freed its half of the transfer %v after the cut, the link still blackholed", time.Since(cut).Round(time.Millisecond))
 
-	healed := time.Now()
+	// Healed, but slow: +50 ms each way on the recipient's link.
 	recipient.peer.Heal()
+	recipient.peer.Latency(faultproxy.Both, 50*time.Millisecond)
 	var mr adminapi.MoveResult
 	if code := donor.admin(t, "POST", fmt.Sprintf("/api/v1/cluster/shards/%02x/move?to=%s", shard, recipient.id), &mr); code != 200 {
 		t.Fatalf("retry of the move after the heal: %d %+v", code, mr)
 	}
-	t.Logf("(d) the retry after the heal moved the shard in %.0f ms", mr.Seconds*1000)
-	_ = healed
+	t.Logf("(d) the retry after the heal (+50 ms each way on the link) moved the shard in %.0f ms", mr.Seconds*1000)
 	time.Sleep(500 * time.Millisecond) // load on the new owner
 	l.stopAndCheck(t, recipient.d.DeviceURL, 1001)
 	sameStrings(t, "the offline device's queue after the aborted move and the retry", drainQueue(t, recipient.d.DeviceURL, k, 3), queued)
