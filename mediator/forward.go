@@ -53,10 +53,19 @@ type forwarded struct {
 	stop  bool
 
 	ws wsTracker // the owner's stream; only the owner→device copy touches it
+
+	// onExpire is told which side stayed silent ("owner" or "device")
+	// when the watchdog ends the forward.
+	onExpire func(silent string, for_ time.Duration)
 }
 
-func (s *Server) newForwarded(down, up net.Conn) *forwarded {
-	return &forwarded{down: down, up: up, idle: s.cfg.IdleTimeout + forwardGrace, first: s.cfg.HandshakeTimeout}
+func (s *Server) newForwarded(down, up net.Conn, owner string) *forwarded {
+	return &forwarded{down: down, up: up, idle: s.cfg.IdleTimeout + forwardGrace, first: s.cfg.HandshakeTimeout,
+		onExpire: func(silent string, for_ time.Duration) {
+			s.metrics.forwards.WithLabelValues(silent + "_silent").Inc()
+			s.log.Warn().Str("owner", owner).Str("silent", silent).Dur("for", for_).
+				Msg("cluster: ended a forwarded device connection: no byte from the " + silent + " for too long (a silent link to the owner, or a vanished device)")
+		}}
 }
 
 // copy runs both directions until either side ends (or the watchdog ends
@@ -165,6 +174,13 @@ func (f *forwarded) check() {
 	if sinceUp >= upLimit || sinceDown >= f.idle {
 		f.expired.Store(true)
 		f.up.Close() // the owner→device copy ends and tells the device
+		if f.onExpire != nil {
+			if sinceUp >= upLimit {
+				f.onExpire("owner", sinceUp)
+			} else {
+				f.onExpire("device", sinceDown)
+			}
+		}
 		return
 	}
 	f.mu.Lock()

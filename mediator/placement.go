@@ -245,7 +245,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, rt Route, hops 
 		up.Close()
 		return
 	}
-	f := s.newForwarded(down, up) // forward.go
+	f := s.newForwarded(down, up, rt.Node) // forward.go
 	if !s.trackForward(f) {
 		f.close()
 		return

@@ -174,6 +174,9 @@ func TestFaultForwardHop(t *testing.T) {
 	if worst > bound {
 		t.Errorf("(d) blackholed hop: devices closed up to %v after the cut, want within %v", worst, bound)
 	}
+	if n := labelled(fwd.mediatorNode, "mediator_cluster_forwards_total", "outcome", "owner_silent"); n < float64(len(l.devices)) {
+		t.Errorf("mediator_cluster_forwards_total{outcome=\"owner_silent\"} = %v on the forwarding node, want at least %d", n, len(l.devices))
+	}
 	waitUntil(t, faultIdle+7*time.Second, "the owner to free the connections it can no longer reach", func() bool { return openConns(owner.mediatorNode) == 0 })
 	t.Logf("(e) the owner freed its side %v after the cut", time.Since(cut).Round(time.Millisecond))
 	time.Sleep(time.Until(cut.Add(2 * faultIdle))) // the blackhole's length, not an order
@@ -184,4 +187,22 @@ func TestFaultForwardHop(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // load after the heal
 	l.stopAndCheck(t, owner.d.DeviceURL, 1001)
 	checkNothingLeft(t, before, nodes, fwd.peer, owner.peer)
+}
+
+// labelled reads one labelled counter of a node's metrics (0 if absent).
+func labelled(n *mediatorNode, name, label, value string) float64 {
+	mfs, _ := n.d.Server.Registry().Gather()
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }
