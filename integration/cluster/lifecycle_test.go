@@ -826,7 +826,7 @@ func TestShardTransferNeedsTheClusterSecret(t *testing.T) {
 		return hex.EncodeToString(m.Sum(nil))
 	}
 	post := func(header, trailer string) (int, string) {
-		u := fmt.Sprintf("%s/_cluster/v1/moves/%s?shard=%d&from=%s&to=%s&from_epoch=%d",
+		u := fmt.Sprintf("%s/_cluster/v1/moves/%s?shard=%02x&from=%s&to=%s&from_epoch=%d",
 			strings.Replace(other.d.DeviceURL, "ws://", "http://", 1), id, shard, owner.id, other.id, epoch)
 		tr := http.Header{"D2m-Move-Mac": nil}
 		req, _ := http.NewRequest("POST", u, io.MultiReader(bytes.NewReader(stream.Bytes()), trailerSetter{tr, trailer}))
