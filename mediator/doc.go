@@ -35,6 +35,23 @@
 // awaited outside it. The store completes writes on its committer
 // goroutine holding none of this package's locks.
 //
+// # Cluster mode: every group write passes the shard's lifecycle
+//
+// With a Placement (cluster mode), a group object belongs to the epoch its
+// shard was served at when it was made (group.epoch); a shard served here
+// again at a later epoch gets new objects. Every write of a group —
+// registration, the disconnect record, DropDevice, SetSharedDeviceData,
+// transactions, reflections, the janitor's and the admin's writes — first
+// passes Placement.Admit with that epoch, outside group.mu: while a
+// planned move has frozen the shard it waits; once the shard is handed
+// over or lost it is refused and the device is closed with 1001 (the
+// reason names the new owner) to redo it there. So a write is
+// acknowledged only if the node that serves the shard afterwards has it.
+// The exit path's writes (disconnect, ending a transaction) are skipped
+// when refused: whoever serves the shard next settles it (slots marked
+// disconnected, held reflections released). ReflectedAcks are not
+// admitted: a lost ack only re-delivers.
+//
 // # Lock order
 //
 // A lock may be taken while holding only locks above it in this table;

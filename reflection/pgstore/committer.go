@@ -214,7 +214,7 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		}
 		for _, r := range batch {
 			if sh, ok := r.shardOf(); ok && r.err == nil && slices.Contains(fenced, sh) {
-				r.err = fmt.Errorf("%w (shard %d)", reflection.ErrFenced, sh)
+				r.err = fmt.Errorf("%w (shard %02x)", reflection.ErrFenced, sh)
 			}
 		}
 		if af != nil {
@@ -329,7 +329,7 @@ func (s *Store) fenced(sh byte, epoch int64) {
 	m.mu.Lock()
 	m.forgetShard(sh)
 	m.mu.Unlock()
-	s.log.Warn().Int("shard", int(sh)).Int64("epoch", epoch).
+	s.log.Warn().Str("shard", fmt.Sprintf("%02x", sh)).Int64("epoch", epoch).
 		Msg("pgstore: commit refused by the shard's epoch: another node owns it now; its devices must reconnect")
 	if s.opts.OnFenced != nil {
 		s.opts.OnFenced(sh, epoch)
@@ -356,7 +356,7 @@ func (s *Store) prepareShards(ctx context.Context, batch []*request) (map[byte]i
 		}
 		e, owned := s.ownedEpoch(sh)
 		if !owned {
-			refused[sh] = fmt.Errorf("%w (shard %d not owned by this node)", reflection.ErrFenced, sh)
+			refused[sh] = fmt.Errorf("%w (shard %02x not owned by this node)", reflection.ErrFenced, sh)
 			r.err = refused[sh]
 			continue
 		}
@@ -403,7 +403,7 @@ func (s *Store) claim(ctx context.Context, sh byte, e int64) error {
 				return err
 			}
 			if have != e {
-				return fmt.Errorf("%w (shard %d: epoch %d in the database, this node's is %d)", reflection.ErrFenced, sh, have, e)
+				return fmt.Errorf("%w (shard %02x: epoch %d in the database, this node's is %d)", reflection.ErrFenced, sh, have, e)
 			}
 		}
 		_, err = tx.Exec(ctx, `UPDATE d2m_slots SET connected_since = 0, last_disconnect_at = $2 WHERE shard = $1 AND connected_since <> 0`, int32(sh), now)
@@ -420,7 +420,7 @@ func (s *Store) claim(ctx context.Context, sh byte, e int64) error {
 	m.forgetShard(sh)
 	m.mu.Unlock()
 	s.claimed[sh].Store(e)
-	s.log.Info().Int("shard", int(sh)).Int64("epoch", e).Msg("pgstore: claimed shard")
+	s.log.Info().Str("shard", fmt.Sprintf("%02x", sh)).Int64("epoch", e).Msg("pgstore: claimed shard")
 	return s.releaseAllHeld(ctx, []int32{int32(sh)})
 }
 
