@@ -402,7 +402,7 @@ func TestMoveFreezesEveryWrite(t *testing.T) {
 	<-done
 	final, _ := ownerNode(t, nodes, shard)
 	url := final.d.DeviceURL
-	load.stopAndCheck(t, url)
+	load.stopAndCheckMin(t, url, 100)
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
