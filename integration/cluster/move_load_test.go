@@ -365,7 +365,7 @@ func TestMediatorEtcdLeaderLossUnderLoad(t *testing.T) {
 			<-closed
 		}
 	})
-	prefix := "/t/" + t.Name() + "/"
+	prefix := fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1))
 	base := t.TempDir()
 	nodes := []*mediatorNode{
 		startMediatorVia(t, "m1", prefix, filepath.Join(base, "m1"), ec.clients),
