@@ -88,6 +88,7 @@ type deviceConn struct {
 	earlyLen int
 	upstream *chatproxy.Upstream
 	lastRead atomic.Int64 // unix nanos of the last inbound frame
+	frameAt  time.Time    // when the frame being handled was read
 
 	// Cross-goroutine flags.
 	dry           atomic.Bool   // ReflectionQueueDry written
@@ -110,6 +111,9 @@ type outFrame struct {
 	b          []byte
 	reflectAck bool // frees a reflectSem slot once written
 	reply      bool // frees a replySem slot once written
+	// readAt and doneAt (ReflectAck only): when its Reflect was read and
+	// when its commit ended, monotonic nanoseconds (reflectstages.go).
+	readAt, doneAt int64
 	// afterSeq holds the frame back until the Reflected with this queue seq
 	// has been written: TransactionEnded must reach a device after the
 	// reflections the transaction released into its queue (§10).
@@ -223,8 +227,10 @@ func (c *deviceConn) enqueueAfter(b []byte, seq uint64) {
 }
 
 // enqueueReflectAck never fails: ReflectAcks are bounded by reflectSem.
-func (c *deviceConn) enqueueReflectAck(b []byte) {
-	c.ctrl.push(outFrame{b: b, reflectAck: true}, true)
+// t carries the Reflect's stage times so far.
+func (c *deviceConn) enqueueReflectAck(b []byte, t reflectTimes) {
+	c.srv.metrics.observeQueued(t)
+	c.ctrl.push(outFrame{b: b, reflectAck: true, readAt: mono(t.read), doneAt: mono(t.commitDone)}, true)
 	c.kick()
 }
 
@@ -376,14 +382,18 @@ func (c *deviceConn) writeUntilIdle() (ended bool) {
 // deliveries, a run of ReflectAcks) leave in one write.
 func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
 	if c.cork == nil {
-		return c.drainOnce(d)
+		return c.drainOnce(d, nil)
 	}
+	var acks ackStamps
 	c.cork.cork()
 	c.batching = true
-	progressed, err := c.drainOnce(d)
+	progressed, err := c.drainOnce(d, &acks)
 	c.batching = false
 	if ferr := c.cork.uncork(); ferr != nil && err == nil {
 		err = ferr
+	}
+	if err == nil {
+		acks.flush(c.srv.metrics)
 	}
 	return progressed, err
 }
@@ -409,10 +419,16 @@ func (c *deviceConn) hasWork() bool {
 	}
 }
 
-func (c *deviceConn) writeOut(f outFrame) error {
+// writeOut writes f. A ReflectAck written into the corked socket is
+// remembered in acks, whose round observes it once the bytes have left;
+// otherwise (acks nil or full) it is observed at once.
+func (c *deviceConn) writeOut(f outFrame, acks *ackStamps) error {
 	err := c.write(f.b)
 	if f.reflectAck {
 		c.releaseReflect()
+		if err == nil && f.readAt != 0 && !acks.add(f.readAt, f.doneAt) {
+			c.srv.metrics.observeWritten(f.readAt, f.doneAt, mono(time.Now()))
+		}
 	}
 	if f.reply {
 		<-c.replySem
@@ -431,7 +447,7 @@ func (c *deviceConn) writeProxy(u proxyUnit) error {
 
 // drainOnce does one round of non-blocking work and reports whether it did
 // anything. Before authentication only the handshake frames go out.
-func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
+func (c *deviceConn) drainOnce(d *delivery, acks *ackStamps) (bool, error) {
 	progressed := false
 	for _, b := range c.takeHandshakeFrames() {
 		if err := c.write(b); err != nil {
@@ -457,7 +473,7 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 		if !ok {
 			break
 		}
-		if err := d.out(f); err != nil {
+		if err := d.out(f, acks); err != nil {
 			return false, err
 		}
 		progressed = true
@@ -503,7 +519,7 @@ func (c *deviceConn) finishClose() {
 			if !ok {
 				break
 			}
-			if c.writeOut(f) != nil {
+			if c.writeOut(f, nil) != nil {
 				c.ws.CloseNow()
 				return
 			}
@@ -543,12 +559,12 @@ func (c *deviceConn) cause() error {
 // out writes a control frame, or parks it behind its delivery barrier.
 // Parked frames keep their order among themselves; other control frames
 // (ReflectAcks above all) pass them.
-func (d *delivery) out(f outFrame) error {
+func (d *delivery) out(f outFrame, acks *ackStamps) error {
 	if f.afterSeq > d.sentSeq || (f.afterSeq != 0 && len(d.parked) > 0) {
 		d.parked = append(d.parked, f)
 		return nil
 	}
-	return d.c.writeOut(f)
+	return d.c.writeOut(f, acks)
 }
 
 // releaseParked writes the parked frames whose barrier has passed.
@@ -557,7 +573,7 @@ func (d *delivery) releaseParked() (bool, error) {
 	for len(d.parked) > 0 && d.parked[0].afterSeq <= d.sentSeq {
 		f := d.parked[0]
 		d.parked = d.parked[1:]
-		if err := d.c.writeOut(f); err != nil {
+		if err := d.c.writeOut(f, nil); err != nil {
 			return wrote, err
 		}
 		wrote = true

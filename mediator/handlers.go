@@ -89,7 +89,7 @@ func (c *deviceConn) handleReflect(payload []byte) error {
 		return c.ctx.Err()
 	}
 	c.srv.metrics.reflects.WithLabelValues(reflectKind(r)).Inc()
-	if err := c.group.submitReflect(c, r); err != nil {
+	if err := c.group.submitReflect(c, r, c.frameAt); err != nil {
 		c.releaseReflect()
 		return err
 	}

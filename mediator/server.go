@@ -716,7 +716,8 @@ func (c *deviceConn) readFrame() (d2m.PayloadType, []byte, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	c.lastRead.Store(time.Now().UnixNano())
+	c.frameAt = time.Now()
+	c.lastRead.Store(c.frameAt.UnixNano())
 	c.srv.metrics.framesIn.Inc()
 	if typ != websocket.MessageBinary {
 		return 0, nil, d2m.Close(d2m.CloseProtocolError, errTextFrame)

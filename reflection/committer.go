@@ -42,7 +42,9 @@ func (db *DB) run() {
 		var closing bool
 		batch, closing = db.take(batch[:0])
 		if len(batch) > 0 {
+			t := time.Now()
 			db.commitBatch(batch, db.flushDue())
+			db.busy.Add(int64(time.Since(t)))
 			clear(batch) // drop references to finished requests
 			continue
 		}
@@ -51,7 +53,10 @@ func (db *DB) run() {
 			return
 		}
 		if db.flushDue() {
-			if err := db.flush(false); err == nil {
+			t := time.Now()
+			err := db.flush(false)
+			db.busy.Add(int64(time.Since(t)))
+			if err == nil {
 				continue
 			}
 			// On error wait for more work or the next due time rather
@@ -203,8 +208,12 @@ func (db *DB) commitBatchLocked(batch []*request, withFlush bool) (*flushWork, m
 		failed[bad] = badErr
 		db.log.Error().Err(badErr).Int("op", int(batch[bad].op)).Msg("reflection: request failed, re-running batch without it")
 	}
+	done := time.Now()
 	if err == nil {
 		bt.publish()
+		for _, r := range batch {
+			r.result.CommitStart, r.result.CommitDone = start, done
+		}
 	} else {
 		err = fmt.Errorf("reflection: commit of %d requests: %w", len(batch), err)
 		db.log.Error().Err(err).Msg("reflection: commit failed")
@@ -213,10 +222,16 @@ func (db *DB) commitBatchLocked(batch []*request, withFlush bool) (*flushWork, m
 		db.finishFlush(fw, err)
 	}
 	if db.opts.OnCommit != nil {
-		db.opts.OnCommit(len(batch), time.Since(start), err)
+		db.opts.OnCommit(len(batch), done.Sub(start), err)
 	}
 	return fw, failed, err
 }
+
+// CommitterBusy is how long the committer has been working (committing,
+// completing requests) since Open; its rate of increase is the fraction
+// of time the committer is busy, which decides how long a write waits
+// for its commit.
+func (db *DB) CommitterBusy() time.Duration { return time.Duration(db.busy.Load()) }
 
 // commitDirect applies reqs in one transaction of their own, bypassing the
 // queue: used at Open (before the committer runs) and by benchmarks.

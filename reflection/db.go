@@ -50,6 +50,10 @@ type DB struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// busy is the committer's working time in nanoseconds (commits and
+	// completions, not waiting for work): CommitterBusy.
+	busy atomic.Int64
+
 	testHookBeforeCommit atomic.Pointer[func(batch int) error]
 }
 
