@@ -1,6 +1,7 @@
 package mediator
 
 import (
+	"regexp"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -95,7 +96,12 @@ func newMetrics() *metrics {
 	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.forwards, m.forwardedBytes, m.fenceRefusals, m.writesRefused, m.reflects, m.reflectedSent, m.reflectedAcked,
 		m.framesIn, m.framesOut, m.commitBatch, m.commitLatency, m.commitErrors, m.lockHold, m.upstreams, m.upstreamBytes,
 		m.ephemeralDrops, m.slowConsumers, m.queueLimitDrops, m.leaderPromotions, m.queueDepth, m.queueAge,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			// Goroutines started (a writer goroutine per send round that
+			// finds none running) and how long runnable goroutines waited
+			// for a CPU: the scheduling part of the ReflectAck stages.
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/sched/(goroutines-created|latencies):`)},
+		)), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
 		f(c)
 	}
 	// Touch label values so the series exist from the start.
