@@ -271,21 +271,24 @@ func (c *deviceConn) noteEphemeralSent(id uint32) {
 }
 
 // ackReflected resolves a ReflectedAck: the queue seq for a durable entry,
-// ok=false with ephemeral=true for a recent ephemeral id.
-func (c *deviceConn) ackReflected(id uint32) (seq uint64, ok, ephemeral bool) {
+// ok=false with ephemeral=true for a recent ephemeral id. wasFull reports
+// that the delivery window was full before this ack: only then may the
+// writer have stopped for want of room.
+func (c *deviceConn) ackReflected(id uint32) (seq uint64, ok, ephemeral, wasFull bool) {
 	c.inflightMu.Lock()
 	defer c.inflightMu.Unlock()
 	if seq, ok := c.inflight[id]; ok {
+		wasFull = len(c.inflight) >= c.srv.cfg.DeliveryWindow
 		delete(c.inflight, id)
-		return seq, true, false
+		return seq, true, false, wasFull
 	}
 	n := min(c.recentN, len(c.recentEph))
 	for i := 0; i < n; i++ {
 		if c.recentEph[i] == id {
-			return 0, false, true
+			return 0, false, true, false
 		}
 	}
-	return 0, false, false
+	return 0, false, false, false
 }
 
 func (c *deviceConn) inflightCount() int {

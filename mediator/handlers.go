@@ -108,7 +108,7 @@ func (c *deviceConn) handleReflectedAck(payload []byte) error {
 	if err != nil {
 		return protocolError(err)
 	}
-	seq, ok, ephemeral := c.ackReflected(id)
+	seq, ok, ephemeral, wasFull := c.ackReflected(id)
 	if ephemeral {
 		return nil // every client acks ephemeral Reflected anyway (§10)
 	}
@@ -119,7 +119,14 @@ func (c *deviceConn) handleReflectedAck(payload []byte) error {
 	// Not tracked by the group: an ack changes only the queue, which the
 	// store owns, never the group state a reload would read.
 	c.srv.store.Ack(c.groupID, c.deviceID, seq, c.srv.logStoreErr("removing acked reflection"))
-	c.wake() // the window has room again
+	if wasFull {
+		// The writer stops sending when the window is full (it checks
+		// under inflightMu, as this ack does): the first ack after that
+		// sees the window full and restarts it. Any other ack needs no
+		// writer: a wake per ReflectedAck started one that found nothing
+		// to do, two goroutine hand-offs per reflect at fan-out 2.
+		c.wake()
+	}
 	return nil
 }
 
