@@ -97,6 +97,7 @@ type deviceConn struct {
 	dlv           delivery      // owned by the running writer
 	cork          *corkConn     // nil if the upgrade gave no corkable conn
 	batching      bool          // the writer has corked the socket; owned by the writer
+	inlining      bool          // the round is another goroutine's inline write (flush.go); owned by the writer
 	closeCode     atomic.Uint32 // first close code decided; 0 while open
 	closeMu       sync.Mutex
 	closeCause    error
@@ -170,8 +171,11 @@ func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 // kick makes sure a writer runs to pick up what the caller just queued or
 // signalled. Once the writer has ended for good, writerRunning stays true
 // and kicks do nothing.
+//
+// While the store completes a commit, the connection is written by the
+// committer at the end of the commit's completions instead (flush.go).
 func (c *deviceConn) kick() {
-	if c.writerRunning.CompareAndSwap(false, true) {
+	if c.writerRunning.CompareAndSwap(false, true) && !c.srv.deferFlush(c) {
 		go c.sendLoop()
 	}
 }
@@ -184,7 +188,9 @@ func (c *deviceConn) queueHandshakeFrame(b []byte, authenticated bool) {
 	if authenticated {
 		c.authed.Store(true)
 	}
-	c.kick()
+	// The handshake goroutine holds no lock here: it writes the frame
+	// itself when the socket takes it at once.
+	c.flushNow()
 }
 
 func (c *deviceConn) takeHandshakeFrames() [][]byte {
@@ -242,11 +248,16 @@ func (c *deviceConn) releaseReflect() {
 }
 
 func (c *deviceConn) wake() {
+	c.signalWake()
+	c.kick()
+}
+
+// signalWake sets the coalescing "your queue grew" flag without kicking.
+func (c *deviceConn) signalWake() {
 	select {
 	case c.wakeCh <- struct{}{}:
 	default:
 	}
-	c.kick()
 }
 
 func (c *deviceConn) pushEphemeral(it ephemeralItem) {
@@ -302,8 +313,10 @@ func (c *deviceConn) inflightCount() int {
 // (its durable data stays queued).
 func (c *deviceConn) write(b []byte) error {
 	if c.batching {
-		// Corked: the write only copies; uncork applies the timeout.
-		err := c.ws.Write(context.Background(), websocket.MessageBinary, b)
+		// Corked: the frame is only appended; uncork applies the
+		// timeout. An inline round never writes here (it bounds what it
+		// collects by inlineBytes instead).
+		err := c.cork.appendFrame(b, !c.inlining)
 		if err == nil {
 			c.srv.metrics.framesOut.Inc()
 		}
@@ -471,7 +484,7 @@ func (c *deviceConn) drainOnce(d *delivery, acks *ackStamps) (bool, error) {
 		d.more = true
 	default:
 	}
-	for i := 0; i < 64; i++ {
+	for i := 0; i < 64 && !c.inlineFull(); i++ {
 		f, ok := c.ctrl.pop()
 		if !ok {
 			break
@@ -485,7 +498,7 @@ func (c *deviceConn) drainOnce(d *delivery, acks *ackStamps) (bool, error) {
 		// More than one round's worth: come back without waiting.
 		c.ctrl.signal()
 	}
-	for i := 0; i < 16; i++ {
+	for i := 0; i < 16 && !c.inlineFull(); i++ {
 		select {
 		case u := <-c.proxyIn:
 			if err := c.writeProxy(u); err != nil {
@@ -509,6 +522,14 @@ func (c *deviceConn) drainOnce(d *delivery, acks *ackStamps) (bool, error) {
 // handshake may reach the device), then performs the close handshake with
 // the decided code. It is the only place a close frame is written.
 func (c *deviceConn) finishClose() {
+	if c.cork != nil {
+		// An inline round (flush.go) may have left collected bytes
+		// behind: they go before anything the close adds.
+		if c.cork.uncork() != nil {
+			c.ws.CloseNow()
+			return
+		}
+	}
 	for _, b := range c.takeHandshakeFrames() {
 		if c.authed.Load() && c.write(b) != nil {
 			c.ws.CloseNow()
@@ -606,6 +627,11 @@ func (d *delivery) step() (bool, error) {
 	window := c.srv.cfg.DeliveryWindow
 	sentAny := false
 	for {
+		if c.inlineFull() {
+			// The rest is for a writer goroutine (flush.go).
+			c.signalWake()
+			return sentAny, nil
+		}
 		if len(d.pending) == 0 && d.more && c.inflightCount() < window {
 			if err := d.refill(window); err != nil {
 				return sentAny, err

@@ -215,7 +215,7 @@ func (c *deviceConn) reply(b []byte) error {
 	select {
 	case c.replySem <- struct{}{}:
 		c.ctrl.push(outFrame{b: b, reply: true}, true)
-		c.kick()
+		c.flushNow() // the read loop holds no lock
 		return nil
 	case <-c.closing:
 		return nil
@@ -309,7 +309,9 @@ func (c *deviceConn) readUpstream(up *chatproxy.Upstream) {
 		}
 		select {
 		case c.proxyIn <- proxyUnit{b: unit}:
-			c.kick()
+			// This goroutine holds no lock: it writes the unit itself
+			// when no writer runs and the socket takes it at once.
+			c.flushNow()
 		case <-c.ctx.Done():
 			return
 		}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -39,6 +40,11 @@ func (w upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	w.cork.Conn = conn
+	if sc, ok := conn.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			w.cork.raw = raw
+		}
+	}
 	// Bytes the HTTP server read past the request (a client may send its
 	// first frames right behind the upgrade request) must come first.
 	// They are served by the conn itself: the WebSocket library resets the
@@ -75,6 +81,7 @@ func withUpgradeBuffers(w http.ResponseWriter, cork *corkConn) http.ResponseWrit
 // held across exactly one socket write, which always has a deadline.
 type corkConn struct {
 	net.Conn
+	raw            syscall.RawConn // for tryUncork's write that never waits; nil if the conn has none
 	writeTimeout   time.Duration
 	onWriteTimeout func() // called before a timed-out write returns
 	early          []byte // read past the upgrade request; owned by the reader
@@ -135,6 +142,127 @@ func (c *corkConn) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// appendFrame appends payload as one unfragmented binary WebSocket frame
+// (server frames are not masked, RFC 6455 §5.1) to the collected bytes.
+// It is the writer's path while corked, instead of the library's Write:
+// no write mutex of the library, no second copy through its buffered
+// writer, and nothing that can wait, so that another goroutine's inline
+// write (flush.go) never blocks. Frames of the library's own (pong and
+// close replies) are appended whole by Write under mu, so the byte stream
+// never interleaves. Unless mayFlush, the collected bytes grow past
+// corkFlushAt instead of being written here; the caller bounds them.
+func (c *corkConn) appendFrame(payload []byte, mayFlush bool) error {
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return err
+	}
+	if c.buf == nil {
+		c.buf = corkBuffers.Get().(*[]byte)
+	}
+	*c.buf = appendFrameHeader(*c.buf, len(payload))
+	*c.buf = append(*c.buf, payload...)
+	if !mayFlush || !c.corked || len(*c.buf) < corkFlushAt {
+		if !c.corked {
+			// Not corked: nothing would send it. Callers cork first.
+			return c.flushUnlock(c.writeTimeout)
+		}
+		c.mu.Unlock()
+		return nil
+	}
+	return c.flushUnlock(c.writeTimeout)
+}
+
+// appendFrameHeader appends the header of a final, unmasked binary frame
+// carrying n bytes.
+func appendFrameHeader(b []byte, n int) []byte {
+	const finBinary = 0x80 | 0x2
+	switch {
+	case n < 126:
+		return append(b, finBinary, byte(n))
+	case n <= 0xffff:
+		return append(b, finBinary, 126, byte(n>>8), byte(n))
+	default:
+		return append(b, finBinary, 127, 0, 0, 0, 0, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+	}
+}
+
+// buffered is how many bytes are collected.
+func (c *corkConn) buffered() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.buf == nil {
+		return 0
+	}
+	return len(*c.buf)
+}
+
+// tryUncork sends the collected bytes if the socket takes them at once,
+// without waiting: it never blocks, so a goroutine that is not this
+// connection's writer (the store's committer, flush.go) may call it. It
+// reports false, with the connection still corked and whatever was not
+// sent still collected (in order, ahead of bytes collected meanwhile),
+// when another write is in progress, the socket's buffer is full or the
+// conn offers no raw access; the caller then leaves the rest to a writer
+// goroutine, whose uncork sends it. An error is the connection's end.
+func (c *corkConn) tryUncork() (bool, error) {
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return false, err
+	}
+	b := c.buf
+	if b == nil || len(*b) == 0 {
+		c.corked = false
+		c.mu.Unlock()
+		return true, nil
+	}
+	if c.raw == nil || !c.wmu.TryLock() {
+		c.mu.Unlock()
+		return false, nil
+	}
+	c.buf = nil
+	c.mu.Unlock() // still corked: concurrent writes are collected meanwhile
+	var n int
+	var werr error
+	err := c.raw.Write(func(fd uintptr) bool {
+		n, werr = syscall.Write(int(fd), *b)
+		return true // never wait for the socket to become writable
+	})
+	c.wmu.Unlock()
+	if err == nil && werr != nil && werr != syscall.EAGAIN && werr != syscall.EINTR {
+		err = werr
+	}
+	n = max(n, 0)
+	c.mu.Lock()
+	if err != nil {
+		if c.err == nil {
+			c.err = err
+		}
+		c.mu.Unlock()
+		putCorkBuffer(b)
+		return false, err
+	}
+	if n == len(*b) && (c.buf == nil || len(*c.buf) == 0) {
+		c.corked = false
+		c.mu.Unlock()
+		putCorkBuffer(b)
+		return true, nil
+	}
+	// Keep the rest first, then what others collected meanwhile.
+	rest := copy(*b, (*b)[n:])
+	*b = (*b)[:rest]
+	if c.buf != nil {
+		*b = append(*b, *c.buf...)
+		putCorkBuffer(c.buf)
+	}
+	c.buf = b
+	c.mu.Unlock()
+	return false, nil
 }
 
 func (c *corkConn) cork() {

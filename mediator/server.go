@@ -50,6 +50,13 @@ type Server struct {
 	ready      atomic.Bool
 	keys       *keyPool // ephemeral server keys, made ahead of the handshakes
 
+	// Connections the store's completions queued frames for, written by
+	// the committer at the end of the commit (flush.go).
+	flushMu    sync.Mutex
+	completing atomic.Bool
+	flushList  []*deviceConn
+	flushSpare []*deviceConn
+
 	janitorStop chan struct{}
 }
 
@@ -73,6 +80,9 @@ func New(cfg Config, store reflection.Store, log zerolog.Logger) (*Server, error
 		janitorStop: make(chan struct{}),
 	}
 	s.metrics.registerServerGauges(s)
+	if h, ok := store.(storeWithCompletionHooks); ok {
+		h.SetCompletionHooks(s.beginCompletions, s.endCompletions)
+	}
 	s.keys = newKeyPool(keyPoolSize)
 	s.spawn(s.keys.fill)
 	s.spawn(s.janitor)

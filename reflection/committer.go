@@ -145,6 +145,11 @@ func (db *DB) commitBatch(batch []*request, withFlush bool) {
 	if fw != nil && err == nil {
 		fw.complete()
 	}
+	h := db.hooks.Load()
+	if h != nil {
+		h.begin()
+		defer h.end()
+	}
 	for i, r := range batch {
 		if e, ok := failed[i]; ok {
 			r.complete(e)
@@ -152,6 +157,22 @@ func (db *DB) commitBatch(batch []*request, withFlush bool) {
 			r.complete(err)
 		}
 	}
+}
+
+// completionHooks bracket the completion callbacks of one commit.
+type completionHooks struct{ begin, end func() }
+
+// SetCompletionHooks makes the committer call begin before the completion
+// callbacks of each commit and end after them, on its own goroutine. The
+// server uses it to write the frames those callbacks queued from this
+// goroutine once, at the end, instead of waking a writer goroutine per
+// connection. nil functions remove the hooks.
+func (db *DB) SetCompletionHooks(begin, end func()) {
+	if begin == nil || end == nil {
+		db.hooks.Store(nil)
+		return
+	}
+	db.hooks.Store(&completionHooks{begin, end})
 }
 
 func onlyBarriers(batch []*request) bool {

@@ -273,6 +273,10 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 			d(nil)
 		}
 	}
+	if h := s.hooks.Load(); h != nil && len(batch) > 0 {
+		h.begin()
+		defer h.end()
+	}
 	for _, r := range batch {
 		if r.err != nil {
 			r.complete(r.err)
@@ -281,6 +285,20 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		}
 	}
 	return err
+}
+
+// completionHooks bracket the completion callbacks of one commit.
+type completionHooks struct{ begin, end func() }
+
+// SetCompletionHooks makes the committer call begin before the completion
+// callbacks of each commit and end after them, on its own goroutine (see
+// reflection.DB.SetCompletionHooks). nil functions remove the hooks.
+func (s *Store) SetCompletionHooks(begin, end func()) {
+	if begin == nil || end == nil {
+		s.hooks.Store(nil)
+		return
+	}
+	s.hooks.Store(&completionHooks{begin, end})
 }
 
 // unsettled is a commit whose outcome the committer does not know: the
