@@ -21,7 +21,8 @@ import (
 //   - the store's committer, for what the completions of one commit queued
 //     (ReflectAcks, deliveries): the store brackets the completions with
 //     beginCompletions/endCompletions, kicks in between only collect the
-//     connections, and endCompletions writes them, up to maxInlineFlush;
+//     connections, and endCompletions writes them (a commit that reaches
+//     more than maxInlineFlush connections gets writer goroutines instead);
 //   - a connection's own goroutines that hold no lock: the upstream reader
 //     (Proxy units), the read loop (replies) and the handshake (ServerHello,
 //     ServerInfo).
@@ -33,8 +34,10 @@ import (
 // goroutine as before, which also keeps the slow-consumer timeout.
 
 // maxInlineFlush bounds the connections one commit's completions write on
-// the committer goroutine; the others get writer goroutines, which run in
-// parallel, so a large batch does not delay the next commit by much.
+// the committer goroutine. A commit that reaches more gets writer
+// goroutines for all of them, at once: they run in parallel, and the
+// first requests of a large batch do not wait for the last one's
+// completion nor delay the next commit.
 const maxInlineFlush = 32
 
 // inlineBytes bounds what one inline round collects (one frame may go
@@ -52,6 +55,7 @@ type storeWithCompletionHooks interface {
 func (s *Server) beginCompletions() {
 	s.flushMu.Lock()
 	s.completing.Store(true)
+	s.flushOverflow = false
 	s.flushMu.Unlock()
 }
 
@@ -82,7 +86,18 @@ func (s *Server) deferFlush(c *deviceConn) bool {
 	}
 	s.flushMu.Lock()
 	defer s.flushMu.Unlock()
-	if !s.completing.Load() || len(s.flushList) >= maxInlineFlush {
+	if !s.completing.Load() || s.flushOverflow {
+		return false
+	}
+	if len(s.flushList) == maxInlineFlush {
+		// A large batch: writer goroutines for everyone, the listed
+		// (older) connections first.
+		s.flushOverflow = true
+		for i, lc := range s.flushList {
+			go lc.sendLoop()
+			s.flushList[i] = nil
+		}
+		s.flushList = s.flushList[:0]
 		return false
 	}
 	s.flushList = append(s.flushList, c)

@@ -52,10 +52,11 @@ type Server struct {
 
 	// Connections the store's completions queued frames for, written by
 	// the committer at the end of the commit (flush.go).
-	flushMu    sync.Mutex
-	completing atomic.Bool
-	flushList  []*deviceConn
-	flushSpare []*deviceConn
+	flushMu       sync.Mutex
+	completing    atomic.Bool
+	flushOverflow bool // this commit reached more than maxInlineFlush connections
+	flushList     []*deviceConn
+	flushSpare    []*deviceConn
 
 	janitorStop chan struct{}
 }
