@@ -162,6 +162,7 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	reexecWithSysmonSetting() // runtime.go
 	log, err := newLogger(f.logFormat, f.logLevel)
 	if err != nil {
 		return err
