@@ -118,7 +118,7 @@ func (c *deviceConn) handleReflectedAck(payload []byte) error {
 	c.srv.metrics.reflectedAcked.Inc()
 	// Not tracked by the group: an ack changes only the queue, which the
 	// store owns, never the group state a reload would read.
-	c.srv.store.Ack(c.groupID, c.deviceID, seq, c.srv.logStoreErr("removing acked reflection"))
+	c.srv.store.Ack(c.groupID, c.deviceID, seq, c.srv.logAckErr)
 	if wasFull {
 		// The writer stops sending when the window is full (it checks
 		// under inflightMu, as this ack does): the first ack after that

@@ -42,7 +42,7 @@ func (w upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.cork.Conn = conn
 	if sc, ok := conn.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
-			w.cork.raw = raw
+			w.cork.setRaw(raw)
 		}
 	}
 	// Bytes the HTTP server read past the request (a client may send its
@@ -92,6 +92,12 @@ type corkConn struct {
 	err    error // a failed write; later writes fail fast
 
 	wmu sync.Mutex
+	// tryUncork's raw write, bound once (a closure per call would be
+	// allocated): its input and results, guarded by wmu.
+	rawWrite func(fd uintptr) bool
+	rawBuf   []byte
+	rawN     int
+	rawErr   error
 }
 
 // corkFlushAt bounds the memory one burst may collect.
@@ -227,12 +233,10 @@ func (c *corkConn) tryUncork() (bool, error) {
 	}
 	c.buf = nil
 	c.mu.Unlock() // still corked: concurrent writes are collected meanwhile
-	var n int
-	var werr error
-	err := c.raw.Write(func(fd uintptr) bool {
-		n, werr = syscall.Write(int(fd), *b)
-		return true // never wait for the socket to become writable
-	})
+	c.rawBuf = *b
+	err := c.raw.Write(c.rawWrite)
+	n, werr := c.rawN, c.rawErr
+	c.rawBuf, c.rawErr = nil, nil
 	c.wmu.Unlock()
 	if err == nil && werr != nil && werr != syscall.EAGAIN && werr != syscall.EINTR {
 		err = werr
@@ -263,6 +267,15 @@ func (c *corkConn) tryUncork() (bool, error) {
 	c.buf = b
 	c.mu.Unlock()
 	return false, nil
+}
+
+// setRaw gives tryUncork raw access to the socket.
+func (c *corkConn) setRaw(raw syscall.RawConn) {
+	c.raw = raw
+	c.rawWrite = func(fd uintptr) bool {
+		c.rawN, c.rawErr = syscall.Write(int(fd), c.rawBuf)
+		return true // never wait for the socket to become writable
+	}
 }
 
 func (c *corkConn) cork() {

@@ -118,7 +118,9 @@ func tcpPair(t *testing.T) (*corkConn, net.Conn) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &corkConn{Conn: server, raw: raw, writeTimeout: 5 * time.Second}, client
+	c := &corkConn{Conn: server, writeTimeout: 5 * time.Second}
+	c.setRaw(raw)
+	return c, client
 }
 
 // TestCorkConnTryUncorkNeverWaits: with a peer that does not read,

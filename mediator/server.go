@@ -48,7 +48,8 @@ type Server struct {
 	handshakes chan struct{} // semaphore: handshakes in flight
 	open       atomic.Int64  // open device connections
 	ready      atomic.Bool
-	keys       *keyPool // ephemeral server keys, made ahead of the handshakes
+	keys       *keyPool    // ephemeral server keys, made ahead of the handshakes
+	logAckErr  func(error) // done callback of every store Ack, made once
 
 	// Connections the store's completions queued frames for, written by
 	// the committer at the end of the commit (flush.go).
@@ -81,6 +82,7 @@ func New(cfg Config, store reflection.Store, log zerolog.Logger) (*Server, error
 		janitorStop: make(chan struct{}),
 	}
 	s.metrics.registerServerGauges(s)
+	s.logAckErr = s.logStoreErr("removing acked reflection")
 	if h, ok := store.(storeWithCompletionHooks); ok {
 		h.SetCompletionHooks(s.beginCompletions, s.endCompletions)
 	}
