@@ -17,9 +17,15 @@ import (
 // on every idle device. Device frames are small (a Reflected of a typical
 // envelope is a few hundred bytes); a larger frame costs one more read or
 // write system call, not a copy.
+//
+// The writer hardly uses the library's write buffer: every send round
+// appends its frames to the corked buffer itself (corkConn.appendFrame).
+// What is left for the library's buffer are its own control frames (pong,
+// close: at most 127 bytes) and the frames a closing connection still
+// writes, for which a larger frame is written through in two writes.
 const (
 	connReadBuffer  = 1024
-	connWriteBuffer = 2048
+	connWriteBuffer = 128
 )
 
 // upgradeWriter hands the WebSocket library a hijacked connection with
