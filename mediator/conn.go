@@ -34,8 +34,8 @@ type deviceConn struct {
 	seq    uint64 // connection number, for logs and tie-breaks
 	info   d2m.ClientURLInfo
 	remote string
-	ctx    context.Context // ends when run ends (or the server gives up on it)
-	cancel context.CancelFunc
+	ctx       context.Context // ends when run ends (or the server gives up on it): cancel
+	cancelCtx context.CancelFunc
 
 	// upstreamLoop counts the upstream reader; Add happens on run's own
 	// goroutine, which later waits for it. run waits for the writer on
@@ -166,6 +166,12 @@ func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 	c.closeMu.Unlock()
 	c.closingCancel()
 	c.kick()
+}
+
+// cancel ends ctx and closingCtx.
+func (c *deviceConn) cancel() {
+	c.cancelCtx()
+	c.closingCancel()
 }
 
 // kick makes sure a writer runs to pick up what the caller just queued or

@@ -307,11 +307,15 @@ func (s *Server) admitHandshake(ctx context.Context) bool {
 }
 
 func (s *Server) newConn(ws *websocket.Conn, info d2m.ClientURLInfo, remote string) *deviceConn {
-	ctx, cancel := context.WithCancel(s.baseCtx)
-	closingCtx, closingCancel := context.WithCancel(ctx)
+	// Neither context is a child of baseCtx or of the other: a child
+	// costs an entry in its parent's map of children, several hundred
+	// bytes per idle device. cancel ends both; Shutdown cancels the
+	// connections it gives up on itself.
+	ctx, cancelCtx := context.WithCancel(context.Background())
+	closingCtx, closingCancel := context.WithCancel(context.Background())
 	c := &deviceConn{
 		srv: s, ws: ws, info: info, remote: remote,
-		seq: s.connSeq.Add(1), ctx: ctx, cancel: cancel,
+		seq: s.connSeq.Add(1), ctx: ctx, cancelCtx: cancelCtx,
 		groupID:       reflection.GroupID(info.DeviceGroupID),
 		ctrl:          newCtrlQueue(s.cfg.ReflectWindow + 64),
 		replySem:      make(chan struct{}, maxPendingReplies),
@@ -576,6 +580,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.cancelBase()
 	s.mu.Lock()
 	for c := range s.conns {
+		c.cancel()
 		c.ws.CloseNow()
 	}
 	s.mu.Unlock()
