@@ -29,11 +29,11 @@ import (
 // the close frame. No other goroutine writes to the socket.
 type deviceConn struct {
 	// Static after construction.
-	srv    *Server
-	ws     *websocket.Conn
-	seq    uint64 // connection number, for logs and tie-breaks
-	info   d2m.ClientURLInfo
-	remote string
+	srv       *Server
+	ws        *websocket.Conn
+	seq       uint64 // connection number, for logs and tie-breaks
+	info      d2m.ClientURLInfo
+	remote    string
 	ctx       context.Context // ends when run ends (or the server gives up on it): cancel
 	cancelCtx context.CancelFunc
 
@@ -47,8 +47,8 @@ type deviceConn struct {
 	group          *group
 	groupID        reflection.GroupID
 	deviceID       reflection.DeviceID
-	connectedSince int64 // unix ms; guarded by group.mu after registration
-	log            zerolog.Logger
+	connectedSince int64       // unix ms; guarded by group.mu after registration
+	devKnown       atomic.Bool // deviceID is set (for logger)
 
 	// Handshake output, written by the writer before anything else: the
 	// ServerHello until authentication, then the ServerInfo, which must be
@@ -166,6 +166,19 @@ func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 	c.closeMu.Unlock()
 	c.closingCancel()
 	c.kick()
+}
+
+// logger is the server's logger with the connection's fields. It is made
+// when a line is written, not kept: zerolog's With allocates a 500-byte
+// buffer, and a connection writes few lines (connected, disconnected,
+// failures), so keeping one cost every idle device 0.5 KiB.
+func (c *deviceConn) logger() *zerolog.Logger {
+	ctx := c.srv.log.With().Str("group", c.info.DeviceGroupID.Short()).Uint64("conn", c.seq)
+	if c.devKnown.Load() {
+		ctx = ctx.Str("device", deviceStr(c.deviceID))
+	}
+	l := ctx.Logger()
+	return &l
 }
 
 // cancel ends ctx and closingCtx.
@@ -356,7 +369,7 @@ func (c *deviceConn) sendLoop() {
 		if r := recover(); r != nil {
 			// A bug: end this connection, not the process. No writer runs
 			// again (writerRunning stays set), so run can stop waiting.
-			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("writer panicked")
+			c.logger().Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("writer panicked")
 			c.closeWith(d2m.CloseInternalError, fmt.Errorf("writer panic: %v", r))
 			c.ws.CloseNow()
 			c.writerEnded.Do(func() { close(c.writerDone) })

@@ -126,7 +126,7 @@ func (c *deviceConn) writeNow() {
 		if r := recover(); r != nil {
 			// A bug: end this connection, not the caller (the committer).
 			c.batching, c.inlining = false, false
-			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("inline writer panicked")
+			c.logger().Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("inline writer panicked")
 			c.closeWith(d2m.CloseInternalError, fmt.Errorf("writer panic: %v", r))
 			c.ws.CloseNow()
 			c.writerEnded.Do(func() { close(c.writerDone) })

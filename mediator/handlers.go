@@ -41,7 +41,7 @@ func (c *deviceConn) readLoop() error {
 func (c *deviceConn) handleSafely(typ d2m.PayloadType, payload []byte) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			c.log.Error().Str("type", typ.String()).Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).
+			c.logger().Error().Str("type", typ.String()).Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).
 				Msg("handler panicked")
 			err = d2m.Close(d2m.CloseInternalError, fmt.Errorf("handler panic: %v", r))
 		}
@@ -289,7 +289,7 @@ func (c *deviceConn) writeUpstream(b []byte) error {
 func (c *deviceConn) readUpstream(up *chatproxy.Upstream) {
 	defer func() {
 		if r := recover(); r != nil {
-			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("upstream reader panicked")
+			c.logger().Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("upstream reader panicked")
 			c.closeWith(d2m.CloseUpstreamError, fmt.Errorf("upstream reader panic: %v", r))
 		}
 	}()

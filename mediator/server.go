@@ -328,7 +328,6 @@ func (s *Server) newConn(ws *websocket.Conn, info d2m.ClientURLInfo, remote stri
 		closingCancel: closingCancel,
 		writerDone:    make(chan struct{}),
 	}
-	c.log = s.log.With().Str("group", info.DeviceGroupID.Short()).Uint64("conn", c.seq).Logger()
 	return c
 }
 
@@ -416,7 +415,7 @@ func (c *deviceConn) run() {
 func (c *deviceConn) recovered(what string, fn func() error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg(what + " panicked")
+			c.logger().Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg(what + " panicked")
 			err = d2m.Close(d2m.CloseInternalError, fmt.Errorf("%s panic: %v", what, r))
 		}
 	}()
@@ -439,7 +438,7 @@ func (c *deviceConn) live(hwm uint64) error {
 	s := c.srv
 	s.metrics.connections.WithLabelValues("authenticated").Inc()
 	defer s.metrics.connections.WithLabelValues("authenticated").Dec()
-	c.log.Info().Str("remote", c.remote).Msg("device connected")
+	c.logger().Info().Str("remote", c.remote).Msg("device connected")
 	idle := c.startIdleTimer()
 	defer idle.Stop()
 	if len(c.early) > 0 {
@@ -499,9 +498,10 @@ func (c *deviceConn) logEnd(err error, start time.Time) {
 	case errors.Is(cause, errIdleTimeout):
 		c.srv.metrics.timeouts.WithLabelValues("idle").Inc()
 	}
-	ev := c.log.Info()
+	log := c.logger()
+	ev := log.Info()
 	if code == d2m.CloseInternalError || code == d2m.CloseProtocolError || code == d2m.CloseUpstreamError {
-		ev = c.log.Warn()
+		ev = log.Warn()
 	}
 	if cause == nil {
 		cause = err
@@ -688,7 +688,7 @@ func (c *deviceConn) handshake() (uint64, error) {
 		return 0, d2m.Close(d2m.CloseProtocolError, err)
 	}
 	c.deviceID = reflection.DeviceID(ch.DeviceId)
-	c.log = c.log.With().Str("device", deviceStr(c.deviceID)).Logger()
+	c.devKnown.Store(true)
 	c.group = s.acquireGroup(c.groupID)
 	if err := c.group.load(); err != nil {
 		return 0, d2m.Close(storeCloseCode(err), err)
