@@ -80,7 +80,7 @@ type deviceConn struct {
 	// In-flight Reflected: written by the writer, acked via the read loop.
 	inflightMu sync.Mutex
 	inflight   map[uint32]uint64 // Reflected id → queue seq
-	recentEph  [64]uint32        // ids of recently sent ephemeral Reflected
+	recentEph  *[64]uint32       // ids of recently sent ephemeral Reflected; made on first use
 	recentN    int
 
 	// Owned by run.
@@ -295,6 +295,9 @@ func (c *deviceConn) pushEphemeral(it ephemeralItem) {
 // sends anyway is accepted silently (§10).
 func (c *deviceConn) noteEphemeralSent(id uint32) {
 	c.inflightMu.Lock()
+	if c.recentEph == nil {
+		c.recentEph = new([64]uint32) // most devices never get one
+	}
 	c.recentEph[c.recentN%len(c.recentEph)] = id
 	c.recentN++
 	c.inflightMu.Unlock()
@@ -312,7 +315,10 @@ func (c *deviceConn) ackReflected(id uint32) (seq uint64, ok, ephemeral, wasFull
 		delete(c.inflight, id)
 		return seq, true, false, wasFull
 	}
-	n := min(c.recentN, len(c.recentEph))
+	n := 0
+	if c.recentEph != nil {
+		n = min(c.recentN, len(c.recentEph))
+	}
 	for i := 0; i < n; i++ {
 		if c.recentEph[i] == id {
 			return 0, false, true, false

@@ -320,7 +320,7 @@ func (s *Server) newConn(ws *websocket.Conn, info d2m.ClientURLInfo, remote stri
 		ctrl:          newCtrlQueue(s.cfg.ReflectWindow + 64),
 		replySem:      make(chan struct{}, maxPendingReplies),
 		wakeCh:        make(chan struct{}, 1),
-		proxyIn:       make(chan proxyUnit, 16),
+		proxyIn:       make(chan proxyUnit, proxyInBuffer),
 		reflectSem:    make(chan struct{}, s.cfg.ReflectWindow),
 		inflight:      make(map[uint32]uint64),
 		closing:       make(chan struct{}),
