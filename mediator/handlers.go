@@ -19,6 +19,7 @@ import (
 // connection with that code.
 func (c *deviceConn) readLoop() error {
 	for {
+		c.waitInbound()
 		typ, payload, err := c.readFrame()
 		if err != nil {
 			return err
@@ -32,6 +33,24 @@ func (c *deviceConn) readLoop() error {
 		if err := c.handleSafely(typ, payload); err != nil {
 			return err
 		}
+	}
+}
+
+// waitInbound waits, with a shallow stack, until the next frame can be
+// read (corkConn.waitReadable). One recvfrom(MSG_PEEK) more per wake-up of
+// the reader; none while frames follow each other in the buffer.
+func (c *deviceConn) waitInbound() {
+	k := c.cork
+	if k == nil {
+		return
+	}
+	// The library's close handshake (finishClose) reads the same buffers
+	// from the writer's goroutine; the gate keeps this look from racing it.
+	c.readGate.Lock()
+	pending := k.pending()
+	c.readGate.Unlock()
+	if !pending {
+		k.waitReadable()
 	}
 }
 
