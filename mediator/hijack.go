@@ -24,10 +24,19 @@ import (
 // What is left for the library's buffer are its own control frames (pong,
 // close: at most 127 bytes) and the frames a closing connection still
 // writes, for which a larger frame is written through in two writes.
+//
+// The read buffer is not kept either: the library's buffered reader gets
+// bufio's smallest size, and corkConn.Read reads the socket into a pooled
+// chunk of readChunk bytes, which goes back to the pool as soon as its
+// bytes are consumed. An idle connection holds no read buffer; a busy one
+// makes as many read system calls as with a buffer of its own.
 const (
-	connReadBuffer  = 1024
+	connReadBuffer  = 16 // bufio's minimum
+	readChunk       = 1024
 	connWriteBuffer = 128
 )
+
+var readChunks = sync.Pool{New: func() any { return new([readChunk]byte) }}
 
 // upgradeWriter hands the WebSocket library a hijacked connection with
 // right-sized buffers and a corkable writer in place of net/http's.
@@ -108,9 +117,13 @@ type corkConn struct {
 	rawErr   error
 
 	// br is the library's buffered reader over this conn (made in
-	// Hijack), for readable.
+	// Hijack), for pending.
 	br   *bufio.Reader
-	peek func(fd uintptr) bool // readable's test, bound once
+	peek func(fd uintptr) bool // waitReadable's test, bound once
+	// The read chunk: chunk[ra:rb] are read from the socket and not yet
+	// consumed; nil while there are none. Owned by the reader.
+	chunk  *[readChunk]byte
+	ra, rb int
 }
 
 // corkFlushAt bounds the memory one burst may collect.
@@ -129,7 +142,25 @@ func (c *corkConn) Read(p []byte) (int, error) {
 		}
 		return n, nil
 	}
-	return c.Conn.Read(p)
+	if c.chunk == nil {
+		if len(p) >= readChunk || c.br == nil {
+			return c.Conn.Read(p)
+		}
+		chunk := readChunks.Get().(*[readChunk]byte)
+		n, err := c.Conn.Read(chunk[:])
+		if n <= 0 {
+			readChunks.Put(chunk)
+			return n, err
+		}
+		c.chunk, c.ra, c.rb = chunk, 0, n
+	}
+	n := copy(p, c.chunk[c.ra:c.rb])
+	c.ra += n
+	if c.ra == c.rb {
+		readChunks.Put(c.chunk)
+		c.chunk = nil
+	}
+	return n, nil
 }
 
 func (c *corkConn) Write(p []byte) (int, error) {
@@ -305,7 +336,7 @@ func (c *corkConn) setRaw(raw syscall.RawConn) {
 // the upgrade request). Only the goroutine that reads may call it, or one
 // that excludes the reads otherwise (deviceConn.readGate).
 func (c *corkConn) pending() bool {
-	return len(c.early) > 0 || (c.br != nil && c.br.Buffered() > 0)
+	return len(c.early) > 0 || c.chunk != nil || (c.br != nil && c.br.Buffered() > 0)
 }
 
 // waitReadable returns once the socket has bytes to read (or has ended),
