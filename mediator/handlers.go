@@ -320,6 +320,7 @@ func (c *deviceConn) readUpstream(up *chatproxy.Upstream) {
 		}
 	}()
 	for {
+		up.WaitReadable() // idle: a shallow stack (chatproxy.Upstream.WaitReadable)
 		unit, err := up.ReadUnit()
 		if err != nil {
 			code := d2m.CloseUpstreamClosed
