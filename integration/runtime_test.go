@@ -32,3 +32,18 @@ func TestServeSetsSchedtrace(t *testing.T) {
 	a, _ := connectReady(t, s, g.config(s, 1))
 	a.Close()
 }
+
+// TestServeMemoryLimit: --memory-limit sets the runtime's soft memory
+// limit, which the startup line reports.
+func TestServeMemoryLimit(t *testing.T) {
+	s := startServer(t, "--memory-limit", "512MiB")
+	if logs := s.Logs(); !strings.Contains(logs, `"memory_limit":"512 MiB"`) {
+		t.Fatalf("startup line without the memory limit:\n%s", logs)
+	}
+	if os.Getenv("GOMEMLIMIT") != "" {
+		return
+	}
+	if logs := startServer(t).Logs(); !strings.Contains(logs, `"memory_limit":"none"`) {
+		t.Fatalf("startup line without memory_limit none:\n%s", logs)
+	}
+}

@@ -1,7 +1,12 @@
 package main
 
 import (
+	"errors"
+	"fmt"
+	"math"
 	"os"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -69,4 +74,37 @@ func reexecWithSysmonSetting() {
 		return // never replace a test binary that calls serve
 	}
 	_ = syscall.Exec(exe, os.Args, env)
+}
+
+// parseByteSize reads a size as GOMEMLIMIT writes it: a non-negative
+// integer with an optional unit B, KiB, MiB, GiB or TiB.
+func parseByteSize(v string) (int64, error) {
+	num, mult := strings.TrimSpace(v), int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"B", 1}} {
+		if n, ok := strings.CutSuffix(num, u.suffix); ok {
+			num, mult = n, u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("%q is not a size such as 1536MiB or 2GiB", v)
+	}
+	if n > math.MaxInt64/mult {
+		return 0, errors.New("size too large")
+	}
+	return n * mult, nil
+}
+
+// memoryLimitString is the runtime's memory limit for the startup line:
+// "none" or the limit in MiB.
+func memoryLimitString() string {
+	limit := debug.SetMemoryLimit(-1) // -1: read without changing
+	if limit == math.MaxInt64 {
+		return "none"
+	}
+	return fmt.Sprintf("%d MiB", limit>>20)
 }

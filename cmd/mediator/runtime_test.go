@@ -20,3 +20,16 @@ func TestSysmonEnv(t *testing.T) {
 		}
 	}
 }
+
+func TestParseByteSize(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "123": 123, "10B": 10, "2KiB": 2048, "1536MiB": 1536 << 20, "2GiB": 2 << 30, "1TiB": 1 << 40} {
+		if got, err := parseByteSize(in); err != nil || got != want {
+			t.Errorf("parseByteSize(%q) = %d, %v, want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1", "1.5GiB", "1GB", "GiB", "9999999999TiB"} {
+		if got, err := parseByteSize(in); err == nil {
+			t.Errorf("parseByteSize(%q) = %d, want an error", in, got)
+		}
+	}
+}
