@@ -429,7 +429,7 @@ func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
 	var acks ackStamps
 	c.cork.cork()
 	c.batching = true
-	progressed, err := c.drainOnce(d, &acks)
+	progressed, err := c.drainRounds(d, &acks)
 	c.batching = false
 	if ferr := c.cork.uncork(); ferr != nil && err == nil {
 		err = ferr
@@ -438,6 +438,26 @@ func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
 		acks.flush(c.srv.metrics)
 	}
 	return progressed, err
+}
+
+// maxCorkedRounds bounds the rounds one corked write collects.
+const maxCorkedRounds = 4
+
+// drainRounds runs drainOnce until a round finds nothing more, at most
+// maxCorkedRounds times, so that frames a round itself causes (the
+// RolePromotedToLeader that writing ReflectionQueueDry queues, a window
+// refilled by acks read meanwhile) leave in the same write instead of a
+// write and a writer goroutine of their own.
+func (c *deviceConn) drainRounds(d *delivery, acks *ackStamps) (bool, error) {
+	progressed := false
+	for range maxCorkedRounds {
+		p, err := c.drainOnce(d, acks)
+		progressed = progressed || p
+		if err != nil || !p || c.inlineFull() {
+			return progressed, err
+		}
+	}
+	return progressed, nil
 }
 
 // hasWork reports whether any signal the writer reacts to is pending.

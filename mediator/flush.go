@@ -139,7 +139,7 @@ func (c *deviceConn) writeNow() {
 	var acks ackStamps
 	c.cork.cork()
 	c.batching, c.inlining = true, true
-	_, err := c.drainOnce(&c.dlv, &acks)
+	_, err := c.drainRounds(&c.dlv, &acks)
 	c.batching, c.inlining = false, false
 	if err != nil {
 		// The writer goroutine meets the error too and ends the
