@@ -641,7 +641,7 @@ func (c *deviceConn) handshake() (uint64, error) {
 		return 0, d2m.Close(d2m.CloseInternalError, err)
 	}
 	c.queueHandshakeFrame(d2m.MustEncodeMessage(d2m.TypeServerHello, &d2mpb.ServerHello{
-		Version: 0, Esk: esk.PublicKey().Bytes(), Challenge: challenge,
+		Version: 0, Esk: esk.Public(), Challenge: challenge,
 	}), false)
 	var ch *d2mpb.ClientHello
 	for ch == nil {
