@@ -88,7 +88,6 @@ type deviceConn struct {
 	earlyLen int
 	upstream *chatproxy.Upstream
 	lastRead atomic.Int64 // unix nanos of the last inbound frame
-	readGate sync.Mutex   // the read loop's look at the read buffers vs. the close handshake
 	frameAt  time.Time    // when the frame being handled was read
 
 	// Cross-goroutine flags.
@@ -597,11 +596,13 @@ func (c *deviceConn) finishClose() {
 	}
 	code := d2m.CloseCode(c.closeCode.Load())
 	// The close handshake reads the peer's answer through the reader's
-	// buffers: the read loop must not look at them meanwhile
-	// (waitInbound).
-	c.readGate.Lock()
+	// buffers: the read loop must not fill them meanwhile
+	// (corkConn.waitReadable).
+	if c.cork != nil {
+		c.cork.readMu.Lock()
+		defer c.cork.readMu.Unlock()
+	}
 	c.ws.Close(websocket.StatusCode(code), closeReason(code, c.cause()))
-	c.readGate.Unlock()
 }
 
 // closeReasoner is a close cause with a reason for the device (a moved

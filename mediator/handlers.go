@@ -37,20 +37,10 @@ func (c *deviceConn) readLoop() error {
 }
 
 // waitInbound waits, with a shallow stack, until the next frame can be
-// read (corkConn.waitReadable). One recvfrom(MSG_PEEK) more per wake-up of
-// the reader; none while frames follow each other in the buffer.
+// read (corkConn.waitReadable).
 func (c *deviceConn) waitInbound() {
-	k := c.cork
-	if k == nil {
-		return
-	}
-	// The library's close handshake (finishClose) reads the same buffers
-	// from the writer's goroutine; the gate keeps this look from racing it.
-	c.readGate.Lock()
-	pending := k.pending()
-	c.readGate.Unlock()
-	if !pending {
-		k.waitReadable()
+	if c.cork != nil {
+		c.cork.waitReadable()
 	}
 }
 

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -118,12 +120,18 @@ type corkConn struct {
 
 	// br is the library's buffered reader over this conn (made in
 	// Hijack), for pending.
-	br   *bufio.Reader
-	peek func(fd uintptr) bool // waitReadable's test, bound once
+	br *bufio.Reader
 	// The read chunk: chunk[ra:rb] are read from the socket and not yet
-	// consumed; nil while there are none. Owned by the reader.
+	// consumed; nil while there are none. rerr is what the socket
+	// reported to waitReadable's read (end of stream, an error), for the
+	// next Read once the chunk is consumed. Owned by whoever reads: the
+	// read loop, or the library's close handshake while readMu keeps the
+	// read loop out (deviceConn.finishClose).
 	chunk  *[readChunk]byte
 	ra, rb int
+	rerr   error
+	readMu sync.Mutex
+	fill   func(fd uintptr) bool // waitReadable's read, bound once
 }
 
 // corkFlushAt bounds the memory one burst may collect.
@@ -143,6 +151,9 @@ func (c *corkConn) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	if c.chunk == nil {
+		if c.rerr != nil {
+			return 0, c.rerr
+		}
 		if len(p) >= readChunk || c.br == nil {
 			return c.Conn.Read(p)
 		}
@@ -320,36 +331,60 @@ func (c *corkConn) setRaw(raw syscall.RawConn) {
 		c.rawN, c.rawErr = syscall.Write(int(fd), c.rawBuf)
 		return true // never wait for the socket to become writable
 	}
-	var b [1]byte
-	c.peek = func(fd uintptr) bool {
-		// MSG_DONTWAIT: never blocks, so no system-call bookkeeping of
-		// the scheduler is needed. EOF and errors count as readable: the
-		// read that follows reports them.
-		_, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
-			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-		return e != syscall.EAGAIN
+	c.fill = func(fd uintptr) bool {
+		if !c.readMu.TryLock() {
+			// The close handshake reads: let the read loop go on to its
+			// read, which waits for the handshake and then fails.
+			return true
+		}
+		defer c.readMu.Unlock()
+		if c.pendingLocked() {
+			return true
+		}
+		chunk := readChunks.Get().(*[readChunk]byte)
+		// The socket is non-blocking: no system-call bookkeeping of the
+		// scheduler is needed.
+		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&chunk[0])), readChunk)
+		switch {
+		case e == syscall.EAGAIN:
+			readChunks.Put(chunk) // idle: hold no buffer while waiting
+			return false
+		case e == syscall.EINTR:
+			readChunks.Put(chunk)
+			return true // the read that follows tries again
+		case e != 0:
+			readChunks.Put(chunk)
+			c.rerr = os.NewSyscallError("read", e)
+		case n == 0:
+			readChunks.Put(chunk)
+			c.rerr = io.EOF
+		default:
+			c.chunk, c.ra, c.rb = chunk, 0, int(n)
+		}
+		return true
 	}
 }
 
-// pending reports whether bytes already read from the socket wait in the
-// reader's buffers (the library's buffered reader, the bytes read past
-// the upgrade request). Only the goroutine that reads may call it, or one
-// that excludes the reads otherwise (deviceConn.readGate).
-func (c *corkConn) pending() bool {
-	return len(c.early) > 0 || c.chunk != nil || (c.br != nil && c.br.Buffered() > 0)
+// pendingLocked reports whether bytes already read from the socket (or
+// its end) wait in the reader's buffers: the library's buffered reader,
+// the read chunk, the bytes read past the upgrade request. Called with
+// readMu held.
+func (c *corkConn) pendingLocked() bool {
+	return len(c.early) > 0 || c.chunk != nil || c.rerr != nil || (c.br != nil && c.br.Buffered() > 0)
 }
 
-// waitReadable returns once the socket has bytes to read (or has ended),
-// without reading them. It lets an idle connection's reader wait near the
-// bottom of its stack instead of deep inside the library's read path, so
-// that the garbage collector can shrink the stack of every idle device
-// (4 KiB less each). The caller checks pending first: bytes the buffers
-// hold would never make the socket readable again.
+// waitReadable returns once bytes wait in the reader's buffers: if none
+// do, it waits for the socket and reads what it has into the read chunk,
+// with the same one read system call the library's read would have made.
+// It lets an idle connection's reader wait near the bottom of its stack
+// instead of deep inside the library's read path, so that the garbage
+// collector can shrink the stack of every idle device (4 KiB less each),
+// and the idle connection holds no read buffer while it waits.
 func (c *corkConn) waitReadable() {
 	if c.raw == nil {
 		return
 	}
-	_ = c.raw.Read(c.peek) // an error (closed) shows in the read that follows
+	_ = c.raw.Read(c.fill) // an error (closed) shows in the read that follows
 }
 
 func (c *corkConn) cork() {
