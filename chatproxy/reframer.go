@@ -73,6 +73,7 @@ type Reframer struct {
 	size  int    // chunk size
 	buf   []byte // the chunk; buf[a:b] read and not yet cut; nil when empty
 	a, b  int
+	rerr  error // the stream's error read by ReadWith, for Next once buf is cut
 	phase reframerPhase
 	err   error
 }
@@ -89,6 +90,9 @@ func NewReframer(r io.Reader, bufSize int) *Reframer {
 // Buffered reports how many bytes were read from the stream and not yet
 // returned in a unit.
 func (f *Reframer) Buffered() int { return f.b - f.a }
+
+// ready reports whether Next has something to work on without reading.
+func (f *Reframer) ready() bool { return f.b > f.a || f.rerr != nil || f.err != nil }
 
 // Next returns the next CSP unit in a freshly allocated slice that the caller
 // owns (one allocation per unit, since the caller hands it to another
@@ -122,7 +126,7 @@ func (f *Reframer) Next() ([]byte, error) {
 	}
 	unit := make([]byte, n)
 	for k := 0; k < n; {
-		if f.a == f.b && n-k >= f.size {
+		if f.a == f.b && n-k >= f.size && f.rerr == nil {
 			// Nothing buffered and a chunk would not hold the rest:
 			// straight into the unit.
 			if _, err := io.ReadFull(f.r, unit[k:]); err != nil {
@@ -155,19 +159,13 @@ func (f *Reframer) Next() ([]byte, error) {
 // fill reads until at least min bytes are buffered (min <= size).
 func (f *Reframer) fill(min int) error {
 	for f.b-f.a < min {
-		if f.buf == nil {
-			if f.size == DefaultReadBufferSize {
-				f.buf = readChunks.Get().(*[DefaultReadBufferSize]byte)[:]
-			} else {
-				f.buf = make([]byte, f.size)
-			}
-			f.a, f.b = 0, 0
+		if f.rerr != nil {
+			err := f.rerr
+			f.rerr = nil
+			f.release()
+			return err
 		}
-		if f.b == len(f.buf) {
-			f.b = copy(f.buf, f.buf[f.a:f.b])
-			f.a = 0
-		}
-		n, err := f.r.Read(f.buf[f.b:])
+		n, err := f.r.Read(f.space())
 		f.b += n
 		if err != nil {
 			if f.b-f.a >= min {
@@ -178,6 +176,47 @@ func (f *Reframer) fill(min int) error {
 		}
 	}
 	return nil
+}
+
+// space returns where the next read goes: the free end of the chunk,
+// taking one and moving the unread bytes to its start where needed.
+func (f *Reframer) space() []byte {
+	if f.buf == nil {
+		if f.size == DefaultReadBufferSize {
+			f.buf = readChunks.Get().(*[DefaultReadBufferSize]byte)[:]
+		} else {
+			f.buf = make([]byte, f.size)
+		}
+		f.a, f.b = 0, 0
+	}
+	if f.b == len(f.buf) {
+		f.b = copy(f.buf, f.buf[f.a:f.b])
+		f.a = 0
+	}
+	return f.buf[f.b:]
+}
+
+// ReadWith reads the stream once with read, which reads into the buffer
+// it is given like io.Reader.Read, except that it reports "nothing there
+// yet" as (0, false) instead of waiting. What it reads is cut into units
+// by the next calls to Next; an error is returned by Next once the units
+// before it are. It reports whether anything (bytes or an error) came;
+// if not, the Reframer holds no chunk afterwards.
+func (f *Reframer) ReadWith(read func([]byte) (n int, ok bool, err error)) bool {
+	if f.err != nil || f.rerr != nil {
+		return true
+	}
+	n, ok, err := read(f.space())
+	f.b += n
+	if err != nil {
+		f.rerr = err
+		return true
+	}
+	if !ok || n == 0 {
+		f.release()
+		return false
+	}
+	return true
 }
 
 // release gives the chunk back once nothing in it is left to cut.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -58,7 +59,9 @@ type Upstream struct {
 	reframer     *Reframer
 	writeTimeout time.Duration
 	raw          syscall.RawConn       // for WaitReadable; nil if conn has none
-	peek         func(fd uintptr) bool // WaitReadable's test, bound once
+	fill         func(fd uintptr) bool // WaitReadable's read, bound once
+	rawRead      func([]byte) (int, bool, error)
+	fd           uintptr
 
 	// writeErr makes a failed write final: after a timeout some bytes of p may
 	// have been sent, so the server's view of the stream is broken and no
@@ -88,13 +91,25 @@ func Dial(ctx context.Context, addr string, opts Options) (*Upstream, error) {
 	if sc, ok := conn.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			u.raw = raw
-			var b [1]byte
-			u.peek = func(fd uintptr) bool {
-				// Never blocks (MSG_DONTWAIT); EOF and errors count as
-				// readable, the ReadUnit that follows reports them.
-				_, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
-					syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-				return e != syscall.EAGAIN
+			u.rawRead = func(p []byte) (int, bool, error) {
+				// The socket is non-blocking: no system-call
+				// bookkeeping of the scheduler is needed.
+				n, _, e := syscall.RawSyscall(syscall.SYS_READ, u.fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+				switch {
+				case e == syscall.EAGAIN:
+					return 0, false, nil
+				case e == syscall.EINTR:
+					return 0, true, nil // ReadUnit reads again
+				case e != 0:
+					return 0, true, os.NewSyscallError("read", e)
+				case n == 0:
+					return 0, true, io.EOF
+				}
+				return int(n), true, nil
+			}
+			u.fill = func(fd uintptr) bool {
+				u.fd = fd
+				return u.reframer.ReadWith(u.rawRead)
 			}
 		}
 	}
@@ -102,17 +117,17 @@ func Dial(ctx context.Context, addr string, opts Options) (*Upstream, error) {
 }
 
 // WaitReadable returns when ReadUnit has bytes to work on: some are
-// buffered already, or the connection has bytes to read (or has ended).
-// It reads nothing. A goroutine that waits here between units, instead of
-// inside ReadUnit's read, waits near the bottom of its stack, which the
-// garbage collector can then shrink: an idle device's upstream reader
-// costs 2 KiB of stack instead of 8. Only the goroutine that calls
-// ReadUnit may call it.
+// buffered already, or it waits for the connection and reads what it has
+// (or its end) with the one read system call ReadUnit would have made. A
+// goroutine that waits here between units, instead of inside ReadUnit's
+// read, waits near the bottom of its stack, which the garbage collector
+// can then shrink, and holds no read buffer while it waits. Only the
+// goroutine that calls ReadUnit may call it.
 func (u *Upstream) WaitReadable() {
-	if u.raw == nil || u.reframer.Buffered() > 0 {
+	if u.raw == nil || u.reframer.ready() {
 		return
 	}
-	_ = u.raw.Read(u.peek) // an error (closed) shows in the ReadUnit that follows
+	_ = u.raw.Read(u.fill) // an error (closed) shows in the ReadUnit that follows
 }
 
 // Write sends device→server bytes verbatim. Proxy payloads are a byte stream

@@ -242,3 +242,27 @@ func TestWaitReadable(t *testing.T) {
 		t.Fatal("WaitReadable did not return after Close")
 	}
 }
+
+// TestWaitReadableThenEOF: units read by WaitReadable come out of
+// ReadUnit before the end of the stream, which then wraps ErrClosed and
+// io.EOF, as without WaitReadable.
+func TestWaitReadableThenEOF(t *testing.T) {
+	units := testUnits(5000, 1, 8192)
+	addr := fakeChatServer(t, func(c net.Conn) {
+		for _, u := range units {
+			c.Write(u)
+		}
+	})
+	u := dialTest(t, addr, Options{})
+	for i, want := range units {
+		u.WaitReadable()
+		got, err := u.ReadUnit()
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("unit %d: %d bytes, %v", i, len(got), err)
+		}
+	}
+	u.WaitReadable()
+	if _, err := u.ReadUnit(); !errors.Is(err, ErrClosed) || !errors.Is(err, io.EOF) {
+		t.Fatalf("after the last unit: %v, want ErrClosed and io.EOF", err)
+	}
+}
