@@ -36,6 +36,7 @@ func (s *Store) run() {
 		var closing bool
 		batch, closing = s.take(batch[:0])
 		if len(batch) > 0 {
+			t := time.Now()
 			if onlyBarriers(batch) {
 				// Every earlier request is complete: the committer is
 				// sequential. No round trip for nothing.
@@ -45,6 +46,7 @@ func (s *Store) run() {
 			} else {
 				_ = s.commitBatch(batch, s.flushDue())
 			}
+			s.busy.Add(int64(time.Since(t)))
 			clear(batch)
 			continue
 		}
@@ -55,7 +57,10 @@ func (s *Store) run() {
 			return
 		}
 		if s.flushDue() {
-			if err := s.commitBatch(nil, true); err == nil {
+			t := time.Now()
+			err := s.commitBatch(nil, true)
+			s.busy.Add(int64(time.Since(t)))
+			if err == nil {
 				continue
 			}
 			s.flushRetry = time.Now().Add(s.so.AckFlushInterval)
@@ -72,6 +77,11 @@ func (s *Store) run() {
 		}
 	}
 }
+
+// CommitterBusy is how long the committer has been working (committing,
+// completing requests) since Open; its rate of increase is the fraction
+// of time the committer is busy.
+func (s *Store) CommitterBusy() time.Duration { return time.Duration(s.busy.Load()) }
 
 func onlyBarriers(batch []*request) bool {
 	for _, r := range batch {
@@ -232,6 +242,10 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		if bt != nil {
 			bt.publish()
 		}
+		done := time.Now()
+		for _, r := range batch {
+			r.result.CommitStart, r.result.CommitDone = start, done
+		}
 	} else {
 		err = fmt.Errorf("pgstore: commit of %d requests: %w", len(batch), err)
 		s.log.Error().Err(err).Msg("pgstore: commit failed")
@@ -259,6 +273,10 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 			d(nil)
 		}
 	}
+	if h := s.hooks.Load(); h != nil && len(batch) > 0 {
+		h.begin()
+		defer h.end()
+	}
 	for _, r := range batch {
 		if r.err != nil {
 			r.complete(r.err)
@@ -267,6 +285,20 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		}
 	}
 	return err
+}
+
+// completionHooks bracket the completion callbacks of one commit.
+type completionHooks struct{ begin, end func() }
+
+// SetCompletionHooks makes the committer call begin before the completion
+// callbacks of each commit and end after them, on its own goroutine (see
+// reflection.DB.SetCompletionHooks). nil functions remove the hooks.
+func (s *Store) SetCompletionHooks(begin, end func()) {
+	if begin == nil || end == nil {
+		s.hooks.Store(nil)
+		return
+	}
+	s.hooks.Store(&completionHooks{begin, end})
 }
 
 // unsettled is a commit whose outcome the committer does not know: the
