@@ -351,9 +351,9 @@ func TestVerifyChallengeResponse(t *testing.T) {
 	}
 	// Another connection's whole handshake (its ESK and its challenge),
 	// answered with the right key, replayed to this one.
-	otherESK, _ := ecdh.X25519().GenerateKey(rand.Reader)
+	otherESK, _ := NewEphemeralKey(rand.Reader)
 	var otherESKPub [32]byte
-	copy(otherESKPub[:], otherESK.PublicKey().Bytes())
+	copy(otherESKPub[:], otherESK.Public())
 	replayedHandshake := box.Seal(nonce[:], otherChallenge, &nonce, &otherESKPub, dgpkSec)
 	if err := VerifyChallengeResponse(otherESK, group, otherChallenge, replayedHandshake); err != nil {
 		t.Fatalf("the other connection's own response: %v", err)
