@@ -1,11 +1,11 @@
 package chatproxy
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 )
 
 // Sizes of the units the chat server sends, in the order it sends them
@@ -26,12 +26,15 @@ const (
 	MaxUnitSize = FrameLengthSize + MaxFrameBoxSize
 )
 
-// DefaultReadBufferSize is the bufio size behind a Reframer when none is
-// given. Units larger than the buffer are read straight into their own
-// slice, so a small buffer costs syscalls only for big frames, while every
-// idle device connection keeps this much memory (BENCHMARKS.md, "idle",
+// DefaultReadBufferSize is the size of the chunks a Reframer reads into.
+// Units larger than a chunk are read straight into their own slice, so a
+// small chunk costs syscalls only for big frames. A chunk is taken from a
+// pool when the Reframer reads and given back as soon as its bytes are cut
+// into units: an idle device connection holds none (BENCHMARKS.md, "idle",
 // counts the memory per connection).
 const DefaultReadBufferSize = 4096
+
+var readChunks = sync.Pool{New: func() any { return new([DefaultReadBufferSize]byte) }}
 
 // Sentinel errors. Errors returned by this package wrap exactly one of them,
 // plus the underlying cause where there is one.
@@ -66,19 +69,30 @@ const (
 // returns the same error forever: once a unit is cut wrong, every later cut
 // would be wrong too.
 type Reframer struct {
-	r     *bufio.Reader
+	r     io.Reader
+	size  int    // chunk size
+	buf   []byte // the chunk; buf[a:b] read and not yet cut; nil when empty
+	a, b  int
+	rerr  error // the stream's error read by ReadWith, for Next once buf is cut
 	phase reframerPhase
 	err   error
 }
 
-// NewReframer returns a Reframer reading from r through a buffer of bufSize
-// bytes (DefaultReadBufferSize if bufSize <= 0).
+// NewReframer returns a Reframer reading from r in chunks of bufSize bytes
+// (DefaultReadBufferSize if bufSize <= 0).
 func NewReframer(r io.Reader, bufSize int) *Reframer {
 	if bufSize <= 0 {
 		bufSize = DefaultReadBufferSize
 	}
-	return &Reframer{r: bufio.NewReaderSize(r, bufSize)}
+	return &Reframer{r: r, size: bufSize}
 }
+
+// Buffered reports how many bytes were read from the stream and not yet
+// returned in a unit.
+func (f *Reframer) Buffered() int { return f.b - f.a }
+
+// ready reports whether Next has something to work on without reading.
+func (f *Reframer) ready() bool { return f.b > f.a || f.rerr != nil || f.err != nil }
 
 // Next returns the next CSP unit in a freshly allocated slice that the caller
 // owns (one allocation per unit, since the caller hands it to another
@@ -100,13 +114,10 @@ func (f *Reframer) Next() ([]byte, error) {
 	case phaseLoginAck:
 		n = LoginAckSize
 	default:
-		// Peek does not allocate and leaves the prefix in place, so the
-		// unit is read below with a single ReadFull into one slice.
-		hdr, err := f.r.Peek(FrameLengthSize)
-		if err != nil {
+		if err := f.fill(FrameLengthSize); err != nil {
 			return nil, f.fail(err)
 		}
-		length := int(binary.LittleEndian.Uint16(hdr))
+		length := int(binary.LittleEndian.Uint16(f.buf[f.a:]))
 		if length > MaxFrameBoxSize {
 			f.err = fmt.Errorf("%w: length %d, limit %d", ErrFrameTooLarge, length, MaxFrameBoxSize)
 			return nil, f.err
@@ -114,8 +125,30 @@ func (f *Reframer) Next() ([]byte, error) {
 		n = FrameLengthSize + length
 	}
 	unit := make([]byte, n)
-	if _, err := io.ReadFull(f.r, unit); err != nil {
-		return nil, f.fail(err)
+	for k := 0; k < n; {
+		if f.a == f.b && n-k >= f.size && f.rerr == nil {
+			// Nothing buffered and a chunk would not hold the rest:
+			// straight into the unit.
+			if _, err := io.ReadFull(f.r, unit[k:]); err != nil {
+				if errors.Is(err, io.EOF) && k > 0 {
+					err = io.ErrUnexpectedEOF
+				}
+				return nil, f.fail(err)
+			}
+			break
+		}
+		if f.a == f.b {
+			if err := f.fill(1); err != nil {
+				if errors.Is(err, io.EOF) && k > 0 {
+					err = io.ErrUnexpectedEOF
+				}
+				return nil, f.fail(err)
+			}
+		}
+		c := copy(unit[k:], f.buf[f.a:f.b])
+		f.a += c
+		k += c
+		f.release()
 	}
 	if f.phase < phaseFrames {
 		f.phase++
@@ -123,11 +156,84 @@ func (f *Reframer) Next() ([]byte, error) {
 	return unit, nil
 }
 
+// fill reads until at least min bytes are buffered (min <= size).
+func (f *Reframer) fill(min int) error {
+	for f.b-f.a < min {
+		if f.rerr != nil {
+			err := f.rerr
+			f.rerr = nil
+			f.release()
+			return err
+		}
+		n, err := f.r.Read(f.space())
+		f.b += n
+		if err != nil {
+			if f.b-f.a >= min {
+				return nil // the error comes back with the next read
+			}
+			f.release()
+			return err
+		}
+	}
+	return nil
+}
+
+// space returns where the next read goes: the free end of the chunk,
+// taking one and moving the unread bytes to its start where needed.
+func (f *Reframer) space() []byte {
+	if f.buf == nil {
+		if f.size == DefaultReadBufferSize {
+			f.buf = readChunks.Get().(*[DefaultReadBufferSize]byte)[:]
+		} else {
+			f.buf = make([]byte, f.size)
+		}
+		f.a, f.b = 0, 0
+	}
+	if f.b == len(f.buf) {
+		f.b = copy(f.buf, f.buf[f.a:f.b])
+		f.a = 0
+	}
+	return f.buf[f.b:]
+}
+
+// ReadWith reads the stream once with read, which reads into the buffer
+// it is given like io.Reader.Read, except that it reports "nothing there
+// yet" as (0, false) instead of waiting. What it reads is cut into units
+// by the next calls to Next; an error is returned by Next once the units
+// before it are. It reports whether anything (bytes or an error) came;
+// if not, the Reframer holds no chunk afterwards.
+func (f *Reframer) ReadWith(read func([]byte) (n int, ok bool, err error)) bool {
+	if f.err != nil || f.rerr != nil {
+		return true
+	}
+	n, ok, err := read(f.space())
+	f.b += n
+	if err != nil {
+		f.rerr = err
+		return true
+	}
+	if !ok || n == 0 {
+		f.release()
+		return false
+	}
+	return true
+}
+
+// release gives the chunk back once nothing in it is left to cut.
+func (f *Reframer) release() {
+	if f.buf == nil || f.a < f.b {
+		return
+	}
+	if len(f.buf) == DefaultReadBufferSize {
+		readChunks.Put((*[DefaultReadBufferSize]byte)(f.buf))
+	}
+	f.buf, f.a, f.b = nil, 0, 0
+}
+
 // fail records a read error as the Reframer's final error.
 func (f *Reframer) fail(err error) error {
-	// Peek reports a bare io.EOF even when some bytes of the prefix were
-	// buffered; make a partial unit look the same as ReadFull reports it.
-	if errors.Is(err, io.EOF) && f.r.Buffered() > 0 {
+	// A partial length prefix looks the same as a partial unit.
+	if errors.Is(err, io.EOF) && f.Buffered() > 0 {
 		err = io.ErrUnexpectedEOF
 	}
 	f.err = fmt.Errorf("%w: %w", ErrClosed, err)

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 )
 
 // Defaults for Options fields left at zero.
@@ -55,6 +58,10 @@ type Upstream struct {
 	conn         net.Conn
 	reframer     *Reframer
 	writeTimeout time.Duration
+	raw          syscall.RawConn       // for WaitReadable; nil if conn has none
+	fill         func(fd uintptr) bool // WaitReadable's read, bound once
+	rawRead      func([]byte) (int, bool, error)
+	fd           uintptr
 
 	// writeErr makes a failed write final: after a timeout some bytes of p may
 	// have been sent, so the server's view of the stream is broken and no
@@ -76,11 +83,51 @@ func Dial(ctx context.Context, addr string, opts Options) (*Upstream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w %s: %w", ErrDial, addr, err)
 	}
-	return &Upstream{
+	u := &Upstream{
 		conn:         conn,
 		reframer:     NewReframer(conn, opts.ReadBufferSize),
 		writeTimeout: opts.WriteTimeout,
-	}, nil
+	}
+	if sc, ok := conn.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			u.raw = raw
+			u.rawRead = func(p []byte) (int, bool, error) {
+				// The socket is non-blocking: no system-call
+				// bookkeeping of the scheduler is needed.
+				n, _, e := syscall.RawSyscall(syscall.SYS_READ, u.fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+				switch {
+				case e == syscall.EAGAIN:
+					return 0, false, nil
+				case e == syscall.EINTR:
+					return 0, true, nil // ReadUnit reads again
+				case e != 0:
+					return 0, true, os.NewSyscallError("read", e)
+				case n == 0:
+					return 0, true, io.EOF
+				}
+				return int(n), true, nil
+			}
+			u.fill = func(fd uintptr) bool {
+				u.fd = fd
+				return u.reframer.ReadWith(u.rawRead)
+			}
+		}
+	}
+	return u, nil
+}
+
+// WaitReadable returns when ReadUnit has bytes to work on: some are
+// buffered already, or it waits for the connection and reads what it has
+// (or its end) with the one read system call ReadUnit would have made. A
+// goroutine that waits here between units, instead of inside ReadUnit's
+// read, waits near the bottom of its stack, which the garbage collector
+// can then shrink, and holds no read buffer while it waits. Only the
+// goroutine that calls ReadUnit may call it.
+func (u *Upstream) WaitReadable() {
+	if u.raw == nil || u.reframer.ready() {
+		return
+	}
+	_ = u.raw.Read(u.fill) // an error (closed) shows in the ReadUnit that follows
 }
 
 // Write sends device→server bytes verbatim. Proxy payloads are a byte stream

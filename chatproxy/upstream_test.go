@@ -199,3 +199,70 @@ func TestWriteTimeout(t *testing.T) {
 		t.Fatalf("error not sticky: %v", err2)
 	}
 }
+
+// TestWaitReadable: WaitReadable returns once bytes arrive, at once while
+// units read with an earlier chunk are still buffered (the socket will
+// not become readable for them again), and when the connection is closed.
+func TestWaitReadable(t *testing.T) {
+	units := testUnits(10, 20, 30)
+	var stream []byte
+	for _, u := range units {
+		stream = append(stream, u...)
+	}
+	release := make(chan struct{})
+	addr := fakeChatServer(t, func(c net.Conn) {
+		<-release
+		c.Write(stream) // every unit in one write: one read takes them all
+		io.Copy(io.Discard, c)
+	})
+	u := dialTest(t, addr, Options{})
+	done := make(chan struct{})
+	go func() { u.WaitReadable(); close(done) }()
+	close(release)
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("WaitReadable did not return after the server wrote")
+	}
+	for i, want := range units {
+		if i > 0 {
+			u.WaitReadable() // buffered: must not wait for the socket
+		}
+		got, err := u.ReadUnit()
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("unit %d: %d bytes, %v", i, len(got), err)
+		}
+	}
+	closed := make(chan struct{})
+	go func() { u.WaitReadable(); close(closed) }()
+	u.Close()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("WaitReadable did not return after Close")
+	}
+}
+
+// TestWaitReadableThenEOF: units read by WaitReadable come out of
+// ReadUnit before the end of the stream, which then wraps ErrClosed and
+// io.EOF, as without WaitReadable.
+func TestWaitReadableThenEOF(t *testing.T) {
+	units := testUnits(5000, 1, 8192)
+	addr := fakeChatServer(t, func(c net.Conn) {
+		for _, u := range units {
+			c.Write(u)
+		}
+	})
+	u := dialTest(t, addr, Options{})
+	for i, want := range units {
+		u.WaitReadable()
+		got, err := u.ReadUnit()
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("unit %d: %d bytes, %v", i, len(got), err)
+		}
+	}
+	u.WaitReadable()
+	if _, err := u.ReadUnit(); !errors.Is(err, ErrClosed) || !errors.Is(err, io.EOF) {
+		t.Fatalf("after the last unit: %v, want ErrClosed and io.EOF", err)
+	}
+}

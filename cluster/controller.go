@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"strings"
 	"time"
@@ -51,6 +52,10 @@ func (n *Node) controllerLoop() {
 type ctrlState struct {
 	live      string    // sorted ids of the live nodes at the last pass
 	liveSince time.Time // when that set was first seen
+	// movedAt is the revision of the last move this controller started:
+	// it plans again only from a view that shows it (else a pass woken by
+	// the timer would plan the same moves again).
+	movedAt int64
 }
 
 // lead runs reconciliation passes while this node is the controller:
@@ -198,18 +203,22 @@ func (n *Node) reconcileCluster(ctx context.Context, leader clientv3.Cmp, st *ct
 	if !settled {
 		return max(wait, time.Millisecond)
 	}
-	if n.cfg.AutoRebalance {
+	if n.cfg.AutoRebalance && v.rev >= st.movedAt {
 		// Start a budget's worth of moves and let the cluster carry
 		// them: the next passes (each move's states wake the watch) see
 		// them in flight, and a new controller finds them there too.
 		for _, pm := range v.planRebalance(n.cfg.MaxConcurrentMoves - v.movesInFlight()) {
 			sctx, cancel := context.WithTimeout(ctx, n.cfg.LeaseTTL)
-			info, _, err := n.StartMove(sctx, pm.Shard, pm.To)
+			info, rev, err := n.StartMove(sctx, pm.Shard, pm.To)
 			cancel()
+			if errors.Is(err, ErrMoveInProgress) || errors.Is(err, ErrAlreadyOwner) {
+				continue // someone else's move, not yet in this view
+			}
 			if err != nil {
 				n.log.Warn().Err(err).Str("shard", pm.Shard.String()).Str("to", pm.To).Msg("cluster: controller could not start a planned move")
 				continue
 			}
+			st.movedAt = max(st.movedAt, rev)
 			n.log.Info().Str("shard", pm.Shard.String()).Str("from", pm.From).Str("to", pm.To).Str("reason", pm.Reason).Str("move", info.ID).
 				Msg("cluster: controller started a planned move")
 			n.watchPlanned(pm, info)

@@ -1,8 +1,10 @@
 // Package cluster is the mediator's cluster control plane: which node
 // serves which shard of device groups, decided through etcd. It owns the
 // node's etcd lease and the fence clock derived from it, a watched copy of
-// the shard map (for routing and the HAProxy map), the controller that
-// assigns shards, and the state machine of planned shard moves.
+// the shard map (for routing and the HAProxy map), the lifecycle of every
+// shard on this node (lifecycle.go: the one place a shard's state on the
+// node changes), the controller that assigns and rebalances shards, and
+// planned shard moves.
 //
 // It holds placement only, never messages, and must not sit on the
 // reflect path: the one question a reflect asks it, MayAck, is answered
@@ -22,9 +24,11 @@
 // Under a prefix (DefaultPrefix, "/d2m-mediator/"):
 //
 //	nodes/<node-id>  {"advertise","started","admin","tls"}  on the node's lease     a live node (one lease per node, as CockroachDB's node liveness)
-//	assign/<NN>      {"node","by"}            no lease                the node that holds the shard's data: where it must be served
+//	assign/<NN>      {"node","by","gen","fresh"}  no lease            the node that holds the shard's data: where it must be served, and which copy
 //	shards/<NN>      {"node","advertise"}     on the owner's lease    the node serving it now; its ModRevision is the shard's epoch
 //	moves/<NN>       {"id","from","to","state","from_epoch",…}  no lease   a planned move in progress (or just finished)
+//	drain/<node-id>  {"since"}                no lease                the node takes no shards and gives its own away (DrainNode, until Undrain)
+//	secret           base64 of 32 bytes       no lease                the cluster's secret: nodes sign shard transfers with it
 //	controller/…     concurrency.Election keys (own session lease)
 //
 // <NN> is the shard as two lowercase hex digits. assign/ and shards/ are
@@ -64,8 +68,9 @@
 //	ownedUntil = send time of the last successful keepalive + TTL − margin
 //
 // (margin FenceMargin, default TTL/5, for clock rate differences). MayAck
-// compares time.Now's monotonic reading with one atomic deadline per shard:
-// no lock, no etcd call. After a SIGSTOP past the TTL it is false at once
+// reads two atomics, the lease a shard may be acked under (its lifecycle
+// sets it) and the fence's lease and deadline, and compares time.Now's
+// monotonic reading: no lock, no etcd call. After a SIGSTOP past the TTL it is false at once
 // on SIGCONT, before any goroutine has run; the first keepalive then learns
 // the lease is gone, every shard is reported lost, and the node joins again
 // under a new lease. Jepsen found etcd locks unsafe without downstream
@@ -74,42 +79,100 @@
 // election has its own session lease: losing the controller role does not
 // cost a node its shards, nor the reverse.
 //
+// # Shard lifecycle on a node
+//
+// What a node knows and does about a shard lives in one place: a state
+// per shard (absent, serving, frozen, receiving, fenced) that changes only
+// through typed events (claimed, lost with its cause, lease lost, freeze,
+// exported, thaw, receive, receive ended, store fenced) reported by the
+// watch loop, claims, the donor and recipient sides of a move and the
+// lease keeper (lifecycle.go, with its transition table in
+// lifecycle_test.go). Each transition returns its effects: an event for
+// the mediator (OnEvents: ShardGained, ShardLost with a Cause, ShardFrozen,
+// ShardThawed), a donor to start or cancel, a copy to drop.
+//
+// The mediator passes every group write of a shard through Admit, with the
+// epoch its in-memory state was loaded under: a served shard admits it, a
+// frozen one holds it until the move ends (thawed: it goes on; handed
+// over: *ShardGoneError, and the device, closed with 1001, redoes it on
+// the new owner), any other state refuses it. MayAck is true for a served
+// or frozen shard under a live fence clock: a frozen shard's admitted
+// writes were made durable before its export, so the recipient has them.
+// Nothing is acknowledged that the new owner will not have.
+//
+// Copies carry generations (bbolt; not with SharedStore): a copy's
+// generation is the etcd revision of the "exported" record of the move
+// that brought it (0 for a shard never moved). The flip writes it into
+// assign/<NN>; a node claims a shard only while holding the copy the
+// assignment names, or, for a shard reassigned with data loss ("fresh"),
+// after emptying its copy (Hooks.Reset), and settles a claimed shard
+// before serving it (Hooks.Settle: slots disconnected, held reflections
+// released). The donor drops its copy at the hand-over by generation, so a
+// drop that comes late (the shard moved away and came back, A→B→A) keeps
+// the fresh copy; a recipient whose import did not flip discards it; a
+// node's copies of shards assigned elsewhere (strays, left by a crash) are
+// dropped by the watch.
+//
 // # Controller
 //
 // One per cluster, elected with concurrency.Election. On every change of
 // the shard map it assigns never-assigned shards to the least loaded live
-// node (balanced), keeps assignments while their nodes live (sticky),
-// applies AutoFailover, deletes finished move records and aborts moves
-// whose donor no longer serves the shard, and with AutoRebalance moves
-// shards from the most to the least loaded node until they differ by at
-// most one. Assignments wait until the set of live nodes has been stable
-// for SettleDelay, so nodes starting together share the first assignment.
-// Each write also compares the controller's election key, so a deposed
-// controller writes nothing.
+// node that is not draining (balanced), keeps assignments while their
+// nodes live (sticky), applies AutoFailover, deletes finished move records
+// and unreadable ones, aborts moves whose donor no longer serves the
+// shard, and with AutoRebalance starts the planned moves of a rebalance
+// plan (below), at most MaxConcurrentMoves in flight. Assignments and
+// rebalancing wait until the set of live nodes has been stable for
+// SettleDelay, so nodes starting together share the first assignment and
+// a restarting node is not rebalanced around. Each write also compares
+// the controller's election key, so a deposed controller writes nothing;
+// it watches that key and campaigns again when it is gone.
 //
 // # Planned moves
 //
-// Move(ctx, shard, to) drives one move through etcd so both nodes see it:
+// StartMove(ctx, shard, to) creates the move record; from then on the move
+// belongs to the cluster, not to the caller. WaitMove follows it (Move
+// does both); a caller that stops waiting gets ErrMoveRunning and the move
+// goes on; AbortMove stops it. The states, each a compare-guarded write of
+// moves/<NN> so every node sees it:
 //
-//	serving      no moves/<NN>; the owner acks
-//	draining     the caller created moves/<NN> (compare: no unfinished move, the
-//	             owner's epoch, the recipient's node key); the donor's MayAck turns
-//	             false at once, then Hooks.Drain, Hooks.Export
+//	serving      no moves/<NN>; the owner serves the shard
+//	draining     created by StartMove (compare: no unfinished move, the owner's
+//	             epoch, the recipient's node key); the donor freezes the shard,
+//	             waits for the writes admitted before (Release), then Hooks.Drain
+//	             (they are durable) and Hooks.Export
 //	exported     written by the donor (compare: the move's and the owner's
-//	             revisions); the donor sends the export with Transport.Send
+//	             revisions); its revision is the copy's generation; the donor
+//	             sends the export with Transport.Send
 //	handed-over  written by the recipient in Receive after Hooks.Import, in one
 //	             transaction that compares the move and the donor's epoch and
-//	             writes assign/ and shards/ (its lease): the new, higher epoch
+//	             writes assign/ (with the generation), shards/ (its lease) and
+//	             the move: the new, higher epoch
 //
-// The donor's watch sees shards/<NN> change and reports ShardLost (the
-// mediator closes the shard's devices with 1001; they reconnect to the new
-// owner). A failure in any hook or in the transfer, or MoveTimeout, writes
-// "aborted" with the reason; the donor then serves the shard again
-// (Hooks.Resume). A second move of a shard, a move to a node that is not
-// live (unknown, or its lease expired) or to the owner, and a move of a
-// shard without a live owner are refused with ErrMoveInProgress,
-// ErrNodeNotLive, ErrAlreadyOwner, ErrShardUnavailable. DrainNode moves
-// every shard of a node away; Leave is DrainNode of itself, then Close.
+// The donor's watch sees shards/<NN> change to the recipient: ShardLost
+// with CauseMovedAway (the mediator closes the shard's devices with 1001,
+// reason "shard moved to NODE"; they reconnect to the new owner) and the
+// drop of its copy. A failure in any hook or in the transfer, MoveTimeout,
+// or AbortMove writes "aborted" with the reason; the donor thaws the shard
+// (ShardThawed) and its held writes go on. The donor never cancels the
+// recipient at the flip, and the recipient flips under its own context
+// once the copy is imported. A second move of a shard, a move to a node
+// that is not live (unknown, or its lease expired) or to the owner, and a
+// move of a shard without a live owner are refused with
+// ErrMoveInProgress, ErrNodeNotLive, ErrAlreadyOwner, ErrShardUnavailable.
+//
+// # Rebalancing and drains
+//
+// One plan function (rebalance.go) serves every executor: shards of
+// draining nodes go to the others, then the most loaded node gives to the
+// least loaded until all are within one, moving only served shards
+// without a move in flight, never more than a budget (Kafka's cooperative
+// sticky assignor: incremental, only the excess moves). A node that joins
+// and a node that is drained are the same case. The controller with
+// AutoRebalance starts moves from it; Rebalance and DrainNode (which marks
+// the node draining first) run it to completion on the node asked, under
+// the node's context: a caller that goes away gets ErrMoveRunning and
+// the work goes on. Leave is DrainNode of itself, then Close.
 //
 // # Routing and HAProxy
 //
@@ -130,23 +193,27 @@
 //
 // New(client, Config) then Join(ctx); Close(ctx) on shutdown (the node's
 // shards stay assigned to it, for a restart), Leave(ctx) to retire it. The
-// reflect path asks MayAck(ShardOf(groupID)) before every ReflectAck; the
-// accept path asks Owner(shard) and forwards when another node owns it.
-// OnEvent receives ShardGained and ShardLost; the mediator implements
-// Hooks (Drain, Export, Import, Resume) over its store and Transport over
-// a node-to-node connection whose receiving end calls Receive. The admin
-// API and CLI map onto Members, Shards, Move, DrainNode, Reassign,
-// Rebalance and HAProxyMap.
+// reflect path asks MayAck(ShardOf(groupID)) before every ReflectAck;
+// every group write passes Admit/Release; the accept path asks Status and
+// Owner and forwards when another node owns the shard. OnEvents receives
+// the lifecycle's events; the mediator implements Hooks (Drain, Export,
+// Import, Drop, Reset, Settle, Generation) over its store and Transport
+// over a node-to-node connection whose receiving end calls Receive. The
+// admin API and CLI map onto Members, Shards, StartMove, WaitMove,
+// AbortMove, DrainNode, Undrain, Rebalance, Reassign and HAProxyMap.
 //
 // # Concurrency
 //
 // A Node runs a keepalive loop (the lease and the fence clock), a watch
 // loop (the only writer of the view: it applies etcd events, then
-// reconciles what this node holds: releases, claims, donor work), one
-// event goroutine (delivers events in order so no loop waits on the
-// mediator), the controller campaign, and one goroutine per donated move.
-// Close cancels them all and waits. Node.mu guards the view and is held
-// only for memory work; fence.mu serialises the fence's writers and may be
-// taken under Node.mu, never the reverse. No etcd call is made while
-// holding either.
+// reports to the lifecycle what it sees and carries out the effects:
+// claims, donors, drops), one event goroutine (delivers events in order
+// so no loop waits on the mediator), the controller campaign, and one
+// goroutine per donated move, per drop, per followed planned move and per
+// drain or rebalance run. Every one is started with spawn and counted;
+// Close cancels them all and waits. Node.mu guards the view and the
+// copies and is held only for memory work; each shard's lifecycle cell
+// has its own mutex, which may be taken under Node.mu, never the reverse;
+// fence.mu serialises the fence's writers. No etcd call and no store call
+// is made while holding any of them.
 package cluster

@@ -45,6 +45,8 @@ type Node struct {
 	// state changes (lifecycle.go).
 	lc lifecycle
 
+	reconcileMu sync.Mutex // one reconcileLocal pass at a time; taken before mu
+
 	mu     sync.Mutex // guards view, copies, joined; lock order: mu → a lifecycle cell's mu → fence.mu
 	view   view
 	copies [NumShards]shardCopy // this node's copies of shards (not with SharedStore)
@@ -409,6 +411,12 @@ type shardEffects struct {
 // claims shards assigned to it that have no owner, aborts moves that
 // cannot start and drops copies of shards it does not hold any more.
 func (n *Node) reconcileLocal() {
+	// One pass at a time (Join's first pass runs beside the watch
+	// loop's): two passes that both saw a shard unclaimed would both
+	// settle it, the second after the first claimed it and devices
+	// connected.
+	n.reconcileMu.Lock()
+	defer n.reconcileMu.Unlock()
 	me := n.cfg.NodeID
 	var (
 		effs   []shardEffects

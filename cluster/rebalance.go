@@ -222,11 +222,17 @@ func (n *Node) setDraining(ctx context.Context, node string, on bool) error {
 func (n *Node) runPlans(ctx context.Context, opt RebalanceOptions, keep func(PlannedMove) bool) (RebalanceResult, error) {
 	parallel := cmp.Or(opt.MaxParallel, n.cfg.MaxConcurrentMoves)
 	var res RebalanceResult
-	var errs []error
+	var failed error // the last pass's failures; a later pass may make them good
+	failures := 0    // passes with failures
 	deadline := time.Now().Add(n.cfg.MoveTimeout)
-	for pass := 0; ctx.Err() == nil; pass++ {
+	for ctx.Err() == nil {
 		if err := n.waitProcessed(ctx); err != nil {
-			return res, err
+			failed = err
+			failures++
+			if failures >= 3 {
+				break
+			}
+			continue
 		}
 		n.mu.Lock()
 		var plan []PlannedMove
@@ -243,7 +249,12 @@ func (n *Node) runPlans(ctx context.Context, opt RebalanceOptions, keep func(Pla
 		}
 		n.mu.Unlock()
 		if len(plan) == 0 {
-			if others == 0 || time.Now().After(deadline) {
+			if others == 0 {
+				failed = nil // done: what failed on the way was made good
+				break
+			}
+			if time.Now().After(deadline) {
+				failed = errors.Join(failed, fmt.Errorf("%d moves of other executors still in flight after %v", others, n.cfg.MoveTimeout))
 				break
 			}
 			// Someone else's moves (the controller's) are carrying the
@@ -252,32 +263,38 @@ func (n *Node) runPlans(ctx context.Context, opt RebalanceOptions, keep func(Pla
 			case <-ctx.Done():
 			case <-time.After(50 * time.Millisecond):
 			}
-			pass--
 			continue
 		}
-		if pass > 0 && len(errs) > 0 && pass >= 3 {
+		if failures >= 3 {
 			break // moves keep failing: report rather than loop
 		}
 		res.Plan = append(res.Plan, plan...)
 		moved, err := n.runMoves(ctx, plan, parallel)
 		res.Moves = append(res.Moves, moved...)
 		if err != nil {
-			errs = append(errs, err)
+			n.log.Warn().Err(err).Msg("cluster: some planned moves failed; planning again")
+			failed = err
+			failures++
 		}
 	}
 	sort.Slice(res.Moves, func(i, j int) bool { return res.Moves[i].Shard < res.Moves[j].Shard })
 	if err := ctx.Err(); err != nil {
-		errs = append(errs, err)
+		failed = errors.Join(failed, err)
 	}
-	return res, errors.Join(errs...)
+	return res, failed
 }
 
 // waitProcessed waits until the watch loop has acted on everything etcd
 // had when it is called, so a plan starts from a current map.
 func (n *Node) waitProcessed(ctx context.Context) error {
-	rctx, cancel := context.WithTimeout(ctx, n.cfg.LeaseTTL)
-	defer cancel()
-	resp, err := n.cli.Get(rctx, n.k.nodes(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	var resp *clientv3.GetResponse
+	err := retryTransient(ctx, func() error {
+		rctx, cancel := context.WithTimeout(ctx, n.cfg.LeaseTTL)
+		defer cancel()
+		var err error
+		resp, err = n.cli.Get(rctx, n.k.nodes(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("cluster: read the shard map's revision: %w", err)
 	}

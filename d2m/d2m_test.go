@@ -312,14 +312,14 @@ func TestClientURLInfoInvalid(t *testing.T) {
 
 func TestVerifyChallengeResponse(t *testing.T) {
 	dgpkPub, dgpkSec, _ := box.GenerateKey(rand.Reader)
-	esk, err := ecdh.X25519().GenerateKey(rand.Reader)
+	esk, err := NewEphemeralKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
 	challenge := make([]byte, ChallengeSize)
 	rand.Read(challenge)
 	var eskPub [32]byte
-	copy(eskPub[:], esk.PublicKey().Bytes())
+	copy(eskPub[:], esk.Public())
 	var nonce [24]byte
 	rand.Read(nonce[:])
 	resp := box.Seal(nonce[:], challenge, &nonce, &eskPub, dgpkSec)
@@ -351,9 +351,9 @@ func TestVerifyChallengeResponse(t *testing.T) {
 	}
 	// Another connection's whole handshake (its ESK and its challenge),
 	// answered with the right key, replayed to this one.
-	otherESK, _ := ecdh.X25519().GenerateKey(rand.Reader)
+	otherESK, _ := NewEphemeralKey(rand.Reader)
 	var otherESKPub [32]byte
-	copy(otherESKPub[:], otherESK.PublicKey().Bytes())
+	copy(otherESKPub[:], otherESK.Public())
 	replayedHandshake := box.Seal(nonce[:], otherChallenge, &nonce, &otherESKPub, dgpkSec)
 	if err := VerifyChallengeResponse(otherESK, group, otherChallenge, replayedHandshake); err != nil {
 		t.Fatalf("the other connection's own response: %v", err)
@@ -365,10 +365,14 @@ func TestVerifyChallengeResponse(t *testing.T) {
 	if err := VerifyChallengeResponse(esk, lowOrder, challenge, resp); !errors.Is(err, ErrLowOrderKey) {
 		t.Errorf("low order: %v", err)
 	}
-	// Shared key must equal box.Precompute.
+	// SharedKey (crypto/ecdh, the device side) must equal box.Precompute.
+	priv, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var want [32]byte
-	box.Precompute(&want, dgpkPub, eskPubToSecret{esk.Bytes()}.get())
-	got, _ := SharedKey(esk, dgpkPub[:])
+	box.Precompute(&want, dgpkPub, eskPubToSecret{priv.Bytes()}.get())
+	got, _ := SharedKey(priv, dgpkPub[:])
 	if *got != want {
 		t.Error("SharedKey differs from box.Precompute")
 	}

@@ -48,11 +48,11 @@ func SharedKey(priv *ecdh.PrivateKey, peer []byte) (*[32]byte, error) {
 // under DGPK.secret and ESK.public, which proves the device holds the group's
 // path key (§6.1): box.Open(resp[24:], resp[:24], peer=device_group_id,
 // priv=ESK.secret) must equal the challenge.
-func VerifyChallengeResponse(esk *ecdh.PrivateKey, group DeviceGroupID, challenge, response []byte) error {
+func VerifyChallengeResponse(esk *EphemeralKey, group DeviceGroupID, challenge, response []byte) error {
 	if len(response) != ResponseSize {
 		return ErrResponseLength
 	}
-	key, err := SharedKey(esk, group[:])
+	key, err := esk.sharedKey(group[:])
 	if err != nil {
 		return err
 	}

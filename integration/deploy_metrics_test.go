@@ -10,6 +10,7 @@ package integration
 import (
 	"bytes"
 	"errors"
+	"math"
 	"os"
 	"slices"
 	"strings"
@@ -47,6 +48,38 @@ func TestDeployMetricsExist(t *testing.T) {
 		return bytes.Contains(body, []byte("mediator_close_codes_total{"))
 	})
 	exposed := promnames.Exposed(body)
+
+	// The ReflectAck stage histogram and the committer's busy time (issue
+	// 21): the dashboard must use them, and after one acked Reflect every
+	// stage has its sample and the committer has been busy.
+	for _, name := range []string{"mediator_reflect_stage_seconds_bucket", "mediator_reflect_stage_seconds_sum",
+		"mediator_reflect_stage_seconds_count", "mediator_committer_busy_seconds_total"} {
+		if _, used := uses[name]; !used {
+			t.Errorf("the dashboard does not use %s", name)
+		}
+	}
+	eventually(t, "every ReflectAck stage observed", func() bool {
+		_, body = s.adminGet("/metrics")
+		for _, stage := range []string{"submit", "wait", "commit", "write", "total"} {
+			if n, _ := metricValue(body, `mediator_reflect_stage_seconds_count{stage="`+stage+`"}`); n < 1 {
+				return false
+			}
+		}
+		return true
+	})
+	// The stages partition the total: read → submitted → commit started →
+	// commit done → written.
+	var parts float64
+	for _, stage := range []string{"submit", "wait", "commit", "write"} {
+		v, _ := metricValue(body, `mediator_reflect_stage_seconds_sum{stage="`+stage+`"}`)
+		parts += v
+	}
+	if total, _ := metricValue(body, `mediator_reflect_stage_seconds_sum{stage="total"}`); total <= 0 || math.Abs(total-parts) > 1e-6 {
+		t.Errorf("ReflectAck stages add up to %v s, total %v s", parts, total)
+	}
+	if busy, _ := metricValue(body, "mediator_committer_busy_seconds_total"); busy <= 0 {
+		t.Errorf("mediator_committer_busy_seconds_total = %v after commits", busy)
+	}
 
 	cluster := 0
 	missing := uses.Missing(exposed, func(name string) bool {

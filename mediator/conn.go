@@ -29,13 +29,13 @@ import (
 // the close frame. No other goroutine writes to the socket.
 type deviceConn struct {
 	// Static after construction.
-	srv    *Server
-	ws     *websocket.Conn
-	seq    uint64 // connection number, for logs and tie-breaks
-	info   d2m.ClientURLInfo
-	remote string
-	ctx    context.Context // ends when run ends (or the server gives up on it)
-	cancel context.CancelFunc
+	srv       *Server
+	ws        *websocket.Conn
+	seq       uint64 // connection number, for logs and tie-breaks
+	info      d2m.ClientURLInfo
+	remote    string
+	ctx       context.Context // ends when run ends (or the server gives up on it): cancel
+	cancelCtx context.CancelFunc
 
 	// upstreamLoop counts the upstream reader; Add happens on run's own
 	// goroutine, which later waits for it. run waits for the writer on
@@ -47,8 +47,8 @@ type deviceConn struct {
 	group          *group
 	groupID        reflection.GroupID
 	deviceID       reflection.DeviceID
-	connectedSince int64 // unix ms; guarded by group.mu after registration
-	log            zerolog.Logger
+	connectedSince int64       // unix ms; guarded by group.mu after registration
+	devKnown       atomic.Bool // deviceID is set (for logger)
 
 	// Handshake output, written by the writer before anything else: the
 	// ServerHello until authentication, then the ServerInfo, which must be
@@ -80,7 +80,7 @@ type deviceConn struct {
 	// In-flight Reflected: written by the writer, acked via the read loop.
 	inflightMu sync.Mutex
 	inflight   map[uint32]uint64 // Reflected id → queue seq
-	recentEph  [64]uint32        // ids of recently sent ephemeral Reflected
+	recentEph  *[64]uint32       // ids of recently sent ephemeral Reflected; made on first use
 	recentN    int
 
 	// Owned by run.
@@ -91,6 +91,7 @@ type deviceConn struct {
 	// readPaused: the reader waits for a Reflect window slot (the store
 	// has not answered yet), so it reads nothing: the idle timer waits.
 	readPaused atomic.Bool
+	frameAt    time.Time // when the frame being handled was read
 
 	// Cross-goroutine flags.
 	dry           atomic.Bool   // ReflectionQueueDry written
@@ -99,6 +100,7 @@ type deviceConn struct {
 	dlv           delivery      // owned by the running writer
 	cork          *corkConn     // nil if the upgrade gave no corkable conn
 	batching      bool          // the writer has corked the socket; owned by the writer
+	inlining      bool          // the round is another goroutine's inline write (flush.go); owned by the writer
 	closeCode     atomic.Uint32 // first close code decided; 0 while open
 	closeMu       sync.Mutex
 	closeCause    error
@@ -113,6 +115,9 @@ type outFrame struct {
 	b          []byte
 	reflectAck bool // frees a reflectSem slot once written
 	reply      bool // frees a replySem slot once written
+	// readAt and doneAt (ReflectAck only): when its Reflect was read and
+	// when its commit ended, monotonic nanoseconds (reflectstages.go).
+	readAt, doneAt int64
 	// afterSeq holds the frame back until the Reflected with this queue seq
 	// has been written: TransactionEnded must reach a device after the
 	// reflections the transaction released into its queue (§10).
@@ -166,11 +171,33 @@ func (c *deviceConn) closeWith(code d2m.CloseCode, cause error) {
 	c.kick()
 }
 
+// logger is the server's logger with the connection's fields. It is made
+// when a line is written, not kept: zerolog's With allocates a 500-byte
+// buffer, and a connection writes few lines (connected, disconnected,
+// failures), so keeping one cost every idle device 0.5 KiB.
+func (c *deviceConn) logger() *zerolog.Logger {
+	ctx := c.srv.log.With().Str("group", c.info.DeviceGroupID.Short()).Uint64("conn", c.seq)
+	if c.devKnown.Load() {
+		ctx = ctx.Str("device", deviceStr(c.deviceID))
+	}
+	l := ctx.Logger()
+	return &l
+}
+
+// cancel ends ctx and closingCtx.
+func (c *deviceConn) cancel() {
+	c.cancelCtx()
+	c.closingCancel()
+}
+
 // kick makes sure a writer runs to pick up what the caller just queued or
 // signalled. Once the writer has ended for good, writerRunning stays true
 // and kicks do nothing.
+//
+// While the store completes a commit, the connection is written by the
+// committer at the end of the commit's completions instead (flush.go).
 func (c *deviceConn) kick() {
-	if c.writerRunning.CompareAndSwap(false, true) {
+	if c.writerRunning.CompareAndSwap(false, true) && !c.srv.deferFlush(c) {
 		go c.sendLoop()
 	}
 }
@@ -183,7 +210,9 @@ func (c *deviceConn) queueHandshakeFrame(b []byte, authenticated bool) {
 	if authenticated {
 		c.authed.Store(true)
 	}
-	c.kick()
+	// The handshake goroutine holds no lock here: it writes the frame
+	// itself when the socket takes it at once.
+	c.flushNow()
 }
 
 func (c *deviceConn) takeHandshakeFrames() [][]byte {
@@ -226,8 +255,10 @@ func (c *deviceConn) enqueueAfter(b []byte, seq uint64) {
 }
 
 // enqueueReflectAck never fails: ReflectAcks are bounded by reflectSem.
-func (c *deviceConn) enqueueReflectAck(b []byte) {
-	c.ctrl.push(outFrame{b: b, reflectAck: true}, true)
+// t carries the Reflect's stage times so far.
+func (c *deviceConn) enqueueReflectAck(b []byte, t reflectTimes) {
+	c.srv.metrics.observeQueued(t)
+	c.ctrl.push(outFrame{b: b, reflectAck: true, readAt: mono(t.read), doneAt: mono(t.commitDone)}, true)
 	c.kick()
 }
 
@@ -239,11 +270,16 @@ func (c *deviceConn) releaseReflect() {
 }
 
 func (c *deviceConn) wake() {
+	c.signalWake()
+	c.kick()
+}
+
+// signalWake sets the coalescing "your queue grew" flag without kicking.
+func (c *deviceConn) signalWake() {
 	select {
 	case c.wakeCh <- struct{}{}:
 	default:
 	}
-	c.kick()
 }
 
 func (c *deviceConn) pushEphemeral(it ephemeralItem) {
@@ -262,27 +298,36 @@ func (c *deviceConn) pushEphemeral(it ephemeralItem) {
 // sends anyway is accepted silently (§10).
 func (c *deviceConn) noteEphemeralSent(id uint32) {
 	c.inflightMu.Lock()
+	if c.recentEph == nil {
+		c.recentEph = new([64]uint32) // most devices never get one
+	}
 	c.recentEph[c.recentN%len(c.recentEph)] = id
 	c.recentN++
 	c.inflightMu.Unlock()
 }
 
 // ackReflected resolves a ReflectedAck: the queue seq for a durable entry,
-// ok=false with ephemeral=true for a recent ephemeral id.
-func (c *deviceConn) ackReflected(id uint32) (seq uint64, ok, ephemeral bool) {
+// ok=false with ephemeral=true for a recent ephemeral id. wasFull reports
+// that the delivery window was full before this ack: only then may the
+// writer have stopped for want of room.
+func (c *deviceConn) ackReflected(id uint32) (seq uint64, ok, ephemeral, wasFull bool) {
 	c.inflightMu.Lock()
 	defer c.inflightMu.Unlock()
 	if seq, ok := c.inflight[id]; ok {
+		wasFull = len(c.inflight) >= c.srv.cfg.DeliveryWindow
 		delete(c.inflight, id)
-		return seq, true, false
+		return seq, true, false, wasFull
 	}
-	n := min(c.recentN, len(c.recentEph))
+	n := 0
+	if c.recentEph != nil {
+		n = min(c.recentN, len(c.recentEph))
+	}
 	for i := 0; i < n; i++ {
 		if c.recentEph[i] == id {
-			return 0, false, true
+			return 0, false, true, false
 		}
 	}
-	return 0, false, false
+	return 0, false, false, false
 }
 
 func (c *deviceConn) inflightCount() int {
@@ -296,8 +341,10 @@ func (c *deviceConn) inflightCount() int {
 // (its durable data stays queued).
 func (c *deviceConn) write(b []byte) error {
 	if c.batching {
-		// Corked: the write only copies; uncork applies the timeout.
-		err := c.ws.Write(context.Background(), websocket.MessageBinary, b)
+		// Corked: the frame is only appended; uncork applies the
+		// timeout. An inline round never writes here (it bounds what it
+		// collects by inlineBytes instead).
+		err := c.cork.appendFrame(b, !c.inlining)
 		if err == nil {
 			c.srv.metrics.framesOut.Inc()
 		}
@@ -331,7 +378,7 @@ func (c *deviceConn) sendLoop() {
 		if r := recover(); r != nil {
 			// A bug: end this connection, not the process. No writer runs
 			// again (writerRunning stays set), so run can stop waiting.
-			c.log.Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("writer panicked")
+			c.logger().Error().Str("panic", fmt.Sprint(r)).Bytes("stack", debug.Stack()).Msg("writer panicked")
 			c.closeWith(d2m.CloseInternalError, fmt.Errorf("writer panic: %v", r))
 			c.ws.CloseNow()
 			c.writerEnded.Do(func() { close(c.writerDone) })
@@ -379,16 +426,40 @@ func (c *deviceConn) writeUntilIdle() (ended bool) {
 // deliveries, a run of ReflectAcks) leave in one write.
 func (c *deviceConn) drainBatch(d *delivery) (bool, error) {
 	if c.cork == nil {
-		return c.drainOnce(d)
+		return c.drainOnce(d, nil)
 	}
+	var acks ackStamps
 	c.cork.cork()
 	c.batching = true
-	progressed, err := c.drainOnce(d)
+	progressed, err := c.drainRounds(d, &acks)
 	c.batching = false
 	if ferr := c.cork.uncork(); ferr != nil && err == nil {
 		err = ferr
 	}
+	if err == nil {
+		acks.flush(c.srv.metrics)
+	}
 	return progressed, err
+}
+
+// maxCorkedRounds bounds the rounds one corked write collects.
+const maxCorkedRounds = 4
+
+// drainRounds runs drainOnce until a round finds nothing more, at most
+// maxCorkedRounds times, so that frames a round itself causes (the
+// RolePromotedToLeader that writing ReflectionQueueDry queues, a window
+// refilled by acks read meanwhile) leave in the same write instead of a
+// write and a writer goroutine of their own.
+func (c *deviceConn) drainRounds(d *delivery, acks *ackStamps) (bool, error) {
+	progressed := false
+	for range maxCorkedRounds {
+		p, err := c.drainOnce(d, acks)
+		progressed = progressed || p
+		if err != nil || !p || c.inlineFull() {
+			return progressed, err
+		}
+	}
+	return progressed, nil
 }
 
 // hasWork reports whether any signal the writer reacts to is pending.
@@ -412,10 +483,16 @@ func (c *deviceConn) hasWork() bool {
 	}
 }
 
-func (c *deviceConn) writeOut(f outFrame) error {
+// writeOut writes f. A ReflectAck written into the corked socket is
+// remembered in acks, whose round observes it once the bytes have left;
+// otherwise (acks nil or full) it is observed at once.
+func (c *deviceConn) writeOut(f outFrame, acks *ackStamps) error {
 	err := c.write(f.b)
 	if f.reflectAck {
 		c.releaseReflect()
+		if err == nil && f.readAt != 0 && !acks.add(f.readAt, f.doneAt) {
+			c.srv.metrics.observeWritten(f.readAt, f.doneAt, mono(time.Now()))
+		}
 	}
 	if f.reply {
 		<-c.replySem
@@ -434,7 +511,7 @@ func (c *deviceConn) writeProxy(u proxyUnit) error {
 
 // drainOnce does one round of non-blocking work and reports whether it did
 // anything. Before authentication only the handshake frames go out.
-func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
+func (c *deviceConn) drainOnce(d *delivery, acks *ackStamps) (bool, error) {
 	progressed := false
 	for _, b := range c.takeHandshakeFrames() {
 		if err := c.write(b); err != nil {
@@ -455,12 +532,12 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 		d.more = true
 	default:
 	}
-	for i := 0; i < 64; i++ {
+	for i := 0; i < 64 && !c.inlineFull(); i++ {
 		f, ok := c.ctrl.pop()
 		if !ok {
 			break
 		}
-		if err := d.out(f); err != nil {
+		if err := d.out(f, acks); err != nil {
 			return false, err
 		}
 		progressed = true
@@ -469,7 +546,7 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 		// More than one round's worth: come back without waiting.
 		c.ctrl.signal()
 	}
-	for i := 0; i < 16; i++ {
+	for i := 0; i < 16 && !c.inlineFull(); i++ {
 		select {
 		case u := <-c.proxyIn:
 			if err := c.writeProxy(u); err != nil {
@@ -493,6 +570,14 @@ func (c *deviceConn) drainOnce(d *delivery) (bool, error) {
 // handshake may reach the device), then performs the close handshake with
 // the decided code. It is the only place a close frame is written.
 func (c *deviceConn) finishClose() {
+	if c.cork != nil {
+		// An inline round (flush.go) may have left collected bytes
+		// behind: they go before anything the close adds.
+		if c.cork.uncork() != nil {
+			c.ws.CloseNow()
+			return
+		}
+	}
 	for _, b := range c.takeHandshakeFrames() {
 		if c.authed.Load() && c.write(b) != nil {
 			c.ws.CloseNow()
@@ -506,13 +591,20 @@ func (c *deviceConn) finishClose() {
 			if !ok {
 				break
 			}
-			if c.writeOut(f) != nil {
+			if c.writeOut(f, nil) != nil {
 				c.ws.CloseNow()
 				return
 			}
 		}
 	}
 	code := d2m.CloseCode(c.closeCode.Load())
+	// The close handshake reads the peer's answer through the reader's
+	// buffers: the read loop must not fill them meanwhile
+	// (corkConn.waitReadable).
+	if c.cork != nil {
+		c.cork.readMu.Lock()
+		defer c.cork.readMu.Unlock()
+	}
 	c.ws.Close(websocket.StatusCode(code), closeReason(code, c.cause()))
 }
 
@@ -546,12 +638,12 @@ func (c *deviceConn) cause() error {
 // out writes a control frame, or parks it behind its delivery barrier.
 // Parked frames keep their order among themselves; other control frames
 // (ReflectAcks above all) pass them.
-func (d *delivery) out(f outFrame) error {
+func (d *delivery) out(f outFrame, acks *ackStamps) error {
 	if f.afterSeq > d.sentSeq || (f.afterSeq != 0 && len(d.parked) > 0) {
 		d.parked = append(d.parked, f)
 		return nil
 	}
-	return d.c.writeOut(f)
+	return d.c.writeOut(f, acks)
 }
 
 // releaseParked writes the parked frames whose barrier has passed.
@@ -560,7 +652,7 @@ func (d *delivery) releaseParked() (bool, error) {
 	for len(d.parked) > 0 && d.parked[0].afterSeq <= d.sentSeq {
 		f := d.parked[0]
 		d.parked = d.parked[1:]
-		if err := d.c.writeOut(f); err != nil {
+		if err := d.c.writeOut(f, nil); err != nil {
 			return wrote, err
 		}
 		wrote = true
@@ -590,6 +682,11 @@ func (d *delivery) step() (bool, error) {
 	window := c.srv.cfg.DeliveryWindow
 	sentAny := false
 	for {
+		if c.inlineFull() {
+			// The rest is for a writer goroutine (flush.go).
+			c.signalWake()
+			return sentAny, nil
+		}
 		if len(d.pending) == 0 && d.more && c.inflightCount() < window {
 			if err := d.refill(window); err != nil {
 				return sentAny, err

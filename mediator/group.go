@@ -511,8 +511,9 @@ func (g *group) queueLimitDropLocked(dev reflection.DeviceID) {
 
 // submitReflect hands a Reflect to the store. It is submitted under mu so
 // that "held for a transaction" is decided in the same order in which the
-// transaction's end is submitted.
-func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) error {
+// transaction's end is submitted. readAt is when its frame was read (for
+// the stage metrics).
+func (g *group) submitReflect(c *deviceConn, r d2m.Reflect, readAt time.Time) error {
 	if err := g.admit(c.closingCtx); err != nil {
 		return err
 	}
@@ -546,6 +547,7 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) error {
 			}
 		}))
 	} else {
+		submitted := time.Now()
 		g.srv.store.Append(req, g.trackedAppend(func(res reflection.AppendResult, err error) {
 			if err != nil {
 				c.releaseReflect()
@@ -564,7 +566,9 @@ func (g *group) submitReflect(c *deviceConn, r d2m.Reflect) error {
 				c.closeWith(d2m.CloseGoingAway, errFenced)
 				return
 			}
-			c.enqueueReflectAck(d2m.EncodeReflectAck(id, res.Timestamp))
+			c.enqueueReflectAck(d2m.EncodeReflectAck(id, res.Timestamp), reflectTimes{
+				read: readAt, submitted: submitted, commitStart: res.CommitStart, commitDone: res.CommitDone,
+			})
 			if len(res.Delivered) > 0 || len(res.Dropped) > 0 {
 				g.mu.Lock()
 				g.deliveredLocked(res)

@@ -254,8 +254,8 @@ func TestGroupTransactionLock(t *testing.T) {
 			t.Fatal("BeginTransaction while holding the lock accepted")
 		}
 		// The holder's reflections are held; others' are not.
-		g.submitReflect(a, d2m.Reflect{ID: 7, Envelope: []byte("held")})
-		g.submitReflect(b, d2m.Reflect{ID: 8, Envelope: []byte("free")})
+		g.submitReflect(a, d2m.Reflect{ID: 7, Envelope: []byte("held")}, time.Now())
+		g.submitReflect(b, d2m.Reflect{ID: 8, Envelope: []byte("free")}, time.Now())
 		synctest.Wait()
 		if n := h.fs.heldCount(h.gid); n != 1 {
 			t.Fatalf("held reflections: %d", n)
@@ -317,7 +317,7 @@ func TestGroupQueueLimitDrop(t *testing.T) {
 		a, _, _ := h.connect(1)
 		b, _, _ := h.connect(2)
 		for i := 0; i < 3; i++ {
-			a.group.submitReflect(a, d2m.Reflect{ID: uint32(i), Envelope: []byte{byte(i)}})
+			a.group.submitReflect(a, d2m.Reflect{ID: uint32(i), Envelope: []byte{byte(i)}}, time.Now())
 		}
 		synctest.Wait()
 		if closed(b) != d2m.CloseQueueLimit || closed(a) != 0 {

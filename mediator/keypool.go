@@ -1,9 +1,10 @@
 package mediator
 
 import (
-	"crypto/ecdh"
 	"crypto/rand"
 	"sync"
+
+	"d2m-mediator/d2m"
 )
 
 // keyPool holds ephemeral X25519 server keys (ESK, docs/protocol.md §6.1) made
@@ -12,23 +13,23 @@ import (
 // for exactly one connection; when the pool is empty (a burst larger than
 // it), get makes one on the spot.
 type keyPool struct {
-	keys chan *ecdh.PrivateKey
+	keys chan *d2m.EphemeralKey
 	done chan struct{}
 	once sync.Once
 }
 
 // keyPoolSize covers a burst of handshakes between refills; each key costs
-// about 100 bytes.
+// 64 bytes.
 const keyPoolSize = 256
 
 func newKeyPool(size int) *keyPool {
-	return &keyPool{keys: make(chan *ecdh.PrivateKey, size), done: make(chan struct{})}
+	return &keyPool{keys: make(chan *d2m.EphemeralKey, size), done: make(chan struct{})}
 }
 
 // fill keeps the pool full until stop.
 func (p *keyPool) fill() {
 	for {
-		k, err := ecdh.X25519().GenerateKey(rand.Reader)
+		k, err := d2m.NewEphemeralKey(rand.Reader)
 		if err != nil {
 			// crypto/rand does not fail on Linux; get reports it if it ever does.
 			return
@@ -41,12 +42,12 @@ func (p *keyPool) fill() {
 	}
 }
 
-func (p *keyPool) get() (*ecdh.PrivateKey, error) {
+func (p *keyPool) get() (*d2m.EphemeralKey, error) {
 	select {
 	case k := <-p.keys:
 		return k, nil
 	default:
-		return ecdh.X25519().GenerateKey(rand.Reader)
+		return d2m.NewEphemeralKey(rand.Reader)
 	}
 }
 

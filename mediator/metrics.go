@@ -1,6 +1,7 @@
 package mediator
 
 import (
+	"regexp"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -37,7 +38,20 @@ type metrics struct {
 	leaderPromotions prometheus.Counter
 	queueDepth       prometheus.Histogram // sampled by the janitor
 	queueAge         prometheus.Histogram // oldest entry age, sampled by the janitor
+
+	// The stages of a durable Reflect, from its frame being read to its
+	// ReflectAck being written (reflectstages.go).
+	stageSubmit, stageWait, stageCommit, stageWrite, stageTotal prometheus.Observer
 }
+
+// Stage label values of mediator_reflect_stage_seconds.
+const (
+	stageSubmit = "submit" // frame read → handed to the store (admission, group lock)
+	stageWait   = "wait"   // handed to the store → its commit started (the batch before it)
+	stageCommit = "commit" // commit started → durable (write and fsync)
+	stageWrite  = "write"  // durable → ReflectAck written to the socket
+	stageTotal  = "total"  // frame read → ReflectAck written
+)
 
 func newMetrics() *metrics {
 	reg := prometheus.NewRegistry()
@@ -68,10 +82,26 @@ func newMetrics() *metrics {
 	m.forwardedBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mediator_cluster_forwarded_bytes_total", Help: "Bytes copied for forwarded device connections, by direction."}, []string{"direction"})
 	m.writesRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_cluster_writes_refused_total", Help: "Group writes refused because the shard was no longer served here at the epoch the group's state was loaded under (moved away or lost); the device was closed with 1001 and redoes them on the new owner."})
 	m.fenceRefusals = prometheus.NewCounter(prometheus.CounterOpts{Name: "mediator_cluster_fence_refusals_total", Help: "ReflectAcks withheld because the node could no longer be sure it owns the shard."})
+	stages := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "mediator_reflect_stage_seconds",
+		Help:    "Where a durable Reflect's ReflectAck latency goes, by stage: submit (frame read until handed to the store), wait (until its commit started), commit (until durable), write (until the ReflectAck was written to the socket), total (frame read until the ReflectAck was written).",
+		Buckets: prometheus.ExponentialBuckets(0.00001, 2, 18), // 10 µs … 1.3 s
+	}, []string{"stage"})
+	m.stageSubmit = stages.WithLabelValues(stageSubmit)
+	m.stageWait = stages.WithLabelValues(stageWait)
+	m.stageCommit = stages.WithLabelValues(stageCommit)
+	m.stageWrite = stages.WithLabelValues(stageWrite)
+	m.stageTotal = stages.WithLabelValues(stageTotal)
+	f(stages)
 	for _, c := range []prometheus.Collector{m.connections, m.handshakes, m.closes, m.timeouts, m.forwards, m.forwardedBytes, m.fenceRefusals, m.writesRefused, m.reflects, m.reflectedSent, m.reflectedAcked,
 		m.framesIn, m.framesOut, m.commitBatch, m.commitLatency, m.commitErrors, m.lockHold, m.upstreams, m.upstreamBytes,
 		m.ephemeralDrops, m.slowConsumers, m.queueLimitDrops, m.leaderPromotions, m.queueDepth, m.queueAge,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			// Goroutines started (a writer goroutine per send round that
+			// finds none running) and how long runnable goroutines waited
+			// for a CPU: the scheduling part of the ReflectAck stages.
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/sched/(goroutines-created|latencies):`)},
+		)), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
 		f(c)
 	}
 	// Touch label values so the series exist from the start.
@@ -92,6 +122,13 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) registerServerGauges(s *Server) {
+	busy, _ := s.store.(interface{ CommitterBusy() time.Duration })
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "mediator_committer_busy_seconds_total", Help: "Time the store's committer spent committing and completing writes (not waiting for work); its rate is the committer's busy fraction. 0 for a store that does not measure it."}, func() float64 {
+		if busy == nil {
+			return 0
+		}
+		return busy.CommitterBusy().Seconds()
+	}))
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "mediator_groups_loaded", Help: "Device groups with in-memory state."}, func() float64 {
 		s.mu.Lock()
 		defer s.mu.Unlock()

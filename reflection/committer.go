@@ -42,7 +42,9 @@ func (db *DB) run() {
 		var closing bool
 		batch, closing = db.take(batch[:0])
 		if len(batch) > 0 {
+			t := time.Now()
 			db.commitBatch(batch, db.flushDue())
+			db.busy.Add(int64(time.Since(t)))
 			clear(batch) // drop references to finished requests
 			continue
 		}
@@ -51,7 +53,10 @@ func (db *DB) run() {
 			return
 		}
 		if db.flushDue() {
-			if err := db.flush(false); err == nil {
+			t := time.Now()
+			err := db.flush(false)
+			db.busy.Add(int64(time.Since(t)))
+			if err == nil {
 				continue
 			}
 			// On error wait for more work or the next due time rather
@@ -140,6 +145,11 @@ func (db *DB) commitBatch(batch []*request, withFlush bool) {
 	if fw != nil && err == nil {
 		fw.complete()
 	}
+	h := db.hooks.Load()
+	if h != nil {
+		h.begin()
+		defer h.end()
+	}
 	for i, r := range batch {
 		if e, ok := failed[i]; ok {
 			r.complete(e)
@@ -147,6 +157,22 @@ func (db *DB) commitBatch(batch []*request, withFlush bool) {
 			r.complete(err)
 		}
 	}
+}
+
+// completionHooks bracket the completion callbacks of one commit.
+type completionHooks struct{ begin, end func() }
+
+// SetCompletionHooks makes the committer call begin before the completion
+// callbacks of each commit and end after them, on its own goroutine. The
+// server uses it to write the frames those callbacks queued from this
+// goroutine once, at the end, instead of waking a writer goroutine per
+// connection. nil functions remove the hooks.
+func (db *DB) SetCompletionHooks(begin, end func()) {
+	if begin == nil || end == nil {
+		db.hooks.Store(nil)
+		return
+	}
+	db.hooks.Store(&completionHooks{begin, end})
 }
 
 func onlyBarriers(batch []*request) bool {
@@ -203,8 +229,12 @@ func (db *DB) commitBatchLocked(batch []*request, withFlush bool) (*flushWork, m
 		failed[bad] = badErr
 		db.log.Error().Err(badErr).Int("op", int(batch[bad].op)).Msg("reflection: request failed, re-running batch without it")
 	}
+	done := time.Now()
 	if err == nil {
 		bt.publish()
+		for _, r := range batch {
+			r.result.CommitStart, r.result.CommitDone = start, done
+		}
 	} else {
 		err = fmt.Errorf("reflection: commit of %d requests: %w", len(batch), err)
 		db.log.Error().Err(err).Msg("reflection: commit failed")
@@ -213,10 +243,16 @@ func (db *DB) commitBatchLocked(batch []*request, withFlush bool) (*flushWork, m
 		db.finishFlush(fw, err)
 	}
 	if db.opts.OnCommit != nil {
-		db.opts.OnCommit(len(batch), time.Since(start), err)
+		db.opts.OnCommit(len(batch), done.Sub(start), err)
 	}
 	return fw, failed, err
 }
+
+// CommitterBusy is how long the committer has been working (committing,
+// completing requests) since Open; its rate of increase is the fraction
+// of time the committer is busy, which decides how long a write waits
+// for its commit.
+func (db *DB) CommitterBusy() time.Duration { return time.Duration(db.busy.Load()) }
 
 // commitDirect applies reqs in one transaction of their own, bypassing the
 // queue: used at Open (before the committer runs) and by benchmarks.

@@ -50,6 +50,12 @@ type DB struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// busy is the committer's working time in nanoseconds (commits and
+	// completions, not waiting for work): CommitterBusy.
+	busy atomic.Int64
+	// hooks bracket the completions of each commit (SetCompletionHooks).
+	hooks atomic.Pointer[completionHooks]
+
 	testHookBeforeCommit atomic.Pointer[func(batch int) error]
 }
 

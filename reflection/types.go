@@ -108,6 +108,11 @@ type AppendResult struct {
 	Timestamp uint64     // unix ms at apply time
 	Delivered []Delivery // one per stored (or, if ephemeral, numbered) copy
 	Dropped   []DeviceID // slots dropped because their queue hit a limit
+	// CommitStart and CommitDone bracket the commit that made the write
+	// durable (set by the engine, zero if it does not measure them), so
+	// the server can split a ReflectAck's latency into waiting for a
+	// commit and the commit itself.
+	CommitStart, CommitDone time.Time
 }
 
 // Store is what the server uses. *DB (bbolt, this package) and

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -43,6 +44,7 @@ type serveFlags struct {
 	cfg                                                    mediator.Config
 	maxQueueLength                                         int
 	maxQueueBytes                                          int64
+	memoryLimit                                            int64 // bytes; 0: not set
 	cluster                                                clusterFlags
 	clusterCfg                                             *daemon.ClusterConfig
 }
@@ -71,6 +73,14 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.cfg.PersistentSlotExpiry, "persistent-slot-expiry", mediator.DefaultPersistentSlotExpiry, "PERSISTENT slots are removed after this long without a connection")
 	fs.DurationVar(&f.cfg.HandshakeTimeout, "handshake-timeout", mediator.DefaultHandshakeTimeout, "time from upgrade to a verified ClientHello")
 	fs.DurationVar(&f.cfg.IdleTimeout, "idle-timeout", mediator.DefaultIdleTimeout, "close a device (4013) after this long without an inbound frame")
+	fs.Func("memory-limit", "soft limit for the Go runtime's memory, e.g. 1536MiB or 2GiB (GOMEMLIMIT's syntax): the garbage collector runs more often near it and returns freed memory sooner; unset: GOMEMLIMIT or none. OPERATIONS.md, Go runtime settings", func(v string) error {
+		n, err := parseByteSize(v)
+		if err != nil {
+			return err
+		}
+		f.memoryLimit = n
+		return nil
+	})
 	fs.StringVar(&f.logFormat, "log-format", "auto", "log format: json, console, or auto (console when stderr is a terminal, json otherwise)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.cluster.register(fs)
@@ -187,6 +197,10 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	reexecWithSysmonSetting() // runtime.go
+	if f.memoryLimit > 0 {
+		debug.SetMemoryLimit(f.memoryLimit)
+	}
 	log, err := newLogger(f.logFormat, f.logLevel)
 	if err != nil {
 		return err
@@ -225,6 +239,7 @@ func serve(ctx context.Context, args []string) error {
 		Str("data", f.data).
 		Str("store", store).
 		Str("chat_server", d.ChatServer).
+		Str("memory_limit", memoryLimitString()).
 		Msg("mediator listening")
 
 	var serveErr error

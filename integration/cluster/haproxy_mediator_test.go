@@ -37,11 +37,15 @@ import (
 func TestHAProxyClusterShipped(t *testing.T) {
 	bin := deploytest.Binary(t, "haproxy", "haproxy")
 	base := t.TempDir()
-	// One admin token for every node (each loads <data>/admin.token), and
-	// the copy haproxy-sync reads on the HAProxy host.
-	const token = "shipped-cluster-test-token\n"
+	// The nodes share one admin token file (startProcess); haproxy-sync
+	// reads its copy on the HAProxy host.
+	_, nodeToken := sharedPieces(t)
+	token, err := os.ReadFile(nodeToken)
+	if err != nil {
+		t.Fatal(err)
+	}
 	syncToken := filepath.Join(base, "etc-mediator-admin.token")
-	write(t, syncToken, token)
+	write(t, syncToken, string(token))
 	prefix := fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1))
 	procs := map[string]*process{}
 	addrs := map[string]string{}
@@ -50,7 +54,6 @@ func TestHAProxyClusterShipped(t *testing.T) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		write(t, filepath.Join(dir, "admin.token"), token)
 		procs[id] = startProcess(t, id, prefix, dir)
 		addrs[id] = strings.TrimPrefix(procs[id].url, "ws://")
 	}

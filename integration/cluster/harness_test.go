@@ -279,7 +279,7 @@ func newEnv(t *testing.T, ec *etcdCluster, opts nodeOpts) *env {
 	if ec == nil {
 		ec = shared
 	}
-	e := &env{t: t, ec: ec, prefix: "/t/" + t.Name() + "/", transport: clusterfake.NewTransport(), opts: opts}
+	e := &env{t: t, ec: ec, prefix: fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1)), transport: clusterfake.NewTransport(), opts: opts}
 	e.admin = e.client(ec.clients)
 	return e
 }

@@ -354,8 +354,8 @@ func waitFor(ctx context.Context, c *d2mclient.Client, want d2m.PayloadType) boo
 }
 
 // TestMoveFreezesEveryWrite moves a shard back and forth four times while
-// a device keeps writing to its group: new slots, DropDevice,
-// SetSharedDeviceData. A move freezes every group write of the shard, not
+// the devices of four other groups in it reflect every 20 ms and a device
+// keeps writing to its group: new slots, DropDevice, SetSharedDeviceData. A move freezes every group write of the shard, not
 // only ReflectAcks, so every acknowledged effect is on the node that
 // serves the shard afterwards: a dropped device gets 4113, a new slot is
 // EXISTING, the shared data is the last one confirmed (or one sent after
@@ -367,6 +367,13 @@ func TestMoveFreezesEveryWrite(t *testing.T) {
 	shard := k.DeviceGroupID()[0]
 	owner, other := ownerNode(t, nodes, shard)
 	queued := fillQueue(t, owner.d.DeviceURL, k, 2, 3, 10000)
+	others := []d2d.Keys{}
+	for len(others) < 4 {
+		if o := d2d.DeriveKeys(d2d.NewDeviceGroupKey()); o.DeviceGroupID()[0] == shard {
+			others = append(others, o)
+		}
+	}
+	load := startLoad(t, others, owner.d.DeviceURL)
 
 	ctx, stop := context.WithCancel(context.Background())
 	w := &writes{dropTried: map[uint64]bool{}}
@@ -395,6 +402,7 @@ func TestMoveFreezesEveryWrite(t *testing.T) {
 	<-done
 	final, _ := ownerNode(t, nodes, shard)
 	url := final.d.DeviceURL
+	load.stopAndCheckMin(t, url, 100)
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -826,7 +834,7 @@ func TestShardTransferNeedsTheClusterSecret(t *testing.T) {
 		return hex.EncodeToString(m.Sum(nil))
 	}
 	post := func(header, trailer string) (int, string) {
-		u := fmt.Sprintf("%s/_cluster/v1/moves/%s?shard=%d&from=%s&to=%s&from_epoch=%d",
+		u := fmt.Sprintf("%s/_cluster/v1/moves/%s?shard=%02x&from=%s&to=%s&from_epoch=%d",
 			strings.Replace(other.d.DeviceURL, "ws://", "http://", 1), id, shard, owner.id, other.id, epoch)
 		tr := http.Header{"D2m-Move-Mac": nil}
 		req, _ := http.NewRequest("POST", u, io.MultiReader(bytes.NewReader(stream.Bytes()), trailerSetter{tr, trailer}))

@@ -383,7 +383,7 @@ func TestMediatorsServeEveryShardThroughAnyNode(t *testing.T) {
 // its device gets no ReflectAck for a reflection sent after that, only a
 // 1001 close.
 func TestMediatorFenceWithholdsAcks(t *testing.T) {
-	prefix := "/t/" + t.Name() + "/"
+	prefix := fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1))
 	base := t.TempDir()
 	var proxies []*proxy
 	var eps []string

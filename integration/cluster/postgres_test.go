@@ -46,7 +46,7 @@ type pgCluster struct {
 func startPGCluster(t *testing.T, ids ...string) *pgCluster {
 	t.Helper()
 	pg := pgtest.Shared(t)
-	pc := &pgCluster{t: t, dsn: pg.NewDatabase(t), prefix: "/t/" + t.Name() + "/", base: t.TempDir(),
+	pc := &pgCluster{t: t, dsn: pg.NewDatabase(t), prefix: fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1)), base: t.TempDir(),
 		procs: map[string]*process{}, order: ids}
 	for _, id := range ids {
 		pc.start(id)

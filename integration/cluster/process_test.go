@@ -210,7 +210,7 @@ func (p *process) ownerOf(t *testing.T, shard byte) string {
 // every shard is served.
 func startProcesses(t *testing.T) (*process, *process) {
 	t.Helper()
-	prefix := "/t/" + t.Name() + "/"
+	prefix := fmt.Sprintf("/t/%s/%d/", t.Name(), clusterSeq.Add(1))
 	base := t.TempDir()
 	p1 := startProcess(t, "p1", prefix, filepath.Join(base, "p1"))
 	p2 := startProcess(t, "p2", prefix, filepath.Join(base, "p2"))

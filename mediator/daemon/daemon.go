@@ -4,9 +4,15 @@
 // it down again in the right order. cmd/mediator and mediatortest both use
 // it, so the tests run exactly the wiring production runs.
 //
-// It holds no logic of its own beyond that order: configuration is
-// validated by mediator.Config, storage is package reflection's, and the
-// admin API is the server's.
+// Configuration is validated by mediator.Config, storage is package
+// reflection's, the admin API is the server's, and what happens to a
+// shard in cluster mode is decided by the node's shard lifecycle (package
+// cluster). What remains here, tested in this package: the adapter that
+// answers the server's Placement questions from the lifecycle (cluster.go),
+// the store side of a move (moves.go: barrier, export, import, drops by
+// generation, settling), the event log that closes a lost shard's devices
+// with the reason (moves.go), and the signed node-to-node transfer
+// (moveauth.go).
 package daemon
 
 import (

@@ -279,7 +279,7 @@ func (t *httpTransport) Send(ctx context.Context, to cluster.Member, mi cluster.
 		scheme = "https"
 	}
 	q := url.Values{}
-	q.Set("shard", strconv.Itoa(int(mi.Shard)))
+	q.Set("shard", mi.Shard.String())
 	q.Set("from", mi.From)
 	q.Set("to", mi.To)
 	q.Set("from_epoch", strconv.FormatInt(mi.FromEpoch, 10))
@@ -321,13 +321,13 @@ func (d *Daemon) receiveHandler(next http.Handler) http.Handler {
 			return
 		}
 		q := r.URL.Query()
-		shard, err1 := strconv.Atoi(q.Get("shard"))
+		shard, err1 := cluster.ParseShard(q.Get("shard"))
 		epoch, err2 := strconv.ParseInt(q.Get("from_epoch"), 10, 64)
-		if err1 != nil || err2 != nil || shard < 0 || shard >= cluster.NumShards {
+		if err1 != nil || err2 != nil {
 			http.Error(w, "bad move parameters", http.StatusBadRequest)
 			return
 		}
-		mi := cluster.MoveInfo{ID: id, Shard: cluster.Shard(shard), From: q.Get("from"), To: q.Get("to"), FromEpoch: epoch}
+		mi := cluster.MoveInfo{ID: id, Shard: shard, From: q.Get("from"), To: q.Get("to"), FromEpoch: epoch}
 		secret := d.Cluster.Secret()
 		if err := checkMoveHeader(secret, mi, r.Header.Get(moveAuthHeader)); err != nil {
 			d.log.Warn().Str("remote", r.RemoteAddr).Str("move", id).Str("shard", mi.Shard.String()).

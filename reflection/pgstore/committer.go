@@ -36,6 +36,7 @@ func (s *Store) run() {
 		var closing bool
 		batch, closing = s.take(batch[:0])
 		if len(batch) > 0 {
+			t := time.Now()
 			if onlyBarriers(batch) {
 				// Every earlier request is complete: the committer is
 				// sequential. No round trip for nothing.
@@ -48,6 +49,7 @@ func (s *Store) run() {
 					s.failPending(err)
 				}
 			}
+			s.busy.Add(int64(time.Since(t)))
 			clear(batch)
 			continue
 		}
@@ -58,7 +60,10 @@ func (s *Store) run() {
 			return
 		}
 		if s.flushDue() {
-			if err := s.commitBatch(nil, true); err == nil {
+			t := time.Now()
+			err := s.commitBatch(nil, true)
+			s.busy.Add(int64(time.Since(t)))
+			if err == nil {
 				continue
 			}
 			s.flushRetry = time.Now().Add(s.so.AckFlushInterval)
@@ -97,6 +102,11 @@ func (s *Store) failPending(cause error) {
 		r.complete(err)
 	}
 }
+
+// CommitterBusy is how long the committer has been working (committing,
+// completing requests) since Open; its rate of increase is the fraction
+// of time the committer is busy.
+func (s *Store) CommitterBusy() time.Duration { return time.Duration(s.busy.Load()) }
 
 func onlyBarriers(batch []*request) bool {
 	for _, r := range batch {
@@ -239,7 +249,7 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		}
 		for _, r := range batch {
 			if sh, ok := r.shardOf(); ok && r.err == nil && slices.Contains(fenced, sh) {
-				r.err = fmt.Errorf("%w (shard %d)", reflection.ErrFenced, sh)
+				r.err = fmt.Errorf("%w (shard %02x)", reflection.ErrFenced, sh)
 			}
 		}
 		if af != nil {
@@ -256,6 +266,10 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 	if err == nil {
 		if bt != nil {
 			bt.publish()
+		}
+		done := time.Now()
+		for _, r := range batch {
+			r.result.CommitStart, r.result.CommitDone = start, done
 		}
 	} else {
 		err = fmt.Errorf("pgstore: commit of %d requests: %w", len(batch), err)
@@ -284,6 +298,10 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 			d(nil)
 		}
 	}
+	if h := s.hooks.Load(); h != nil && len(batch) > 0 {
+		h.begin()
+		defer h.end()
+	}
 	for _, r := range batch {
 		if r.err != nil {
 			r.complete(r.err)
@@ -292,6 +310,20 @@ func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 		}
 	}
 	return err
+}
+
+// completionHooks bracket the completion callbacks of one commit.
+type completionHooks struct{ begin, end func() }
+
+// SetCompletionHooks makes the committer call begin before the completion
+// callbacks of each commit and end after them, on its own goroutine (see
+// reflection.DB.SetCompletionHooks). nil functions remove the hooks.
+func (s *Store) SetCompletionHooks(begin, end func()) {
+	if begin == nil || end == nil {
+		s.hooks.Store(nil)
+		return
+	}
+	s.hooks.Store(&completionHooks{begin, end})
 }
 
 // unsettled is a commit whose outcome the committer does not know: the
@@ -354,7 +386,7 @@ func (s *Store) fenced(sh byte, epoch int64) {
 	m.mu.Lock()
 	m.forgetShard(sh)
 	m.mu.Unlock()
-	s.log.Warn().Int("shard", int(sh)).Int64("epoch", epoch).
+	s.log.Warn().Str("shard", fmt.Sprintf("%02x", sh)).Int64("epoch", epoch).
 		Msg("pgstore: commit refused by the shard's epoch: another node owns it now; its devices must reconnect")
 	if s.opts.OnFenced != nil {
 		s.opts.OnFenced(sh, epoch)
@@ -381,7 +413,7 @@ func (s *Store) prepareShards(ctx context.Context, batch []*request) (map[byte]i
 		}
 		e, owned := s.ownedEpoch(sh)
 		if !owned {
-			refused[sh] = fmt.Errorf("%w (shard %d not owned by this node)", reflection.ErrFenced, sh)
+			refused[sh] = fmt.Errorf("%w (shard %02x not owned by this node)", reflection.ErrFenced, sh)
 			r.err = refused[sh]
 			continue
 		}
@@ -428,7 +460,7 @@ func (s *Store) claim(ctx context.Context, sh byte, e int64) error {
 				return err
 			}
 			if have != e {
-				return fmt.Errorf("%w (shard %d: epoch %d in the database, this node's is %d)", reflection.ErrFenced, sh, have, e)
+				return fmt.Errorf("%w (shard %02x: epoch %d in the database, this node's is %d)", reflection.ErrFenced, sh, have, e)
 			}
 		}
 		_, err = tx.Exec(ctx, `UPDATE d2m_slots SET connected_since = 0, last_disconnect_at = $2 WHERE shard = $1 AND connected_since <> 0`, int32(sh), now)
@@ -445,7 +477,7 @@ func (s *Store) claim(ctx context.Context, sh byte, e int64) error {
 	m.forgetShard(sh)
 	m.mu.Unlock()
 	s.claimed[sh].Store(e)
-	s.log.Info().Int("shard", int(sh)).Int64("epoch", e).Msg("pgstore: claimed shard")
+	s.log.Info().Str("shard", fmt.Sprintf("%02x", sh)).Int64("epoch", e).Msg("pgstore: claimed shard")
 	return s.releaseAllHeld(ctx, []int32{int32(sh)})
 }
 

@@ -68,6 +68,11 @@ type Store struct {
 	abandoned bool
 	wake      chan struct{}
 	stopped   chan struct{}
+	// busy is the committer's working time in nanoseconds (commits and
+	// completions, not waiting for work): CommitterBusy.
+	busy atomic.Int64
+	// hooks bracket the completions of each commit (SetCompletionHooks).
+	hooks atomic.Pointer[completionHooks]
 
 	// flushRetry: after a failed flush no flush of its own before this
 	// (committer only).

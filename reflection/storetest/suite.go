@@ -104,6 +104,24 @@ func testFanOutOrderSeqsAndAck(t *testing.T, e Engine) {
 		}
 		results = append(results, res)
 	}
+	// Each append waited for its own commit, and the committer is
+	// sequential: the commits bracket in order, without overlap, and the
+	// committer was busy at least as long as they took.
+	var commits time.Duration
+	for i, res := range results {
+		if res.CommitStart.IsZero() || res.CommitDone.Before(res.CommitStart) {
+			t.Fatalf("append %d: commit started %v, done %v", i, res.CommitStart, res.CommitDone)
+		}
+		if i > 0 && res.CommitStart.Before(results[i-1].CommitDone) {
+			t.Fatalf("append %d: commit started %v before the previous one was done (%v)", i, res.CommitStart, results[i-1].CommitDone)
+		}
+		commits += res.CommitDone.Sub(res.CommitStart)
+	}
+	if b, ok := s.(interface{ CommitterBusy() time.Duration }); ok {
+		if busy := b.CommitterBusy(); busy < commits {
+			t.Fatalf("committer busy %v, less than its three commits took (%v)", busy, commits)
+		}
+	}
 
 	if es := readAll(t, s, g, 1); len(es) != 0 {
 		t.Fatalf("sender got its own reflection: %v", Seqs(es))
