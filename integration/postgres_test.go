@@ -268,7 +268,7 @@ func TestPostgresPrimaryDown(t *testing.T) {
 }
 
 // TestPostgresLongStandbyOutage: the standby stays down longer than a
-// commit may take (twice the 5 s statement timeout), so the sender is
+// commit may take (the 5 s statement timeout), so the sender is
 // closed with 1011 without a ReflectAck, although PostgreSQL has already
 // committed the reflection locally and finishes the commit once the
 // standby is back. The store must come out of that state: after the

@@ -82,7 +82,7 @@ func (s *Store) run() {
 }
 
 // failPending fails every request queued while a commit went
-// unanswered: the database has not answered for twice the statement
+// unanswered: the database has not answered for the statement
 // timeout, and the next batch would first have to settle that commit,
 // through the same silent link, for as long again. Their writers hear of
 // it now (1011, and they redo the writes after reconnecting) instead of
@@ -205,7 +205,7 @@ func (s *Store) closeFlush() {
 // shard's memory is forgotten, and the batch is re-run without them.
 func (s *Store) commitBatch(batch []*request, withAcks bool) error {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*s.opts.StatementTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.StatementTimeout)
 	defer cancel()
 	now := s.so.Now().UnixMilli()
 	var af *ackFlush

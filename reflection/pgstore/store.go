@@ -39,9 +39,11 @@ type Options struct {
 	// standby: acks then mean "on the primary's disk" only.
 	AllowAsync bool
 	// StatementTimeout bounds every statement on the server (5s;
-	// statement_timeout in the DSN takes precedence, here too); a commit
-	// batch gives up after twice that (the wait for the synchronous
-	// standby is not a statement PostgreSQL times out), a read after it.
+	// statement_timeout in the DSN takes precedence, here too) and the
+	// node's own wait for a commit batch as a whole, the synchronous
+	// standby's confirmation included (PostgreSQL bounds no such wait):
+	// a writer behind a database that does not answer hears 1011 within
+	// it. A read gives up after it too.
 	StatementTimeout time.Duration
 	// MaxConns bounds the connection pool (16; pool_max_conns in the
 	// DSN takes precedence).
@@ -146,8 +148,8 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	} else if d, ok := pgDuration(v); ok && d > 0 {
 		// The DSN's value bounds the node's own waits too (a commit
 		// batch, a read): otherwise a database that stops answering
-		// would hold writers for the default's 10 s, not the 2 × the
-		// DSN's timeout an operator who set it expects.
+		// would hold writers for the default's 5 s, not the DSN's
+		// timeout an operator who set it expects.
 		opts.StatementTimeout = d
 	}
 	// A node stopped (SIGSTOP, a VM pause) in the middle of a claim's
