@@ -56,14 +56,14 @@ type forwarded struct {
 
 	// onExpire is told which side stayed silent ("owner" or "device")
 	// when the watchdog ends the forward.
-	onExpire func(silent string, for_ time.Duration)
+	onExpire func(silent string, silentFor time.Duration)
 }
 
 func (s *Server) newForwarded(down, up net.Conn, owner string) *forwarded {
 	return &forwarded{down: down, up: up, idle: s.cfg.IdleTimeout + forwardGrace, first: s.cfg.HandshakeTimeout,
-		onExpire: func(silent string, for_ time.Duration) {
+		onExpire: func(silent string, silentFor time.Duration) {
 			s.metrics.forwards.WithLabelValues(silent + "_silent").Inc()
-			s.log.Warn().Str("owner", owner).Str("silent", silent).Dur("for", for_).
+			s.log.Warn().Str("owner", owner).Str("silent", silent).Dur("for", silentFor).
 				Msg("cluster: ended a forwarded device connection: no byte from the " + silent + " for too long (a silent link to the owner, or a vanished device)")
 		}}
 }
@@ -299,10 +299,7 @@ func (w *wsTracker) feed(b []byte) {
 			if h[0]&0x0f == 0x8 {
 				w.closeSeen = true
 			}
-			w.pending = w.pending[:0]
-			if len(w.pending) == 0 {
-				w.pending = nil
-			}
+			w.pending = w.pending[:0] // the next header reuses the buffer
 		}
 	}
 }
