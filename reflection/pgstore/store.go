@@ -161,6 +161,16 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	if _, ok := rp["application_name"]; !ok {
 		rp["application_name"] = "d2m-mediator"
 	}
+	// Every new connection is checked as Open checks the first one: the
+	// pool reconnects by itself after a failover (with
+	// target_session_attrs=read-write it finds the promoted standby), and
+	// a promoted standby that waits for no standby of its own would
+	// otherwise take commits, and so acks, on one machine only.
+	var guard *replicationGuard
+	if !opts.AllowAsync {
+		guard = &replicationGuard{log: opts.Store.Logger}
+		cfg.AfterConnect = guard.check
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: %w", err)
@@ -177,6 +187,9 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	if err := s.start(ctx); err != nil {
 		pool.Close()
 		return nil, err
+	}
+	if guard != nil {
+		guard.started.Store(true)
 	}
 	go s.run()
 	return s, nil
@@ -210,7 +223,7 @@ func (s *Store) checkReplication(ctx context.Context) error {
 		return fmt.Errorf("pgstore: %w", err)
 	}
 	if inRecovery {
-		return errors.New("pgstore: the database is a standby (in recovery): point --store at the primary")
+		return replicationProblem(true, "", "")
 	}
 	var names, commit string
 	if err := s.pool.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')`).Scan(&names, &commit); err != nil {
@@ -218,9 +231,9 @@ func (s *Store) checkReplication(ctx context.Context) error {
 	}
 	var connected int
 	_ = s.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')`).Scan(&connected)
-	syncCommit := commit == "on" || commit == "remote_apply"
+	err := replicationProblem(false, names, commit)
 	switch {
-	case names != "" && syncCommit:
+	case err == nil:
 		s.Replication = fmt.Sprintf("synchronous standby %q, synchronous_commit=%s, %d connected", names, commit, connected)
 		if connected == 0 {
 			s.log.Warn().Str("synchronous_standby_names", names).
@@ -228,12 +241,62 @@ func (s *Store) checkReplication(ctx context.Context) error {
 		}
 	case s.opts.AllowAsync:
 		s.Replication = fmt.Sprintf("asynchronous (synchronous_standby_names=%q, synchronous_commit=%s): an ack may be on the primary only", names, commit)
+	default:
+		return err
+	}
+	return nil
+}
+
+// replicationProblem says why a session with these settings may not
+// commit for an ack, or nil when every commit waits for a synchronous
+// standby.
+func replicationProblem(inRecovery bool, names, commit string) error {
+	switch {
+	case inRecovery:
+		return errors.New("pgstore: the database is a standby (in recovery): point --store at the primary")
 	case names == "":
 		return errors.New("pgstore: the primary has no synchronous standby (synchronous_standby_names is empty), so an ack would be on one machine only: configure one, or pass --store-allow-async to accept that")
-	default:
+	case commit != "on" && commit != "remote_apply":
 		return fmt.Errorf("pgstore: synchronous_commit is %q: an ack would not wait for the standby; set it to on or remote_apply, or pass --store-allow-async", commit)
 	}
 	return nil
+}
+
+// replicationGuard checks each connection the pool opens after Open: a
+// connection to a primary whose commits would not wait for a synchronous
+// standby (after a failover to a promoted standby that has none
+// configured, say) is refused, so the commits that would have used it
+// fail (1011 to their writers) instead of acking what one machine holds.
+// Open's own connections are checked by checkReplication, which words
+// the startup line.
+type replicationGuard struct {
+	log     zerolog.Logger
+	started atomic.Bool
+	logged  atomic.Int64 // unix nanos of the last refusal logged
+}
+
+// guardLogEvery bounds the refusal lines: every commit retries the pool.
+const guardLogEvery = 10 * time.Second
+
+func (g *replicationGuard) check(ctx context.Context, conn *pgx.Conn) error {
+	if !g.started.Load() {
+		return nil
+	}
+	var inRecovery bool
+	var names, commit string
+	if err := conn.QueryRow(ctx, `SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), current_setting('synchronous_commit')`).Scan(&inRecovery, &names, &commit); err != nil {
+		return fmt.Errorf("pgstore: checking the replication of a new connection: %w", err)
+	}
+	err := replicationProblem(inRecovery, names, commit)
+	if err == nil {
+		return nil
+	}
+	err = fmt.Errorf("%w (on a new connection to %s: after a failover, configure the new primary's synchronous standby)", err, conn.Config().Host)
+	now := time.Now().UnixNano()
+	if last := g.logged.Load(); now-last >= int64(guardLogEvery) && g.logged.CompareAndSwap(last, now) {
+		g.log.Error().Err(err).Msg("pgstore: refusing to commit through a primary that does not wait for a synchronous standby; writes fail with 1011 until it does")
+	}
+	return err
 }
 
 // claimAll claims every shard for a single node.
