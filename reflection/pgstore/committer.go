@@ -327,10 +327,12 @@ func (s *Store) SetCompletionHooks(begin, end func()) {
 }
 
 // unsettled is a commit whose outcome the committer does not know: the
-// backend that ran it and the shards it wrote.
+// backend that ran it and the shards it wrote (none for a standby probe,
+// see awaitStandby).
 type unsettled struct {
 	pid    uint32
 	shards []byte
+	probe  bool
 }
 
 // settle ends every commit of unknown outcome before the next batch. A
@@ -340,7 +342,10 @@ type unsettled struct {
 // batch would reuse its Seqs). Terminating it ends the wait: PostgreSQL
 // keeps the transaction committed locally (never acked, so never
 // promised; the standby gets it with the rest of the WAL), and it is
-// visible at once. Only then are its shards read again.
+// visible at once. Its shards are read again only once the synchronous
+// standby has it too (awaitStandby): read before, its reflections would
+// be delivered to other devices, and a failover at that moment would
+// lose what they received and give their ids to other envelopes.
 func (s *Store) settle(ctx context.Context) error {
 	for len(s.unsettled) > 0 {
 		u := s.unsettled[0]
@@ -355,13 +360,21 @@ func (s *Store) settle(ctx context.Context) error {
 				err = s.pool.QueryRow(ctx, `SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)`, int32(u.pid)).Scan(&gone)
 			}
 		}
+		if err == nil && !u.probe {
+			err = s.awaitStandby(ctx)
+		}
 		if err != nil {
 			return fmt.Errorf("settling an earlier commit of unknown outcome (backend %d): %w", u.pid, err)
+		}
+		if u.probe {
+			s.unsettled = s.unsettled[1:]
+			continue
 		}
 		m := s.mem
 		m.mu.Lock()
 		for _, sh := range u.shards {
 			m.forgetShard(sh)
+			m.shards[sh].settling--
 		}
 		m.mu.Unlock()
 		s.unsettled = s.unsettled[1:]
@@ -370,6 +383,42 @@ func (s *Store) settle(ctx context.Context) error {
 	}
 	return nil
 }
+
+// awaitStandby returns once the synchronous standbys hold everything the
+// primary has written so far. It commits a transaction whose only write
+// is a logical-decoding message (one WAL record, no table touched, no
+// privilege needed): with synchronous_commit on, a commit that wrote WAL
+// waits until its WAL, and so all WAL before it, is confirmed as
+// synchronous_standby_names asks (FIRST n or ANY n alike). A transaction
+// that only took a transaction id would not wait: it wrote no WAL before
+// its commit record. On a primary without a synchronous
+// standby (AllowAsync) it returns at once. If the standby does not answer
+// within ctx, the probe's backend is left waiting: it is settled like a
+// commit, without shards, so that no such backend stays behind.
+func (s *Store) awaitStandby(ctx context.Context) error {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	pid := conn.Conn().PgConn().PID()
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `SELECT pg_logical_emit_message(true, 'd2m-mediator', 'settle')`)
+		return err
+	})
+	conn.Release()
+	var pe *pgconn.PgError
+	if err != nil && !errors.As(err, &pe) {
+		s.unsettled = append(s.unsettled, unsettled{pid: pid, probe: true})
+	}
+	if err != nil {
+		return fmt.Errorf("waiting for the synchronous standby: %w", err)
+	}
+	return nil
+}
+
+// errSettling refuses reads of a shard with a commit of unknown outcome
+// that the synchronous standby has not confirmed (settle).
+var errSettling = errors.New("a commit of unknown outcome waits for the synchronous standby's confirmation; try again")
 
 func shardInts(sh []byte) []int {
 	out := make([]int, len(sh))
@@ -653,6 +702,13 @@ func (s *Store) exec(ctx context.Context, bt *batchTx, batch []*request, af *ack
 			touched = append(touched, sh)
 		}
 		s.unsettled = append(s.unsettled, unsettled{pid: pid, shards: touched})
+		m := s.mem
+		m.mu.Lock()
+		for _, sh := range touched {
+			m.shards[sh].settling++
+			m.shards[sh].gen++ // a load under way may already see it
+		}
+		m.mu.Unlock()
 	}
 	if err == nil {
 		return nil, nil

@@ -51,6 +51,11 @@ type groupMem struct {
 type shardMem struct {
 	groups map[reflection.GroupID]*groupMem
 	gen    uint64 // bumped whenever the shard's groups are forgotten
+	// settling counts the commits of unknown outcome that wrote the
+	// shard and are not settled yet (committer.go, settle): the
+	// database may show them before the synchronous standby has them,
+	// so nothing of the shard is loaded from it meanwhile.
+	settling int
 }
 
 type slotRef struct {

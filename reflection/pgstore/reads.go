@@ -28,6 +28,12 @@ func (s *Store) Group(g reflection.GroupID) (reflection.GroupState, error) {
 	if _, err := s.ensureClaimed(g[0]); err != nil {
 		return reflection.GroupState{}, fmt.Errorf("pgstore: group %s: %w", g, err)
 	}
+	s.mem.mu.RLock()
+	settling := s.mem.shards[g[0]].settling > 0
+	s.mem.mu.RUnlock()
+	if settling {
+		return reflection.GroupState{}, fmt.Errorf("pgstore: group %s: %w", g, errSettling)
+	}
 	ctx, cancel := s.readCtx()
 	defer cancel()
 	var out reflection.GroupState
@@ -139,9 +145,13 @@ func (s *Store) ensureLoaded(g reflection.GroupID) bool {
 	m.mu.RLock()
 	present := m.group(g) != nil
 	gen := m.shards[g[0]].gen
+	settling := m.shards[g[0]].settling > 0
 	m.mu.RUnlock()
 	if present {
 		return true
+	}
+	if settling {
+		return false // the database may show what the standby lacks
 	}
 	if owned, err := s.ensureClaimed(g[0]); err != nil || !owned {
 		return false
