@@ -227,15 +227,7 @@ func TestDockerfileAsShipped(t *testing.T) {
 		}
 	}
 
-	url := "ws://" + ports[0]
-	phone := startDeviceCLI(t, "phone", "--url", url, "--new", "--identity", "ALICE001", "--chat-server-key", chatKey, "--label", "phone")
-	again := strings.Fields(phone.expect(`^another device of this user: d2m-device (.*)$`)[1])
-	phone.expect(`^csp: unblocked incoming messages`)
-	desktop := startDeviceCLI(t, "desktop", append(again, "--label", "desktop")...)
-	desktop.expect(`^csp: logged in as ALICE001 `)
-	desktop.command("send BOB00001 through the image")
-	m := desktop.expect(`^sent message to BOB00001 id ([0-9a-f]{16}) .*: "through the image"$`)
-	phone.expect(`^reflected #\d+ from device 0x[0-9a-f]{16} .*: outgoing message to BOB00001 id ` + m[1] + `: "through the image"$`)
+	phone, desktop := phoneAndDesktop(t, "ws://"+ports[0], chatKey, "through the image")
 
 	// docker exec mediator mediator --admin-token-file /var/lib/mediator/admin.token stats
 	exe := regexp.MustCompile(`docker exec mediator mediator (.*)`).FindStringSubmatch(header)

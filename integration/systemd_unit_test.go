@@ -246,6 +246,23 @@ func (p *unitProcess) stop(t *testing.T) {
 	}
 }
 
+// phoneAndDesktop starts a phone (a new device group, ALICE001) and a
+// desktop of the same user at url, pinning chatKey; the desktop logs in to
+// the chat server and sends text to BOB00001, and the phone receives the
+// reflection of that message.
+func phoneAndDesktop(t *testing.T, url, chatKey, text string) (phone, desktop *deviceCLI) {
+	t.Helper()
+	phone = startDeviceCLI(t, "phone", "--url", url, "--new", "--identity", "ALICE001", "--chat-server-key", chatKey, "--label", "phone")
+	again := strings.Fields(phone.expect(`^another device of this user: d2m-device (.*)$`)[1])
+	phone.expect(`^csp: unblocked incoming messages`)
+	desktop = startDeviceCLI(t, "desktop", append(again, "--label", "desktop")...)
+	desktop.expect(`^csp: logged in as ALICE001 `)
+	desktop.command("send BOB00001 " + text)
+	m := desktop.expect(`^sent message to BOB00001 id ([0-9a-f]{16}) .*: "` + regexp.QuoteMeta(text) + `"$`)
+	phone.expect(`^reflected #\d+ from device 0x[0-9a-f]{16} .*: outgoing message to BOB00001 id ` + m[1] + `: "` + regexp.QuoteMeta(text) + `"$`)
+	return phone, desktop
+}
+
 // appendEnv adds settings to an installed mediator.env, as an operator
 // edits it.
 func appendEnv(t *testing.T, root string, kv ...string) {
@@ -294,15 +311,7 @@ func TestSystemdUnitSingleNode(t *testing.T) {
 	if key == nil {
 		t.Fatalf("no stand-in key in the log")
 	}
-	url := "ws://" + ports[0]
-	phone := startDeviceCLI(t, "phone", "--url", url, "--new", "--identity", "ALICE001", "--chat-server-key", key[1], "--label", "phone")
-	again := strings.Fields(phone.expect(`^another device of this user: d2m-device (.*)$`)[1])
-	phone.expect(`^csp: unblocked incoming messages`)
-	desktop := startDeviceCLI(t, "desktop", append(again, "--label", "desktop")...)
-	desktop.expect(`^csp: logged in as ALICE001 `)
-	desktop.command("send BOB00001 through the unit")
-	m := desktop.expect(`^sent message to BOB00001 id ([0-9a-f]{16}) .*: "through the unit"$`)
-	phone.expect(`^reflected #\d+ from device 0x[0-9a-f]{16} .*: outgoing message to BOB00001 id ` + m[1] + `: "through the unit"$`)
+	phone, desktop := phoneAndDesktop(t, "ws://"+ports[0], key[1], "through the unit")
 
 	// The CLI line of the unit's header, with the installed token file.
 	r := runCLI(t, nil, "--admin", ports[1], "--admin-token-file", filepath.Join(root, "etc/mediator/admin.token"), "stats")

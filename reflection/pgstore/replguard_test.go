@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"d2m-mediator/internal/pgtest"
-	"d2m-mediator/reflection"
 	"d2m-mediator/reflection/storetest"
 )
 
@@ -38,17 +37,8 @@ func TestFailoverToAsyncPrimaryIsRefused(t *testing.T) {
 	}
 	defer s.Close()
 	g := storetest.GID(9)
-	for _, d := range []reflection.DeviceID{1, 2} {
-		if err := reflection.Sync(func(done func(error)) { s.PutSlot(g, reflection.Slot{DeviceID: d, CreatedAt: 1}, done) }); err != nil {
-			t.Fatal(err)
-		}
-	}
-	appendOne := func(env string) error {
-		_, err := reflection.SyncAppend(func(done func(reflection.AppendResult, error)) {
-			s.Append(reflection.AppendRequest{Group: g, Sender: 1, Envelope: []byte(env)}, done)
-		})
-		return err
-	}
+	putSlots(t, s, g, 1, 2)
+	appendOne := func(env string) error { return appendEnvelope(s, g, env) }
 	if err := appendOne("before"); err != nil {
 		t.Fatal(err)
 	}

@@ -44,11 +44,7 @@ func TestSilentPrimaryFailsQueuedWrites(t *testing.T) {
 		t.Fatalf("statement timeout %v, want the DSN's 500ms", s.opts.StatementTimeout)
 	}
 	g := storetest.GID(7)
-	for _, d := range []reflection.DeviceID{1, 2} {
-		if err := reflection.Sync(func(done func(error)) { s.PutSlot(g, reflection.Slot{DeviceID: d, CreatedAt: 1}, done) }); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putSlots(t, s, g, 1, 2)
 	p.Blackhole(true)
 	type outcome struct {
 		err  error
@@ -111,17 +107,8 @@ func TestSettledCommitWaitsForTheStandby(t *testing.T) {
 	}
 	defer s.Close()
 	g := storetest.GID(11)
-	for _, d := range []reflection.DeviceID{1, 2} {
-		if err := reflection.Sync(func(done func(error)) { s.PutSlot(g, reflection.Slot{DeviceID: d, CreatedAt: 1}, done) }); err != nil {
-			t.Fatal(err)
-		}
-	}
-	appendOne := func(env string) error {
-		_, err := reflection.SyncAppend(func(done func(reflection.AppendResult, error)) {
-			s.Append(reflection.AppendRequest{Group: g, Sender: 1, Envelope: []byte(env)}, done)
-		})
-		return err
-	}
+	putSlots(t, s, g, 1, 2)
+	appendOne := func(env string) error { return appendEnvelope(s, g, env) }
 	queued := func() []string {
 		es, err := s.ReadQueue(g, 2, 0, 1<<20)
 		if err != nil {
