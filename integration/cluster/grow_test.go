@@ -206,6 +206,13 @@ func TestGrowAndShrinkPostgres(t *testing.T) {
 	if total != 0 {
 		t.Fatalf("%.0f upgrades answered 503 during the join and the drain", total)
 	}
+	// Every move succeeded: none may have logged an ERROR (a recipient's
+	// request cancelled after its flip committed once did).
+	for id, p := range pc.procs {
+		if errs := p.logLines(`"level":"error"`); len(errs) > 0 {
+			t.Errorf("%s logged %d errors during the join and the drain, first: %s", id, len(errs), errs[0])
+		}
+	}
 }
 
 // processRefusals is refusals for a `mediator serve` process, from its
