@@ -33,7 +33,12 @@
 // batch; a commit without an answer (timeout, lost connection: it may
 // still commit, e.g. once a standby is back) is settled before the next
 // batch by terminating its backend, after which its shards are read again
-// (committer.go).
+// once the synchronous standby has confirmed a probe commit (until then
+// nothing of them is loaded from the database, which may show what the
+// standby lacks; committer.go). Every connection the pool opens is checked
+// for synchronous replication as Open checks the first, so a failover to
+// a primary without a synchronous standby fails writes instead of acking
+// them (store.go, replicationGuard).
 //
 // Files: store.go (Open, options, the write API), committer.go (the
 // writer loop, claims, settling, loading), batch.go (what a batch does),
