@@ -200,6 +200,7 @@ func TestDockerfileAsShipped(t *testing.T) {
 	p := exec.Command(bin, append(entrypoint[1:], cmd...)...)
 	p.Env = append([]string{"PATH=/usr/local/bin"}, env...)
 	p.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	p.Dir = root // the final stage has no WORKDIR: /
 	logR, logW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -238,6 +239,7 @@ func TestDockerfileAsShipped(t *testing.T) {
 	ex := exec.Command(bin, args...)
 	ex.Env = append([]string{"PATH=/usr/local/bin", "MEDIATOR_ADMIN=" + ports[1]}, env...)
 	ex.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	ex.Dir = root
 	if b, err := ex.CombinedOutput(); err != nil || !strings.Contains(string(b), "authenticated") {
 		t.Fatalf("the header's docker exec line: %v\n%s", err, b)
 	}
