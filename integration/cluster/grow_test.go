@@ -1,14 +1,11 @@
 package cluster
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -40,25 +37,16 @@ func balanced(shards []cluster.ShardInfo, ids ...string) (bool, map[string]int) 
 	return total == cluster.NumShards, count
 }
 
-// refusals sums, over the nodes, the upgrades refused with 503 while
-// routing (unavailable, dial_failed, loop_refused).
+// refusedOutcomes are the outcomes of mediator_cluster_forwards_total
+// that answered an upgrade with 503 while routing.
+var refusedOutcomes = []string{"unavailable", "dial_failed", "loop_refused"}
+
+// refusals sums, over the nodes, the upgrades refused with 503.
 func refusals(t *testing.T, nodes []*mediatorNode) float64 {
 	t.Helper()
 	sum := 0.0
 	for _, n := range nodes {
-		mfs, _ := n.d.Server.Registry().Gather()
-		for _, mf := range mfs {
-			if mf.GetName() != "mediator_cluster_forwards_total" {
-				continue
-			}
-			for _, m := range mf.GetMetric() {
-				for _, l := range m.GetLabel() {
-					if l.GetName() == "outcome" && (l.GetValue() == "unavailable" || l.GetValue() == "dial_failed" || l.GetValue() == "loop_refused") {
-						sum += m.GetCounter().GetValue()
-					}
-				}
-			}
-		}
+		sum += forwardsBy(n, refusedOutcomes...)
 	}
 	return sum
 }
@@ -219,25 +207,10 @@ func TestGrowAndShrinkPostgres(t *testing.T) {
 // /metrics.
 func processRefusals(t *testing.T, p *process) float64 {
 	t.Helper()
-	req, _ := http.NewRequest("GET", p.admin+"/metrics", nil)
-	req.Header.Set("Authorization", "Bearer "+p.token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
 	sum := 0.0
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		l := sc.Text()
-		if !strings.HasPrefix(l, "mediator_cluster_forwards_total{") {
-			continue
-		}
-		if strings.Contains(l, `"unavailable"`) || strings.Contains(l, `"dial_failed"`) || strings.Contains(l, `"loop_refused"`) {
-			f := strings.Fields(l)
-			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			sum += v
-		}
+	for _, o := range refusedOutcomes {
+		v, _ := strconv.ParseFloat(p.forwardsOf(t, o), 64)
+		sum += v
 	}
 	return sum
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -201,7 +202,12 @@ func recvType(t *testing.T, c *d2mclient.Client, want d2m.PayloadType) d2mclient
 	}
 }
 
-func forwarded(n *mediatorNode) float64 {
+func forwarded(n *mediatorNode) float64 { return forwardsBy(n, "forwarded") }
+
+// forwardsBy sums mediator_cluster_forwards_total over outcomes on an
+// in-process node.
+func forwardsBy(n *mediatorNode, outcomes ...string) float64 {
+	sum := 0.0
 	mfs, _ := n.d.Server.Registry().Gather()
 	for _, mf := range mfs {
 		if mf.GetName() != "mediator_cluster_forwards_total" {
@@ -209,13 +215,13 @@ func forwarded(n *mediatorNode) float64 {
 		}
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "outcome" && l.GetValue() == "forwarded" {
-					return m.GetCounter().GetValue()
+				if l.GetName() == "outcome" && slices.Contains(outcomes, l.GetValue()) {
+					sum += m.GetCounter().GetValue()
 				}
 			}
 		}
 	}
-	return 0
+	return sum
 }
 
 // TestMediatorsServeEveryShardThroughAnyNode: three mediators in cluster
